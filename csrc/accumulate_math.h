@@ -1,0 +1,60 @@
+// Per-element math of accumulate_, shared by the CPU and the CUDA kernels.
+//
+// This is the single definition of the semantics: the CPU scalar path and the CUDA
+// kernels call these functions, and the vectorised CPU paths are tested bit for bit
+// against them, so CPU tests execute exactly the arithmetic the GPU runs.
+//
+//   acc <- round_to<Acc>(overwrite ? float(grad) * scale : float(acc) + float(grad) * scale)
+//
+// The product and the sum are rounded separately (no fused multiply-add), matching
+// PyTorch's `acc.float() + grad.float() * scale`; the CUDA build passes --fmad=false
+// and the C++ build -ffp-contract=off so the compilers keep it that way.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace mbfused {
+
+enum class ScalarKind : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+constexpr int kNumScalarKinds = 3;
+
+template <typename T>
+C10_HOST_DEVICE inline float to_float(T value) {
+  return static_cast<float>(value);
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T from_float(float value) {
+  // c10::BFloat16 and c10::Half round to nearest even; NaN stays NaN.
+  return static_cast<T>(value);
+}
+
+// A value is non-finite when it is inf or nan; written without isfinite() so that it
+// behaves the same on host and device and under any math flags.
+C10_HOST_DEVICE inline bool is_nonfinite(float value) {
+  const float magnitude = value < 0.0f ? -value : value;
+  return !(magnitude <= 3.402823466e+38f);
+}
+
+C10_HOST_DEVICE inline float accumulated(float acc, float grad, float scale, bool overwrite) {
+  const float scaled = grad * scale;
+  return overwrite ? scaled : acc + scaled;
+}
+
+// Updates one accumulator element; returns the stored value as fp32 (its square feeds
+// norm_sq) and raises `nonfinite` when the gradient element is inf or nan.
+template <typename Acc, typename Grad>
+C10_HOST_DEVICE inline float accumulate_element(
+    Acc& acc, Grad grad, float scale, bool overwrite, bool& nonfinite) {
+  const float g = to_float(grad);
+  nonfinite |= is_nonfinite(g);
+  const Acc stored = from_float<Acc>(accumulated(to_float(acc), g, scale, overwrite));
+  acc = stored;
+  return to_float(stored);
+}
+
+}  // namespace mbfused

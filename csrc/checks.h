@@ -1,0 +1,18 @@
+// Argument validation shared by the compiled backends. Everything is checked before
+// anything is written; messages name the argument and its index.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <optional>
+
+namespace mbfused {
+
+// Validates accumulate_'s arguments (see DESIGN.md, "accumulate_" and "Errors").
+void check_accumulate_args(
+    c10::ArrayRef<at::Tensor> acc, c10::ArrayRef<at::Tensor> grads,
+    const std::optional<at::Tensor>& scale_tensor, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& norm_sq);
+
+}  // namespace mbfused

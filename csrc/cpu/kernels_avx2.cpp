@@ -1,0 +1,90 @@
+// AVX2 + F16C chunk kernels (8 fp32 lanes). Compiled for AVX2 with a target pragma and
+// only called after a run-time CPU check, so the rest of the build stays baseline x86-64.
+#include "cpu/chunk_kernels.h"  // before the pragma: shared inline code stays baseline
+
+#include <cfloat>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+#include "cpu/vector_kernel.h"
+
+namespace mbfused::cpu {
+namespace {
+
+struct Avx2 {
+  using Vec = __m256;
+  using Mask = __m256;  // lanes of all ones where a non-finite value was seen
+  static constexpr int64_t kWidth = 8;
+
+  static Vec zero() { return _mm256_setzero_ps(); }
+  static Vec set1(float x) { return _mm256_set1_ps(x); }
+  static Vec add(Vec a, Vec b) { return _mm256_add_ps(a, b); }
+  static Vec mul(Vec a, Vec b) { return _mm256_mul_ps(a, b); }
+
+  static Vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static Vec load(const c10::BFloat16* p) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+  }
+  static Vec load(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+
+  // Each store returns the value as stored, widened back to fp32 (for norm_sq).
+  static Vec store(float* p, Vec v) {
+    _mm256_storeu_ps(p, v);
+    return v;
+  }
+  static Vec store(c10::BFloat16* p, Vec v) {
+    // Round to nearest even like c10::BFloat16; NaN becomes 0x7FC0.
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    const __m128i packed =
+        _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(rounded, 16));
+  }
+  static Vec store(c10::Half* p, Vec v) {
+    const __m128i half = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), half);
+    return _mm256_cvtph_ps(half);
+  }
+
+  static Mask empty_mask() { return _mm256_setzero_ps(); }
+  static Mask mark_nonfinite(Mask seen, Vec g) {
+    // !(|g| <= FLT_MAX) is true exactly for inf and nan.
+    const Vec magnitude = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), g);
+    return _mm256_or_ps(seen, _mm256_cmp_ps(magnitude, _mm256_set1_ps(FLT_MAX), _CMP_NLE_UQ));
+  }
+  static bool any(Mask m) { return _mm256_movemask_ps(m) != 0; }
+  static float reduce_add(Vec v) {
+    __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+    sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+    return _mm_cvtss_f32(sum);
+  }
+};
+
+}  // namespace
+
+const ChunkKernelTable& avx2_kernels() {
+  static const ChunkKernelTable table = make_table<VectorKernelFor<Avx2>::type>();
+  return table;
+}
+
+}  // namespace mbfused::cpu
+
+#pragma GCC pop_options
+#else
+namespace mbfused::cpu {
+const ChunkKernelTable& avx2_kernels() { return scalar_kernels(); }
+}  // namespace mbfused::cpu
+#endif

@@ -1,0 +1,59 @@
+// Schemas of the compiled kernels and the Python module entry point.
+//
+// The public ops (mbfused::accumulate_, ...) are defined in mbfused/ops.py, which picks
+// a backend at run time; the ops below are the compiled backends it calls. Their
+// device implementations live in cpu/ and cuda/ (TORCH_LIBRARY_IMPL), so PyTorch's
+// dispatcher routes CPU tensors to the CPU kernels and CUDA tensors to the CUDA ones.
+#include "cpu/chunk_kernels.h"
+#include "launch_plan.h"
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <vector>
+
+namespace mbfused {
+namespace {
+
+int64_t cpu_isa() { return static_cast<int64_t>(cpu::selected_isa()); }
+
+// Test hook for the CUDA launch planning: one row per block,
+// (launch, table slot, tensor index, first element, element count).
+at::Tensor plan_launches_table(
+    std::vector<int64_t> numels, int64_t chunk_size, int64_t max_tensors, int64_t max_blocks) {
+  const std::vector<Launch> launches = plan_launches(numels, chunk_size, max_tensors, max_blocks);
+  std::vector<int64_t> rows;
+  for (size_t l = 0; l < launches.size(); ++l) {
+    const Launch& launch = launches[l];
+    for (size_t b = 0; b < launch.block_slot.size(); ++b) {
+      const int64_t tensor = launch.tensors[launch.block_slot[b]];
+      const int64_t start = launch.block_chunk[b] * chunk_size;
+      const int64_t length = std::min(chunk_size, numels[tensor] - start);
+      rows.insert(rows.end(), {static_cast<int64_t>(l), launch.block_slot[b], tensor, start, length});
+    }
+  }
+  at::Tensor table = at::empty({static_cast<int64_t>(rows.size() / 5), 5}, at::kLong);
+  std::copy(rows.begin(), rows.end(), table.data_ptr<int64_t>());
+  return table;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mbfused, m) {
+  m.def(
+      "_accumulate_native_(Tensor(a!)[] acc, Tensor[] grads, float scale, Tensor? scale_tensor, "
+      "bool overwrite, Tensor(b!)? found_inf, Tensor(c!)? norm_sq) -> ()");
+  m.def("_cpu_isa() -> int", &cpu_isa);
+  m.def("_plan_launches(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> Tensor",
+        &plan_launches_table);
+}
+
+}  // namespace mbfused
+
+// Importing mbfused._C loads this library, which registers the ops above.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,14 @@
+"""mbfused: fused, exact gradient accumulation over micro-batches for PyTorch.
+
+Fused ops (in place, mixed dtypes, one pass):
+    accumulate_(acc, grads, scale=1.0, *, overwrite=False, found_inf=None, norm_sq=None)
+
+Backends: ``available_backends()``, ``use_backend(name)`` or ``MBFUSED_BACKEND``.
+Importing mbfused never initialises CUDA and never fails because a backend is missing.
+"""
+
+from mbfused._backend import available_backends, use_backend
+from mbfused._version import __version__
+from mbfused.ops import accumulate_
+
+__all__ = ["__version__", "accumulate_", "available_backends", "use_backend"]

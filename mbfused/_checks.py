@@ -1,0 +1,123 @@
+"""Argument validation for the Python backends (torch, triton) and the fake kernels.
+
+The compiled backends run the same checks in C++ (csrc/checks.cpp) with the same
+messages; tests run every bad-input case against every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_list_tensor(t: Tensor, label: str, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{label} has dtype {t.dtype}; supported dtypes are torch.float32, "
+            "torch.bfloat16 and torch.float16"
+        )
+    if t.device != device:
+        raise ValueError(f"{label} is on {t.device} but acc[0] is on {device}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{label} must be a dense (strided) tensor")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{label} is not contiguous (sizes {_shape(t)}, strides "
+            f"[{', '.join(str(s) for s in t.stride())}]); pass a contiguous tensor"
+        )
+
+
+def _check_state_tensor(t: Tensor | None, label: str, device: torch.device) -> None:
+    if t is None:
+        return
+    if not (t.numel() == 1 and t.dtype == torch.float32 and t.device == device):
+        raise ValueError(
+            f"{label} must be a 1-element torch.float32 tensor on {device}, got shape "
+            f"{_shape(t)}, dtype {t.dtype} on {t.device}"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{label} must be contiguous")
+
+
+def _check_no_grad(t: Tensor, label: str) -> None:
+    if torch.is_grad_enabled() and t.requires_grad:
+        raise ValueError(
+            f"{label} requires grad while grad mode is enabled; call under torch.no_grad() "
+            "or pass detached tensors"
+        )
+
+
+def _check_no_overlap(spans: list[tuple[int, int, str, bool]]) -> None:
+    """Written spans must not share memory with any other span; reads may alias."""
+    spans.sort(key=lambda s: s[0])
+    furthest = furthest_written = None
+    for span in spans:
+        begin, end, label, written = span
+        if written and furthest is not None and begin < furthest[1]:
+            raise ValueError(f"{label} overlaps {furthest[2]} in memory")
+        if not written and furthest_written is not None and begin < furthest_written[1]:
+            raise ValueError(f"{label} overlaps {furthest_written[2]} in memory")
+        if furthest is None or end > furthest[1]:
+            furthest = span
+        if written and (furthest_written is None or end > furthest_written[1]):
+            furthest_written = span
+
+
+def _span(t: Tensor, label: str, written: bool) -> list[tuple[int, int, str, bool]]:
+    if t.numel() == 0:
+        return []
+    begin = t.data_ptr()
+    return [(begin, begin + t.numel() * t.element_size(), label, written)]
+
+
+def check_accumulate_args(
+    acc: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    scale_tensor: Tensor | None,
+    found_inf: Tensor | None,
+    norm_sq: Tensor | None,
+    *,
+    check_memory: bool = True,
+) -> None:
+    """Raises on any argument accumulate_ cannot take; writes nothing.
+
+    ``check_memory=False`` skips the overlap checks, which need real data pointers
+    (fake tensors under torch.compile have none).
+    """
+    if len(acc) != len(grads):
+        raise ValueError(f"acc has {len(acc)} tensors but grads has {len(grads)}")
+    if len(acc) == 0:
+        return
+    device = acc[0].device
+    spans: list[tuple[int, int, str, bool]] = []
+    for i, (a, g) in enumerate(zip(acc, grads)):
+        _check_list_tensor(a, f"acc[{i}]", device)
+        _check_list_tensor(g, f"grads[{i}]", device)
+        if g.shape != a.shape:
+            raise ValueError(f"grads[{i}] has shape {_shape(g)} but acc[{i}] has {_shape(a)}")
+        _check_no_grad(a, f"acc[{i}]")
+        _check_no_grad(g, f"grads[{i}]")
+        if check_memory:
+            spans += _span(a, f"acc[{i}]", True) + _span(g, f"grads[{i}]", False)
+    if scale_tensor is not None:
+        _check_state_tensor(scale_tensor, "scale", device)
+        if check_memory:
+            spans += _span(scale_tensor, "scale", False)
+    for state, label in ((found_inf, "found_inf"), (norm_sq, "norm_sq")):
+        if state is not None:
+            _check_state_tensor(state, label, device)
+            _check_no_grad(state, label)
+            if check_memory:
+                spans += _span(state, label, True)
+    if check_memory:
+        _check_no_overlap(spans)

@@ -1,0 +1,102 @@
+"""Build of the one compiled extension, ``mbfused._C``.
+
+C++ sources are always built. CUDA sources are built when torch is a CUDA build and
+nvcc is found (``torch.version.cuda`` and a CUDA toolkit), whether or not a GPU is
+present; ``MBFUSED_BUILD_CUDA=0/1`` overrides that decision.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+
+def _log(message: str) -> None:
+    print(f"[mbfused build] {message}", file=sys.stderr, flush=True)
+
+
+def _pick_cuda_home() -> str | None:
+    # torch guesses CUDA_HOME from the first `nvcc` on PATH; where that is a wrapper
+    # script outside the toolkit (/usr/local/bin/nvcc) the guess is wrong and the CUDA
+    # headers are not found. Decide before torch.utils.cpp_extension is imported.
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    if os.path.isdir("/usr/local/cuda"):
+        return "/usr/local/cuda"
+    return None
+
+
+_cuda_home = _pick_cuda_home()
+if _cuda_home:
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("MBFUSED_BUILD_CUDA")
+    if forced not in (None, "", "0", "1"):
+        raise SystemExit(f"MBFUSED_BUILD_CUDA must be 0 or 1, got {forced!r}")
+    have_toolkit = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None
+    if forced == "1" and not have_toolkit:
+        raise SystemExit(
+            "MBFUSED_BUILD_CUDA=1 but no CUDA build is possible: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cpp_extension.CUDA_HOME!r}"
+        )
+    if forced == "0":
+        return False
+    return have_toolkit
+
+
+def _pip_cuda_include_dirs() -> list[str]:
+    # torch's CUDA wheels ship the CUDA library headers (cusparse.h, cublas_v2.h, ...)
+    # in site-packages/nvidia/*/include, which torch's own headers include.
+    dirs: list[str] = []
+    for entry in sys.path:
+        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+    return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def _extension():
+    cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden"]
+    sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
+    sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
+    include_dirs = [os.path.join(HERE, CSRC)]
+    if _want_cuda():
+        _log(f"CUDA build: CUDA_HOME={cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}")
+        _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}")
+        cu_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+        cu_sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
+        for src in cu_sources:
+            _log(f"compiling CUDA source {src}")
+        return cpp_extension.CUDAExtension(
+            "mbfused._C",
+            sources + cu_sources,
+            include_dirs=include_dirs + _pip_cuda_include_dirs(),
+            define_macros=[("MBFUSED_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]},
+            extra_link_args=["-fopenmp"],
+        )
+    _log("CPU-only build (no CUDA toolkit, CPU build of torch, or MBFUSED_BUILD_CUDA=0)")
+    return cpp_extension.CppExtension(
+        "mbfused._C",
+        sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
