@@ -4,23 +4,28 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # The CUDA build of torch on Linux: CUDA sources compile even without a GPU.
 TORCH_SPEC ?= torch==2.14.1
-# Short arch list: the nvcc compile is the slow part of the build (A100, H100).
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-.PHONY: install install-dev build test test-interpreter bench lint clean
+.PHONY: install install-dev test bench lint clean
 
-install:
+# torch first: the extension builds against the torch in this environment
+# (--no-build-isolation), never against one pip would fetch into a build sandbox.
+define build
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install ninja setuptools wheel
-	$(PIP) install -v --no-build-isolation -e . 2>&1 | grep -E "mbfused build|nvcc|error|Successfully" ; \
-	  test $${PIPESTATUS[0]} -eq 0
+	$(PIP) install ninja "setuptools>=70" wheel
+	set -o pipefail; $(PIP) install -v --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | tee build.log \
+	  | grep -E "\[mbfused build\]|Successfully installed|error:" || { tail -n 60 build.log; exit 1; }; \
+	  echo "compiled sources:"; grep -oE " -c [^ ]+\.(cu|cpp)" build.log | sort -u
+	$(PYTHON) -m mbfused info
+endef
 
-install-dev: install
-	$(PIP) install -e ".[dev,bench]" --no-build-isolation --no-deps
-	$(PIP) install "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6" "ruff>=0.5" "matplotlib>=3.7"
+install: EXTRAS := bench
+install:
+	$(build)
 
-build: install
+install-dev: EXTRAS := dev,bench
+install-dev:
+	$(build)
 
 # pytest exits 5 when it collects nothing: treat that as a failure, never as green.
 test: install-dev
@@ -28,11 +33,10 @@ test: install-dev
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 bench: install
-	$(PIP) install "pytest-benchmark>=4"
 	$(PYTHON) -m mbfused bench
 
 lint:
 	$(PYTHON) -m ruff check mbfused kernels tests bench
 
 clean:
-	rm -rf build *.egg-info mbfused/_C*.so
+	rm -rf build build.log *.egg-info mbfused/_C*.so

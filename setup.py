@@ -38,7 +38,9 @@ import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join("csrc")
+CSRC = "csrc"
+# A100 and H100; set TORCH_CUDA_ARCH_LIST for other GPUs. Each arch adds nvcc time.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def _want_cuda() -> bool:
@@ -72,6 +74,9 @@ def _extension():
     sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     include_dirs = [os.path.join(HERE, CSRC)]
     if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch derives the arch list from the visible GPUs and fails with none.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
         _log(f"CUDA build: CUDA_HOME={cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}")
         _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}")
         cu_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))

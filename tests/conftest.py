@@ -1,0 +1,30 @@
+import pytest
+import torch
+
+import mbfused
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_PAIRS = [(a, g) for a in DTYPES for g in DTYPES]
+
+# Sizes around vector widths, CPU chunks (32K) and CUDA chunks (64K = 2048 * 32).
+SIZES = (0, 1, 2, 3, 127, 128, 129, 4095, 4096, 4097, 65535, 65536, 65537,
+         2048 * 32 - 1, 2048 * 32 + 1, 333, 33333)
+
+
+def cpu_backends() -> list[str]:
+    """Backends that run on CPU tensors in this process (triton runs in its own process)."""
+    usable = mbfused.available_backends()
+    return [name for name in ("cpu", "torch") if usable[name] is None]
+
+
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def cpu_isa(request, monkeypatch):
+    """Runs a test once per CPU instruction set (capped at what this CPU has)."""
+    monkeypatch.setenv("MBFUSED_CPU_ISA", request.param)
+    return request.param
+
+
+def requires_native():
+    return pytest.mark.skipif(
+        mbfused.available_backends()["cpu"] is not None, reason="mbfused._C not built"
+    )
