@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <ostream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -45,15 +46,25 @@ std::string shape_str(at::IntArrayRef sizes) {
   return out.str();
 }
 
-std::string name(const char* list, size_t index) {
-  return std::string(list) + "[" + std::to_string(index) + "]";
+// Names a list element in messages, e.g. grads[3]. Messages are only formatted when a
+// check fails, so validating thousands of tensors builds no strings.
+struct Name {
+  const char* list;
+  size_t index;
+};
+
+std::ostream& operator<<(std::ostream& out, const Name& name) {
+  if (name.index == SIZE_MAX) {
+    return out << name.list;
+  }
+  return out << name.list << "[" << name.index << "]";
 }
 
 bool supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-void check_list_tensor(const at::Tensor& t, const std::string& label, const at::Device& device) {
+void check_list_tensor(const at::Tensor& t, const Name& label, const at::Device& device) {
   TORCH_CHECK_VALUE(t.defined(), label, " is undefined");
   TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), label, " has dtype ", dtype_name(t.scalar_type()),
                    "; supported dtypes are torch.float32, torch.bfloat16 and torch.float16");
@@ -73,7 +84,7 @@ void check_state_tensor(const std::optional<at::Tensor>& t, const char* label, c
   TORCH_CHECK_VALUE(t->is_contiguous(), label, " must be contiguous");
 }
 
-void check_no_grad(const at::Tensor& t, const std::string& label) {
+void check_no_grad(const at::Tensor& t, const Name& label) {
   TORCH_CHECK_VALUE(!(c10::GradMode::is_enabled() && t.requires_grad()), label,
                     " requires grad while grad mode is enabled; call under torch.no_grad() or "
                     "pass detached tensors");
@@ -83,16 +94,16 @@ void check_no_grad(const at::Tensor& t, const std::string& label) {
 struct Span {
   uintptr_t begin;
   uintptr_t end;
-  std::string label;
+  Name label;
   bool written;
 };
 
-void add_span(std::vector<Span>& spans, const at::Tensor& t, std::string label, bool written) {
+void add_span(std::vector<Span>& spans, const at::Tensor& t, Name label, bool written) {
   if (t.numel() == 0) {
     return;
   }
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), std::move(label), written});
+  const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), label, written});
 }
 
 // Written tensors must not share memory with any other tensor of the call; reading
@@ -134,25 +145,27 @@ void check_accumulate_args(
   std::vector<Span> spans;
   spans.reserve(2 * acc.size() + 2);
   for (size_t i = 0; i < acc.size(); ++i) {
-    check_list_tensor(acc[i], name("acc", i), device);
-    check_list_tensor(grads[i], name("grads", i), device);
-    TORCH_CHECK_VALUE(grads[i].sizes() == acc[i].sizes(), name("grads", i), " has shape ",
-                      shape_str(grads[i].sizes()), " but ", name("acc", i), " has ",
+    const Name acc_name{"acc", i};
+    const Name grad_name{"grads", i};
+    check_list_tensor(acc[i], acc_name, device);
+    check_list_tensor(grads[i], grad_name, device);
+    TORCH_CHECK_VALUE(grads[i].sizes() == acc[i].sizes(), grad_name, " has shape ",
+                      shape_str(grads[i].sizes()), " but ", acc_name, " has ",
                       shape_str(acc[i].sizes()));
-    check_no_grad(acc[i], name("acc", i));
-    check_no_grad(grads[i], name("grads", i));
-    add_span(spans, acc[i], name("acc", i), /*written=*/true);
-    add_span(spans, grads[i], name("grads", i), /*written=*/false);
+    check_no_grad(acc[i], acc_name);
+    check_no_grad(grads[i], grad_name);
+    add_span(spans, acc[i], acc_name, /*written=*/true);
+    add_span(spans, grads[i], grad_name, /*written=*/false);
   }
   if (scale_tensor.has_value()) {
     check_state_tensor(scale_tensor, "scale", device);
-    add_span(spans, *scale_tensor, "scale", /*written=*/false);
+    add_span(spans, *scale_tensor, Name{"scale", SIZE_MAX}, /*written=*/false);
   }
   for (const auto& [state, label] : {std::pair{&found_inf, "found_inf"}, std::pair{&norm_sq, "norm_sq"}}) {
     if (state->has_value()) {
       check_state_tensor(*state, label, device);
-      check_no_grad(**state, label);
-      add_span(spans, **state, label, /*written=*/true);
+      check_no_grad(**state, Name{label, SIZE_MAX});
+      add_span(spans, **state, Name{label, SIZE_MAX}, /*written=*/true);
     }
   }
   check_no_overlap(std::move(spans));

@@ -1,0 +1,96 @@
+"""Command line: ``python -m mbfused info`` and ``python -m mbfused bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import torch
+
+import mbfused
+from mbfused import benchmarks
+
+
+def _info(_: argparse.Namespace) -> int:
+    print(f"mbfused {mbfused.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    print(f"python {platform.python_version()} on {platform.machine()}")
+    native_error = mbfused.ops.native_error()
+    if native_error is None:
+        isa = ("scalar", "avx2", "avx512")[torch.ops.mbfused._cpu_isa()]
+        cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key(
+            "mbfused::_accumulate_native_", "CUDA")
+        print(f"mbfused._C: loaded; cpu kernels use {isa}; "
+              f"cuda kernels {'compiled' if cuda_kernels else 'not built'}")
+    else:
+        print(f"mbfused._C: {native_error}")
+    print("backends:")
+    for name, reason in mbfused.available_backends().items():
+        print(f"  {name}: {'usable' if reason is None else 'unavailable: ' + reason}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    lists = args.lists or list(benchmarks.TENSOR_LISTS)
+    repeats = args.repeats or (5 if args.quick else 20)
+
+    def progress(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    results = []
+    for name in lists:
+        progress(f"{name}: allocating tensors on {device}")
+        case = benchmarks.make_accumulate_case(name, device)
+        results += benchmarks.run_case(case, device, repeats, progress)
+        del case
+    print(f"\naccumulate_: fp32 buffers += bf16 grads * (1/8), {device}, "
+          f"median of {repeats}; bytes counted as 10 B/element (fp32 roofline: 12)")
+    if device == "cuda":
+        peak = benchmarks.hbm_peak_gbs(torch.cuda.get_device_name())
+        print(f"GPU: {torch.cuda.get_device_name()}, nominal HBM {peak or 'unknown'} GB/s")
+    print(benchmarks.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in results], f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        benchmarks.plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mbfused")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions and usable backends").set_defaults(run=_info)
+    bench = sub.add_parser("bench", help="fused ops side by side with pure PyTorch")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="quick", action="store_true", default=True,
+                      help="5 timed calls per path (default, under a minute on 2 cores)")
+    size.add_argument("--full", dest="quick", action="store_false",
+                      help="20 timed calls per path")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--lists", nargs="+", choices=list(benchmarks.TENSOR_LISTS),
+                       help="tensor lists to run (default: all)")
+    bench.add_argument("--repeats", type=int, help="timed calls per path")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="plot GB/s per path (needs matplotlib)")
+    bench.set_defaults(run=_bench)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Benchmark cases shared by ``python -m mbfused bench`` and the pytest-benchmark suites.
+
+A case is one tensor list (shapes of a real model's parameters) and one operation; a
+path is one way to run it: mbfused's fused op or a pure-PyTorch baseline imported from
+mbfused.reference. Bytes are counted from what each element must move at least (fp32
+buffer += bf16 grads: read 4 + read 2 + write 4 = 10 B/element), the same for every path,
+so GB/s compares paths fairly; the roofline is same-dtype fp32 ``torch._foreach_add_``
+measured in the same run on the same list (plus the card's nominal HBM bandwidth on GPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor
+
+from mbfused import ops, reference
+from mbfused._backend import backend_for
+
+__all__ = [
+    "TENSOR_LISTS",
+    "AccumulateCase",
+    "Result",
+    "hbm_peak_gbs",
+    "make_accumulate_case",
+    "run_case",
+    "time_call",
+]
+
+
+def _llama_style() -> list[tuple[int, ...]]:
+    """8 Llama-style decoder layers, d=1024, SwiGLU 4096: 74 tensors, 167.8M elements."""
+    d, ffn, vocab, layers = 1024, 4096, 32000, 8
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d, d)] * 4 + [(ffn, d), (ffn, d), (d, ffn)] + [(d,), (d,)]
+    return [*shapes, (d,)]
+
+
+def _gpt2_small_style() -> list[tuple[int, ...]]:
+    """GPT-2 small (124M): 148 tensors, weights and biases, fused qkv."""
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),
+                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [*shapes, (d,), (d,)]
+
+
+def _many_small() -> list[tuple[int, ...]]:
+    """1200 tensors of 1K-8K elements (norms, biases, small heads): launch-bound."""
+    return [(1024 * (1 + i % 8),) for i in range(1200)]
+
+
+TENSOR_LISTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "llama": _llama_style,
+    "gpt2-small": _gpt2_small_style,
+    "many-small": _many_small,
+}
+
+
+@dataclass
+class AccumulateCase:
+    """fp32 buffers += bf16 gradients * scale over one tensor list."""
+
+    name: str
+    acc: list[Tensor]
+    grads: list[Tensor]
+    grads_fp32: list[Tensor]  # for the same-dtype roofline
+    scale: float = 1.0 / 8
+    numel: int = 0
+
+    @property
+    def bytes_moved(self) -> int:
+        return self.numel * (4 + 2 + 4)
+
+    @property
+    def roofline_bytes(self) -> int:
+        return self.numel * (4 + 4 + 4)
+
+    def paths(self) -> dict[str, Callable[[], None]]:
+        acc, grads, s = self.acc, self.grads, self.scale
+        backend = backend_for(acc[0].device)
+        paths: dict[str, Callable[[], None]] = {
+            f"mbfused[{backend}]": lambda: ops.accumulate_(acc, grads, s),
+        }
+        for name, baseline in reference.BASELINES.items():
+            paths[name] = (lambda b: lambda: b(acc, grads, s))(baseline)
+        return paths
+
+    def roofline(self) -> Callable[[], None]:
+        acc, grads32, s = self.acc, self.grads_fp32, self.scale
+        return lambda: torch._foreach_add_(acc, grads32, alpha=s)
+
+
+def make_accumulate_case(list_name: str, device: str = "cpu") -> AccumulateCase:
+    shapes = TENSOR_LISTS[list_name]()
+    gen = torch.Generator().manual_seed(0)
+    grads_fp32 = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    return AccumulateCase(
+        name=list_name,
+        acc=[torch.zeros(s, device=device) for s in shapes],
+        grads=[g.to(torch.bfloat16) for g in grads_fp32],
+        grads_fp32=grads_fp32,
+        numel=sum(g.numel() for g in grads_fp32),
+    )
+
+
+def time_call(fn: Callable[[], None], device: str, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call, `repeats` samples; CUDA work is timed with events."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+@dataclass
+class Result:
+    case: str
+    op: str
+    path: str
+    device: str
+    median_s: float
+    samples_s: list[float] = field(repr=False)
+    bytes_moved: int
+    gbs: float
+    roofline_gbs: float
+    pct_roofline: float
+    speedup_vs_best_torch: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_HBM_GBS = {  # nominal peak bandwidth, GB/s
+    "H200": 4800, "H100 SXM": 3350, "H100 NVL": 3900, "H100 PCIe": 2000, "H100": 3350,
+    "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100": 1555, "L40S": 864, "L4": 300,
+    "A10G": 600, "V100": 900, "B200": 8000, "GH200": 4000,
+}
+
+
+def hbm_peak_gbs(device_name: str) -> float | None:
+    """The card's nominal HBM bandwidth, or None when the card is not in the table."""
+    for key, gbs in sorted(_HBM_GBS.items(), key=lambda kv: -len(kv[0])):
+        if key in device_name:
+            return float(gbs)
+    return None
+
+
+def run_case(case: AccumulateCase, device: str, repeats: int,
+             progress: Callable[[str], None] = lambda _: None) -> list[Result]:
+    """Times every path of `case` and the roofline, side by side in one run."""
+    progress(f"{case.name}: roofline (fp32 _foreach_add_)")
+    roof_s = statistics.median(time_call(case.roofline(), device, repeats))
+    roofline_gbs = case.roofline_bytes / roof_s / 1e9
+    results = [Result(case.name, "accumulate_", "roofline: fp32 foreach_add", device, roof_s, [roof_s],
+                      case.roofline_bytes, roofline_gbs, roofline_gbs, 100.0)]
+    for path, fn in case.paths().items():
+        progress(f"{case.name}: {path}")
+        samples = time_call(fn, device, repeats)
+        median = statistics.median(samples)
+        gbs = case.bytes_moved / median / 1e9
+        results.append(Result(case.name, "accumulate_", path, device, median, samples,
+                              case.bytes_moved, gbs, roofline_gbs, 100.0 * gbs / roofline_gbs))
+    best_torch = min(r.median_s for r in results[1:] if r.path in reference.BASELINES)
+    for r in results[1:]:
+        r.speedup_vs_best_torch = best_torch / r.median_s
+    return results
+
+
+def format_table(results: Iterable[Result]) -> str:
+    header = f"{'case':<11} {'path':<28} {'median ms':>10} {'GB/s':>8} {'% roof':>7} {'vs best torch':>14}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        speedup = f"{r.speedup_vs_best_torch:.2f}x" if r.speedup_vs_best_torch else "-"
+        lines.append(f"{r.case:<11} {r.path:<28} {r.median_s * 1e3:>10.2f} {r.gbs:>8.1f} "
+                     f"{r.pct_roofline:>6.0f}% {speedup:>14}")
+    return "\n".join(lines)
+
+
+def plot(results: Iterable[Result], path: str) -> None:
+    """GB/s against tensor-list size (elements), one line per path; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'mbfused[bench]'") from exc
+    by_path: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        elements = r.bytes_moved // (12 if r.path.startswith("roofline") else 10)
+        by_path.setdefault(r.path, []).append((elements, r.gbs))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in by_path.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("elements in the tensor list")
+    ax.set_ylabel("GB/s")
+    ax.set_title("accumulate_: fp32 += bf16")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

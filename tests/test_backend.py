@@ -1,0 +1,68 @@
+"""Backend selection: available_backends, use_backend, MBFUSED_BACKEND, `python -m mbfused info`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mbfused
+from mbfused._backend import backend_for
+
+
+def test_available_backends_lists_every_backend_with_a_reason_or_none():
+    backends = mbfused.available_backends()
+    assert set(backends) == {"cuda", "triton", "cpu", "torch"}
+    assert backends["torch"] is None
+    for reason in backends.values():
+        assert reason is None or (isinstance(reason, str) and reason)
+    if not torch.cuda.is_available():
+        assert backends["cuda"] is not None
+
+
+def test_auto_prefers_cpu_backend_for_cpu_tensors():
+    expected = "cpu" if mbfused.available_backends()["cpu"] is None else "torch"
+    assert backend_for(torch.device("cpu")) == expected
+
+
+def test_use_backend_overrides_and_nests():
+    cpu = torch.device("cpu")
+    with mbfused.use_backend("torch"):
+        assert backend_for(cpu) == "torch"
+        with mbfused.use_backend("auto"):
+            assert backend_for(cpu) != "torch" or mbfused.available_backends()["cpu"] is not None
+        assert backend_for(cpu) == "torch"
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("MBFUSED_BACKEND", "torch")
+    assert backend_for(torch.device("cpu")) == "torch"
+    with mbfused.use_backend("auto"):
+        assert backend_for(torch.device("cpu")) in ("cpu", "torch")
+
+
+def test_unknown_backend_names_are_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"), mbfused.use_backend("gpu"):
+        pass
+    monkeypatch.setenv("MBFUSED_BACKEND", "fast")
+    with pytest.raises(ValueError, match="MBFUSED_BACKEND must be one of"):
+        backend_for(torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_explicit_backend_that_cannot_run_raises_with_reason():
+    acc = [torch.zeros(4)]
+    with mbfused.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda backend needs CUDA tensors"):
+        mbfused.accumulate_(acc, [torch.ones(4)])
+    assert torch.equal(acc[0], torch.zeros(4))
+
+
+def test_info_command_reports_versions_and_backends():
+    out = subprocess.run([sys.executable, "-m", "mbfused", "info"], check=True,
+                         capture_output=True, text=True).stdout
+    assert f"mbfused {mbfused.__version__}" in out
+    assert f"torch {torch.__version__}" in out
+    for name in ("cuda", "triton", "cpu", "torch"):
+        assert f"  {name}:" in out
