@@ -1,0 +1,24 @@
+"""`python -m mbfused bench` end to end on the smallest list (speed lives in bench/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_prints_table_and_writes_json(tmp_path):
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mbfused", "bench", "--lists", "many-small", "--repeats", "2",
+         "--json", str(out_json)],
+        check=True, capture_output=True, text=True,
+    )
+    assert "many-small" in proc.stdout and "vs best torch" in proc.stdout
+    rows = json.loads(out_json.read_text())
+    paths = {row["path"] for row in rows}
+    assert {"per_param_add", "per_param_add_float", "foreach_add"} <= paths
+    assert any(p.startswith("mbfused[") for p in paths)
+    for row in rows:
+        assert row["gbs"] > 0 and row["median_s"] > 0
+        assert abs(row["gbs"] - row["bytes_moved"] / row["median_s"] / 1e9) < 1e-6 * row["gbs"]
