@@ -1,4 +1,4 @@
-// Per-element math of accumulate_, shared by the CPU and the CUDA kernels.
+// Per-element math of accumulate_ and finalize_, shared by the CPU and the CUDA kernels.
 //
 // This is the single definition of the semantics: the CPU scalar path and the CUDA
 // kernels call these functions, and the vectorised CPU paths are tested bit for bit
@@ -55,6 +55,12 @@ C10_HOST_DEVICE inline float accumulate_element(
   const Acc stored = from_float<Acc>(accumulated(to_float(acc), g, scale, overwrite));
   acc = stored;
   return to_float(stored);
+}
+
+// finalize_'s scaling: one element of dst <- cast(src * coef).
+template <typename Dst, typename Src>
+C10_HOST_DEVICE inline Dst scaled_element(Src src, float coef) {
+  return from_float<Dst>(to_float(src) * coef);
 }
 
 }  // namespace mbfused

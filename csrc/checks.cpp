@@ -130,6 +130,30 @@ void check_no_overlap(std::vector<Span> spans) {
   }
 }
 
+// Checks element i of a list the op reads or writes against acc[0]'s device, and
+// records its memory span.
+void check_element(const at::Tensor& t, const Name& label, const at::Device& device, bool written,
+                   std::vector<Span>& spans) {
+  check_list_tensor(t, label, device);
+  check_no_grad(t, label);
+  add_span(spans, t, label, written);
+}
+
+void check_same_shape(const at::Tensor& t, const Name& label, const at::Tensor& a, size_t i) {
+  TORCH_CHECK_VALUE(t.sizes() == a.sizes(), label, " has shape ", shape_str(t.sizes()), " but ",
+                    Name{"acc", i}, " has ", shape_str(a.sizes()));
+}
+
+// The 1-element fp32 tensors of a call (scale, inv_scale, found_inf, norm_sq).
+void check_state(const std::optional<at::Tensor>& state, const char* label, const at::Device& device,
+                 bool written, std::vector<Span>& spans) {
+  if (state.has_value()) {
+    check_state_tensor(state, label, device);
+    check_no_grad(*state, Name{label, SIZE_MAX});
+    add_span(spans, *state, Name{label, SIZE_MAX}, written);
+  }
+}
+
 }  // namespace
 
 void check_accumulate_args(
@@ -143,31 +167,43 @@ void check_accumulate_args(
   }
   const at::Device device = acc[0].device();
   std::vector<Span> spans;
-  spans.reserve(2 * acc.size() + 2);
+  spans.reserve(2 * acc.size() + 3);
   for (size_t i = 0; i < acc.size(); ++i) {
-    const Name acc_name{"acc", i};
-    const Name grad_name{"grads", i};
-    check_list_tensor(acc[i], acc_name, device);
-    check_list_tensor(grads[i], grad_name, device);
-    TORCH_CHECK_VALUE(grads[i].sizes() == acc[i].sizes(), grad_name, " has shape ",
-                      shape_str(grads[i].sizes()), " but ", acc_name, " has ",
-                      shape_str(acc[i].sizes()));
-    check_no_grad(acc[i], acc_name);
-    check_no_grad(grads[i], grad_name);
-    add_span(spans, acc[i], acc_name, /*written=*/true);
-    add_span(spans, grads[i], grad_name, /*written=*/false);
+    check_element(acc[i], Name{"acc", i}, device, /*written=*/true, spans);
+    check_element(grads[i], Name{"grads", i}, device, /*written=*/false, spans);
+    check_same_shape(grads[i], Name{"grads", i}, acc[i], i);
   }
-  if (scale_tensor.has_value()) {
-    check_state_tensor(scale_tensor, "scale", device);
-    add_span(spans, *scale_tensor, Name{"scale", SIZE_MAX}, /*written=*/false);
+  check_state(scale_tensor, "scale", device, /*written=*/false, spans);
+  check_state(found_inf, "found_inf", device, /*written=*/true, spans);
+  check_state(norm_sq, "norm_sq", device, /*written=*/true, spans);
+  check_no_overlap(std::move(spans));
+}
+
+void check_finalize_args(
+    c10::ArrayRef<at::Tensor> acc, const std::optional<at::Tensor>& inv_scale_tensor,
+    std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out) {
+  TORCH_CHECK_VALUE(!max_norm.has_value() || *max_norm > 0.0, "max_norm must be a positive number, got ",
+                    *max_norm);
+  TORCH_CHECK_VALUE(out.empty() || out.size() == acc.size(), "out has ", out.size(),
+                    " tensors but acc has ", acc.size());
+  if (acc.empty()) {
+    return;
   }
-  for (const auto& [state, label] : {std::pair{&found_inf, "found_inf"}, std::pair{&norm_sq, "norm_sq"}}) {
-    if (state->has_value()) {
-      check_state_tensor(*state, label, device);
-      check_no_grad(**state, Name{label, SIZE_MAX});
-      add_span(spans, **state, Name{label, SIZE_MAX}, /*written=*/true);
+  const at::Device device = acc[0].device();
+  const bool in_place = out.empty();
+  std::vector<Span> spans;
+  spans.reserve(2 * acc.size() + 3);
+  for (size_t i = 0; i < acc.size(); ++i) {
+    check_element(acc[i], Name{"acc", i}, device, /*written=*/in_place, spans);
+    if (!in_place) {
+      check_element(out[i], Name{"out", i}, device, /*written=*/true, spans);
+      check_same_shape(out[i], Name{"out", i}, acc[i], i);
     }
   }
+  check_state(inv_scale_tensor, "inv_scale", device, /*written=*/false, spans);
+  check_state(found_inf, "found_inf", device, /*written=*/false, spans);
+  check_state(norm_sq, "norm_sq", device, /*written=*/false, spans);
   check_no_overlap(std::move(spans));
 }
 

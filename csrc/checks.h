@@ -15,4 +15,10 @@ void check_accumulate_args(
     const std::optional<at::Tensor>& scale_tensor, const std::optional<at::Tensor>& found_inf,
     const std::optional<at::Tensor>& norm_sq);
 
+// Validates finalize_'s arguments; `out` is empty for the in-place form.
+void check_finalize_args(
+    c10::ArrayRef<at::Tensor> acc, const std::optional<at::Tensor>& inv_scale_tensor,
+    std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out);
+
 }  // namespace mbfused

@@ -45,6 +45,9 @@ TORCH_LIBRARY(mbfused, m) {
   m.def(
       "_accumulate_native_(Tensor(a!)[] acc, Tensor[] grads, float scale, Tensor? scale_tensor, "
       "bool overwrite, Tensor(b!)? found_inf, Tensor(c!)? norm_sq) -> ()");
+  m.def(
+      "_finalize_native_(Tensor(a!)[] acc, float inv_scale, Tensor? inv_scale_tensor, float? max_norm, "
+      "Tensor? found_inf, Tensor? norm_sq, Tensor(b!)[] out) -> Tensor");
   m.def("_cpu_isa() -> int", &cpu_isa);
   m.def("_plan_launches(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> Tensor",
         &plan_launches_table);

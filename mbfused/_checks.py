@@ -102,11 +102,11 @@ def check_accumulate_args(
     spans: list[tuple[int, int, str, bool]] = []
     for i, (a, g) in enumerate(zip(acc, grads)):
         _check_list_tensor(a, f"acc[{i}]", device)
+        _check_no_grad(a, f"acc[{i}]")
         _check_list_tensor(g, f"grads[{i}]", device)
+        _check_no_grad(g, f"grads[{i}]")
         if g.shape != a.shape:
             raise ValueError(f"grads[{i}] has shape {_shape(g)} but acc[{i}] has {_shape(a)}")
-        _check_no_grad(a, f"acc[{i}]")
-        _check_no_grad(g, f"grads[{i}]")
         if check_memory:
             spans += _span(a, f"acc[{i}]", True) + _span(g, f"grads[{i}]", False)
     if scale_tensor is not None:
@@ -119,5 +119,48 @@ def check_accumulate_args(
             _check_no_grad(state, label)
             if check_memory:
                 spans += _span(state, label, True)
+    if check_memory:
+        _check_no_overlap(spans)
+
+
+def check_finalize_args(
+    acc: Sequence[Tensor],
+    inv_scale_tensor: Tensor | None,
+    max_norm: float | None,
+    found_inf: Tensor | None,
+    norm_sq: Tensor | None,
+    out: Sequence[Tensor] | None,
+    *,
+    check_memory: bool = True,
+) -> None:
+    """Raises on any argument finalize_ cannot take; writes nothing (see check_accumulate_args)."""
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"max_norm must be a positive number, got {max_norm}")
+    if out is not None and len(out) != len(acc):
+        raise ValueError(f"out has {len(out)} tensors but acc has {len(acc)}")
+    if len(acc) == 0:
+        return
+    device = acc[0].device
+    in_place = out is None
+    spans: list[tuple[int, int, str, bool]] = []
+    for i, a in enumerate(acc):
+        _check_list_tensor(a, f"acc[{i}]", device)
+        _check_no_grad(a, f"acc[{i}]")
+        if check_memory:
+            spans += _span(a, f"acc[{i}]", in_place)
+        if not in_place:
+            o = out[i]
+            _check_list_tensor(o, f"out[{i}]", device)
+            _check_no_grad(o, f"out[{i}]")
+            if check_memory:
+                spans += _span(o, f"out[{i}]", True)
+            if o.shape != a.shape:
+                raise ValueError(f"out[{i}] has shape {_shape(o)} but acc[{i}] has {_shape(a)}")
+    for state, label in ((inv_scale_tensor, "inv_scale"), (found_inf, "found_inf"), (norm_sq, "norm_sq")):
+        if state is not None:
+            _check_state_tensor(state, label, device)
+            _check_no_grad(state, label)
+            if check_memory:
+                spans += _span(state, label, False)
     if check_memory:
         _check_no_overlap(spans)

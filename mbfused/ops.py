@@ -17,7 +17,7 @@ from torch import Tensor
 from mbfused import _checks, _native, reference
 from mbfused._backend import backend_for
 
-__all__ = ["accumulate_"]
+__all__ = ["accumulate_", "finalize_"]
 
 _lib = torch.library.Library("mbfused", "FRAGMENT")  # noqa: TOR901 (ops are defined below)
 
@@ -27,13 +27,20 @@ _lib.define(
 )
 
 
-def _split_scale(scale: float | Tensor) -> tuple[float, Tensor | None]:
+_lib.define(
+    "finalize_(Tensor(a!)[] acc, float inv_scale=1.0, Tensor? inv_scale_tensor=None, *, "
+    "float? max_norm=None, Tensor? found_inf=None, Tensor? norm_sq=None, Tensor(b!)[]? out=None) "
+    "-> Tensor"
+)
+
+
+def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Tensor | None]:
     """A scale as the op's (float, tensor) pair: a tensor avoids host syncs and recompiles."""
     if isinstance(scale, Tensor):
         return 1.0, scale
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(
-            f"scale must be a Python number or a 1-element torch.float32 tensor, got "
+            f"{name} must be a Python number or a 1-element torch.float32 tensor, got "
             f"{type(scale).__name__}"
         )
     return float(scale), None
@@ -76,6 +83,48 @@ def accumulate_(
     torch.ops.mbfused.accumulate_.default(
         list(acc), list(grads), scale_value, scale_tensor,
         overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq,
+    )
+
+
+def finalize_(
+    acc: Sequence[Tensor],
+    inv_scale: float | Tensor = 1.0,
+    *,
+    max_norm: float | None = None,
+    found_inf: Tensor | None = None,
+    norm_sq: Tensor | None = None,
+    out: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """Ends an accumulation window: unscale, clip and optionally cast, in one pass.
+
+    ``total_norm = sqrt(norm_sq) * |inv_scale|`` when ``norm_sq`` is given (summed by
+    the last ``accumulate_``: then this is a single read+write pass), else
+    ``||acc * inv_scale||_2`` (one extra read pass). With
+    ``coef = inv_scale * min(1, max_norm / (total_norm + 1e-6))`` (just ``inv_scale``
+    without ``max_norm``; the formula of ``clip_grad_norm_``):
+    ``acc *= coef`` in place, or ``out[i] = cast(acc[i] * coef)`` with ``acc`` unchanged.
+    If ``found_inf`` holds a nonzero value nothing is written. Decided on the device:
+    no host synchronisation.
+
+    Args:
+        acc: accumulated gradients (fp32/bf16/fp16), contiguous.
+        inv_scale: Python number or 1-element fp32 tensor: 1/N, 1/total_items, 1/loss_scale...
+        max_norm: clip the total norm to this positive value (None: no clipping).
+        found_inf: optional 1-element fp32 tensor; nonzero skips every write.
+        norm_sq: optional 1-element fp32 tensor holding sum(acc^2) (from accumulate_).
+        out: optional list like ``acc`` (any float dtype) to receive the result.
+
+    Returns:
+        The total norm of ``acc * inv_scale`` as a 0-d fp32 tensor on the device.
+    """
+    inv_value, inv_tensor = _split_scale(inv_scale, "inv_scale")
+    if max_norm is not None:
+        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+            raise TypeError(f"max_norm must be a Python number or None, got {type(max_norm).__name__}")
+        max_norm = float(max_norm)
+    return torch.ops.mbfused.finalize_.default(
+        list(acc), inv_value, inv_tensor, max_norm=max_norm, found_inf=found_inf,
+        norm_sq=norm_sq, out=None if out is None else list(out),
     )
 
 
@@ -123,6 +172,68 @@ def _accumulate_fake(
     acc, grads, scale=1.0, scale_tensor=None, *, overwrite=False, found_inf=None, norm_sq=None
 ) -> None:
     _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq, check_memory=False)
+
+
+def _finalize_python(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A Python backend of finalize_: validate everything, then run."""
+
+    def backend(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out):
+        out = out if out else None
+        _checks.check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
+        return run(acc, inv_scale if inv_scale_tensor is None else inv_scale_tensor,
+                   max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq, out=out)
+
+    return backend
+
+
+def _finalize_triton(*args) -> Tensor:
+    from mbfused.kernels import finalize as triton_finalize
+
+    return _finalize_python(triton_finalize.finalize_)(*args)
+
+
+def _finalize_native(*args) -> Tensor:
+    return torch.ops.mbfused._finalize_native_.default(*args)
+
+
+_FINALIZE_BACKENDS: dict[str, Callable[..., Tensor]] = {
+    "cpu": _finalize_native,
+    "cuda": _finalize_native,
+    "triton": _finalize_triton,
+    "torch": _finalize_python(reference.finalize_),
+}
+
+
+def _finalize_device(acc, norm_sq, found_inf) -> torch.device:
+    for t in (*acc, norm_sq, found_inf):
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+@torch.library.impl(_lib, "finalize_", "CompositeExplicitAutograd")
+def _finalize_impl(
+    acc, inv_scale=1.0, inv_scale_tensor=None, *, max_norm=None, found_inf=None, norm_sq=None,
+    out=None,
+) -> Tensor:
+    out = [] if out is None else out  # the backends take [] for "in place"
+    if not acc:
+        # Nothing to scale; the norm is still defined (and may come from norm_sq).
+        return _finalize_python(reference.finalize_)(
+            acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
+    backend = backend_for(_finalize_device(acc, norm_sq, found_inf))
+    return _FINALIZE_BACKENDS[backend](
+        acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
+
+
+@torch.library.register_fake("mbfused::finalize_", lib=_lib)
+def _finalize_fake(
+    acc, inv_scale=1.0, inv_scale_tensor=None, *, max_norm=None, found_inf=None, norm_sq=None,
+    out=None,
+) -> Tensor:
+    _checks.check_finalize_args(
+        acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out, check_memory=False)
+    return torch.empty((), dtype=torch.float32, device=_finalize_device(acc, norm_sq, found_inf))
 
 
 def native_error() -> str | None:

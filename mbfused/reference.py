@@ -16,9 +16,11 @@ from torch import Tensor
 __all__ = [
     "BASELINES",
     "accumulate_",
+    "baseline_finalize_",
     "baseline_foreach_add_",
     "baseline_per_param_add_",
     "baseline_per_param_add_float_",
+    "finalize_",
 ]
 
 
@@ -58,6 +60,84 @@ def accumulate_(
             total = square_sum if total is None else total + square_sum
     if norm_sq is not None and total is not None:
         norm_sq.add_(total.float())
+
+
+@torch.no_grad()
+def finalize_(
+    acc: Sequence[Tensor],
+    inv_scale: float | Tensor = 1.0,
+    *,
+    max_norm: float | None = None,
+    found_inf: Tensor | None = None,
+    norm_sq: Tensor | None = None,
+    out: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """Unscales (and clips) the accumulated gradients; returns the total norm.
+
+    ``total_norm = sqrt(norm_sq) * |inv_scale|`` when ``norm_sq`` is given, else
+    ``||acc * inv_scale||_2`` (sum of squares in fp64, then fp32 math);
+    ``coef = inv_scale * min(1, max_norm / (total_norm + 1e-6))``. If ``found_inf``
+    holds a nonzero value nothing changes; else ``acc *= coef``, or with ``out``,
+    ``out[i] = cast(acc[i] * coef)``. No host synchronisation.
+    """
+    device = acc[0].device if len(acc) else torch.device("cpu")
+    inv = _as_fp32_tensor(inv_scale, device)
+    if norm_sq is not None:
+        sum_sq = norm_sq.reshape(())
+    else:
+        sum_sq = _sum_of_squares(acc, device).float()
+    total_norm = sum_sq.sqrt() * inv.abs()
+    coef = inv
+    if max_norm is not None:
+        coef = inv * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    skip = found_inf.reshape(()) != 0 if found_inf is not None else None
+    targets = acc if out is None else out
+    for a, t in zip(acc, targets, strict=True):
+        scaled = a.float() * coef
+        if skip is not None:
+            scaled = torch.where(skip, t.float(), scaled)
+        t.copy_(scaled)
+    return total_norm
+
+
+def _as_fp32_tensor(value: float | Tensor, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        return value.reshape(())
+    return torch.tensor(float(value), dtype=torch.float32).to(device, non_blocking=True)
+
+
+def _sum_of_squares(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for t in tensors:
+        total = total + t.double().square().sum()
+    return total
+
+
+@torch.no_grad()
+def baseline_finalize_(
+    grads: Sequence[Tensor],
+    inv_scale: float | Tensor = 1.0,
+    *,
+    max_norm: float | None = None,
+    found_inf: Tensor | None = None,
+) -> Tensor:
+    """What a user writes without mbfused: GradScaler's unscale, then clip_grad_norm_.
+
+    ``torch._amp_foreach_non_finite_check_and_unscale_`` (one pass: check + unscale), then
+    the two steps of ``torch.nn.utils.clip_grad_norm_(foreach=True)`` on the gradients:
+    ``get_total_norm`` (a norm pass) and the ``_foreach_mul_`` of
+    ``clip_grads_with_norm_`` (a scaling pass). Returns the total norm.
+    """
+    grads = list(grads)
+    device = grads[0].device if grads else torch.device("cpu")
+    if found_inf is None:
+        found_inf = torch.zeros(1, device=device)
+    inv = _as_fp32_tensor(inv_scale, device).reshape(1)
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv)
+    total_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if max_norm is not None:
+        torch._foreach_mul_(grads, (max_norm / (total_norm + 1e-6)).clamp(max=1.0))
+    return total_norm
 
 
 @torch.no_grad()

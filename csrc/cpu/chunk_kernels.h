@@ -1,9 +1,11 @@
-// CPU chunk kernels of accumulate_: one function per (instruction set, acc dtype,
-// grad dtype), each updating one contiguous chunk. The instruction set is chosen at
-// run time, so a build with no -march flag still runs AVX2 / AVX-512 code.
+// CPU chunk kernels: one function per (instruction set, operation, dtypes), each
+// working on one contiguous chunk. The instruction set is chosen at run time, so a
+// build with no -march flag still runs AVX2 / AVX-512 code.
 #pragma once
 
 #include "accumulate_math.h"
+
+#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 
@@ -14,12 +16,19 @@ struct ChunkResult {
   double norm_sq;  // sum of the squares of the chunk's updated accumulator elements
 };
 
-using ChunkKernel = ChunkResult (*)(
+// accumulate_: acc[0:n] <- (overwrite ? 0 : acc) + grad * scale.
+using AccumulateKernel = ChunkResult (*)(
     void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool want_norm);
+// finalize_'s scaling pass: dst[0:n] <- src * coef (dst may be src).
+using ScaleKernel = void (*)(const void* src, void* dst, int64_t n, float coef);
+// finalize_'s norm pass: sum of src[0:n]^2.
+using SumSquaresKernel = double (*)(const void* src, int64_t n);
 
-// kernels[acc kind][grad kind], indexed by ScalarKind.
-struct ChunkKernelTable {
-  ChunkKernel kernels[kNumScalarKinds][kNumScalarKinds];
+// Indexed by ScalarKind: accumulate[acc][grad], scale[src][dst], sum_squares[src].
+struct KernelTable {
+  AccumulateKernel accumulate[kNumScalarKinds][kNumScalarKinds];
+  ScaleKernel scale[kNumScalarKinds][kNumScalarKinds];
+  SumSquaresKernel sum_squares[kNumScalarKinds];
 };
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -30,41 +39,53 @@ const char* isa_name(Isa isa);
 // (scalar|avx2|avx512) when set, so every path can be tested on one machine.
 Isa selected_isa();
 
-const ChunkKernelTable& kernels_for(Isa isa);
+const KernelTable& kernels_for(Isa isa);
 
 // Per-instruction-set tables, each defined in its own translation unit.
-const ChunkKernelTable& scalar_kernels();
-const ChunkKernelTable& avx2_kernels();
-const ChunkKernelTable& avx512_kernels();
+const KernelTable& scalar_kernels();
+const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
 
 // Elements per block whose squares are summed in fp32 lanes before the block's sum is
-// added in fp64: keeps norm_sq accurate (rel. error ~1e-7 at 1e8 elements) at the
-// cost of one horizontal add per block.
+// added in fp64: keeps norms accurate (rel. error ~1e-7 at 1e8 elements) at the cost
+// of one horizontal add per block.
 constexpr int64_t kNormBlock = 1024;
 
-// Fills a table with Kernel<Acc, Grad>::run for every dtype pairing.
-template <template <typename, typename> class Kernel>
-ChunkKernelTable make_table() {
+int kind_index(c10::ScalarType dtype);
+
+template <template <typename, typename> class Kernel, typename Fn>
+void fill_pairs(Fn (&table)[kNumScalarKinds][kNumScalarKinds]) {
   using c10::BFloat16;
   using c10::Half;
-  ChunkKernelTable table{};
-  auto& k = table.kernels;
-  k[0][0] = &Kernel<float, float>::run;
-  k[0][1] = &Kernel<float, BFloat16>::run;
-  k[0][2] = &Kernel<float, Half>::run;
-  k[1][0] = &Kernel<BFloat16, float>::run;
-  k[1][1] = &Kernel<BFloat16, BFloat16>::run;
-  k[1][2] = &Kernel<BFloat16, Half>::run;
-  k[2][0] = &Kernel<Half, float>::run;
-  k[2][1] = &Kernel<Half, BFloat16>::run;
-  k[2][2] = &Kernel<Half, Half>::run;
+  table[0][0] = &Kernel<float, float>::run;
+  table[0][1] = &Kernel<float, BFloat16>::run;
+  table[0][2] = &Kernel<float, Half>::run;
+  table[1][0] = &Kernel<BFloat16, float>::run;
+  table[1][1] = &Kernel<BFloat16, BFloat16>::run;
+  table[1][2] = &Kernel<BFloat16, Half>::run;
+  table[2][0] = &Kernel<Half, float>::run;
+  table[2][1] = &Kernel<Half, BFloat16>::run;
+  table[2][2] = &Kernel<Half, Half>::run;
+}
+
+// Fills a table from kernel templates: Accumulate<Acc, Grad>::run,
+// Scale<Src, Dst>::run and SumSquares<Src>::run for every dtype.
+template <template <typename, typename> class Accumulate, template <typename, typename> class Scale,
+          template <typename> class SumSquares>
+KernelTable make_table() {
+  KernelTable table{};
+  fill_pairs<Accumulate>(table.accumulate);
+  fill_pairs<Scale>(table.scale);
+  table.sum_squares[0] = &SumSquares<float>::run;
+  table.sum_squares[1] = &SumSquares<c10::BFloat16>::run;
+  table.sum_squares[2] = &SumSquares<c10::Half>::run;
   return table;
 }
 
-// The scalar loop over elements [begin, end): the whole chunk on the scalar path, the
+// Scalar loops over elements [begin, end): the whole chunk on the scalar path, the
 // tail after the last full vector on the vector paths.
 template <typename Acc, typename Grad>
-inline ChunkResult scalar_range(
+inline ChunkResult accumulate_range(
     Acc* acc, const Grad* grad, int64_t begin, int64_t end, float scale, bool overwrite) {
   ChunkResult result{false, 0.0};
   for (int64_t i = begin; i < end;) {
@@ -77,6 +98,28 @@ inline ChunkResult scalar_range(
     result.norm_sq += block;
   }
   return result;
+}
+
+template <typename Src, typename Dst>
+inline void scale_range(const Src* src, Dst* dst, int64_t begin, int64_t end, float coef) {
+  for (int64_t i = begin; i < end; ++i) {
+    dst[i] = scaled_element<Dst>(src[i], coef);
+  }
+}
+
+template <typename Src>
+inline double sum_squares_range(const Src* src, int64_t begin, int64_t end) {
+  double total = 0.0;
+  for (int64_t i = begin; i < end;) {
+    const int64_t block_end = end - i < kNormBlock ? end : i + kNormBlock;
+    float block = 0.0f;
+    for (; i < block_end; ++i) {
+      const float value = to_float(src[i]);
+      block += value * value;
+    }
+    total += block;
+  }
+  return total;
 }
 
 }  // namespace mbfused::cpu

@@ -25,6 +25,14 @@ Isa hardware_isa() {
 
 }  // namespace
 
+int kind_index(c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::kBFloat16: return static_cast<int>(ScalarKind::kBFloat16);
+    case c10::kHalf: return static_cast<int>(ScalarKind::kHalf);
+    default: return static_cast<int>(ScalarKind::kFloat);
+  }
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return "avx512";
@@ -47,7 +55,7 @@ Isa selected_isa() {
   TORCH_CHECK_VALUE(false, "MBFUSED_CPU_ISA must be one of scalar, avx2, avx512; got '", requested, "'");
 }
 
-const ChunkKernelTable& kernels_for(Isa isa) {
+const KernelTable& kernels_for(Isa isa) {
   switch (isa) {
     case Isa::kAvx512: return avx512_kernels();
     case Isa::kAvx2: return avx2_kernels();

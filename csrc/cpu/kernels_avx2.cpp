@@ -75,8 +75,8 @@ struct Avx2 {
 
 }  // namespace
 
-const ChunkKernelTable& avx2_kernels() {
-  static const ChunkKernelTable table = make_table<VectorKernelFor<Avx2>::type>();
+const KernelTable& avx2_kernels() {
+  static const KernelTable table = VectorKernels<Avx2>::table();
   return table;
 }
 
@@ -85,6 +85,6 @@ const ChunkKernelTable& avx2_kernels() {
 #pragma GCC pop_options
 #else
 namespace mbfused::cpu {
-const ChunkKernelTable& avx2_kernels() { return scalar_kernels(); }
+const KernelTable& avx2_kernels() { return scalar_kernels(); }
 }  // namespace mbfused::cpu
 #endif

@@ -67,8 +67,8 @@ struct Avx512 {
 
 }  // namespace
 
-const ChunkKernelTable& avx512_kernels() {
-  static const ChunkKernelTable table = make_table<VectorKernelFor<Avx512>::type>();
+const KernelTable& avx512_kernels() {
+  static const KernelTable table = VectorKernels<Avx512>::table();
   return table;
 }
 
@@ -77,6 +77,6 @@ const ChunkKernelTable& avx512_kernels() {
 #pragma GCC pop_options
 #else
 namespace mbfused::cpu {
-const ChunkKernelTable& avx512_kernels() { return scalar_kernels(); }
+const KernelTable& avx512_kernels() { return scalar_kernels(); }
 }  // namespace mbfused::cpu
 #endif

@@ -1,4 +1,4 @@
-// The vectorised chunk kernel, written once over an instruction-set traits class `V`
+// The vectorised chunk kernels, written once over an instruction-set traits class `V`
 // (see kernels_avx2.cpp, kernels_avx512.cpp). Include it only after the translation
 // unit's `#pragma GCC target`, with `V` in an anonymous namespace, so the code is
 // compiled for that instruction set and its symbols stay local to the unit.
@@ -9,7 +9,7 @@
 namespace mbfused::cpu {
 
 template <class V, typename Acc, typename Grad>
-struct VectorKernel {
+struct VectorAccumulate {
   template <bool kOverwrite, bool kNorm>
   static ChunkResult body(Acc* acc, const Grad* grad, int64_t n, float scale) {
     const typename V::Vec vscale = V::set1(scale);
@@ -34,7 +34,7 @@ struct VectorKernel {
         norm_sq += V::reduce_add(block);
       }
     }
-    ChunkResult tail = scalar_range(acc, grad, vector_end, n, scale, kOverwrite);
+    ChunkResult tail = accumulate_range(acc, grad, vector_end, n, scale, kOverwrite);
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
   }
 
@@ -49,10 +49,51 @@ struct VectorKernel {
   }
 };
 
+template <class V, typename Src, typename Dst>
+struct VectorScale {
+  static void run(const void* src_ptr, void* dst_ptr, int64_t n, float coef) {
+    const auto* src = static_cast<const Src*>(src_ptr);
+    auto* dst = static_cast<Dst*>(dst_ptr);
+    const typename V::Vec vcoef = V::set1(coef);
+    const int64_t vector_end = n - n % V::kWidth;
+    for (int64_t i = 0; i < vector_end; i += V::kWidth) {
+      V::store(dst + i, V::mul(V::load(src + i), vcoef));
+    }
+    scale_range(src, dst, vector_end, n, coef);
+  }
+};
+
+template <class V, typename Src>
+struct VectorSumSquares {
+  static double run(const void* src_ptr, int64_t n) {
+    const auto* src = static_cast<const Src*>(src_ptr);
+    double total = 0.0;
+    const int64_t vector_end = n - n % V::kWidth;
+    int64_t i = 0;
+    while (i < vector_end) {
+      const int64_t block_end = vector_end - i < kNormBlock ? vector_end : i + kNormBlock;
+      typename V::Vec block = V::zero();
+      for (; i < block_end; i += V::kWidth) {
+        const typename V::Vec value = V::load(src + i);
+        block = V::add(block, V::mul(value, value));
+      }
+      total += V::reduce_add(block);
+    }
+    return total + sum_squares_range(src, vector_end, n);
+  }
+};
+
+// The kernel templates of one instruction set, in the shape make_table takes.
 template <class V>
-struct VectorKernelFor {
+struct VectorKernels {
   template <typename Acc, typename Grad>
-  using type = VectorKernel<V, Acc, Grad>;
+  using Accumulate = VectorAccumulate<V, Acc, Grad>;
+  template <typename Src, typename Dst>
+  using Scale = VectorScale<V, Src, Dst>;
+  template <typename Src>
+  using SumSquares = VectorSumSquares<V, Src>;
+
+  static KernelTable table() { return make_table<Accumulate, Scale, SumSquares>(); }
 };
 
 }  // namespace mbfused::cpu

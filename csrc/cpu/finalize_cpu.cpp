@@ -1,0 +1,74 @@
+// finalize_ on CPU tensors: at most one norm pass and one scaling pass, each one
+// parallel region over the chunks of all tensors.
+#include "checks.h"
+#include "cpu/chunk_kernels.h"
+#include "cpu/parallel_chunks.h"
+
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace mbfused::cpu {
+namespace {
+
+double sum_of_squares(at::TensorList acc, const KernelTable& table) {
+  const std::vector<Chunk> chunks = chunks_of(acc);
+  std::vector<double> partial(chunks.size());
+  for_each_chunk(chunks, [&](int64_t c, const Chunk& chunk) {
+    const at::Tensor& a = acc[chunk.tensor];
+    partial[c] = table.sum_squares[kind_index(a.scalar_type())](const_element_ptr(a, chunk.start), chunk.length);
+  });
+  double total = 0.0;
+  for (double p : partial) {  // chunk order: independent of the thread count
+    total += p;
+  }
+  return total;
+}
+
+void scale_into(at::TensorList acc, at::TensorList dst, float coef, const KernelTable& table) {
+  for_each_chunk(chunks_of(acc), [&](int64_t, const Chunk& chunk) {
+    const at::Tensor& src = acc[chunk.tensor];
+    const at::Tensor& out = dst[chunk.tensor];
+    table.scale[kind_index(src.scalar_type())][kind_index(out.scalar_type())](
+        const_element_ptr(src, chunk.start), element_ptr(out, chunk.start), chunk.length, coef);
+  });
+}
+
+at::Tensor finalize_cpu(
+    at::TensorList acc, double inv_scale, const std::optional<at::Tensor>& inv_scale_tensor,
+    std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
+    const std::optional<at::Tensor>& norm_sq, at::TensorList out) {
+  check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out);
+  TORCH_CHECK_VALUE(acc.empty() || acc[0].is_cpu(), "the cpu backend needs CPU tensors; acc[0] is on ",
+                    acc[0].device());
+  const KernelTable& table = kernels_for(selected_isa());
+  // fp32 math, in the order of the reference (and of clip_grad_norm_).
+  const float inv = inv_scale_tensor.has_value() ? inv_scale_tensor->item<float>() : static_cast<float>(inv_scale);
+  const float sum_sq = norm_sq.has_value() ? norm_sq->item<float>() : static_cast<float>(sum_of_squares(acc, table));
+  const float total_norm = std::sqrt(sum_sq) * std::fabs(inv);
+  float coef = inv;
+  if (max_norm.has_value()) {
+    const float clip = static_cast<float>(*max_norm) / (total_norm + 1e-6f);
+    coef = inv * std::min(clip, 1.0f);
+  }
+  const bool skip = found_inf.has_value() && found_inf->item<float>() != 0.0f;
+  if (!skip) {
+    if (!out.empty()) {
+      scale_into(acc, out, coef, table);
+    } else if (coef != 1.0f) {  // x * 1 == x: the in-place pass would change nothing
+      scale_into(acc, acc, coef, table);
+    }
+  }
+  return at::scalar_tensor(total_norm, at::TensorOptions().dtype(at::kFloat));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mbfused, CPU, m) {
+  m.impl("_finalize_native_", &finalize_cpu);
+}
+
+}  // namespace mbfused::cpu
