@@ -15,6 +15,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace mbfused {
@@ -61,6 +62,27 @@ C10_HOST_DEVICE inline float accumulate_element(
 template <typename Dst, typename Src>
 C10_HOST_DEVICE inline Dst scaled_element(Src src, float coef) {
   return from_float<Dst>(to_float(src) * coef);
+}
+
+// finalize_'s coefficient, in fp32 in the order of the reference and of
+// torch.nn.utils.clip_grad_norm_: total_norm = sqrt(sum_sq) * |inv_scale|,
+// coef = inv_scale * min(clip, 1) with clip = max_norm / (total_norm + 1e-6).
+// min() is written so that a nan clip stays nan, as torch.clamp keeps it.
+struct FinalizeCoefficient {
+  float total_norm;
+  float coef;
+};
+
+C10_HOST_DEVICE inline FinalizeCoefficient finalize_coefficient(
+    float sum_sq, float inv_scale, bool has_max_norm, float max_norm) {
+  const float magnitude = inv_scale < 0.0f ? -inv_scale : inv_scale;
+  const float total_norm = sqrtf(sum_sq) * magnitude;
+  float coef = inv_scale;
+  if (has_max_norm) {
+    const float clip = max_norm / (total_norm + 1e-6f);
+    coef = inv_scale * (1.0f < clip ? 1.0f : clip);
+  }
+  return {total_norm, coef};
 }
 
 }  // namespace mbfused

@@ -7,8 +7,6 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
 #include <vector>
 
 namespace mbfused::cpu {
@@ -45,15 +43,10 @@ at::Tensor finalize_cpu(
   TORCH_CHECK_VALUE(acc.empty() || acc[0].is_cpu(), "the cpu backend needs CPU tensors; acc[0] is on ",
                     acc[0].device());
   const KernelTable& table = kernels_for(selected_isa());
-  // fp32 math, in the order of the reference (and of clip_grad_norm_).
   const float inv = inv_scale_tensor.has_value() ? inv_scale_tensor->item<float>() : static_cast<float>(inv_scale);
   const float sum_sq = norm_sq.has_value() ? norm_sq->item<float>() : static_cast<float>(sum_of_squares(acc, table));
-  const float total_norm = std::sqrt(sum_sq) * std::fabs(inv);
-  float coef = inv;
-  if (max_norm.has_value()) {
-    const float clip = static_cast<float>(*max_norm) / (total_norm + 1e-6f);
-    coef = inv * std::min(clip, 1.0f);
-  }
+  const auto [total_norm, coef] =
+      finalize_coefficient(sum_sq, inv, max_norm.has_value(), static_cast<float>(max_norm.value_or(0.0)));
   const bool skip = found_inf.has_value() && found_inf->item<float>() != 0.0f;
   if (!skip) {
     if (!out.empty()) {
