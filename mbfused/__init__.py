@@ -12,4 +12,4 @@ from mbfused._backend import available_backends, use_backend
 from mbfused._version import __version__
 from mbfused.ops import accumulate_, finalize_
 
-__all__ = ["__version__", "accumulate_", "finalize_", "available_backends", "use_backend"]
+__all__ = ["__version__", "accumulate_", "available_backends", "finalize_", "use_backend"]

@@ -19,7 +19,7 @@ from mbfused._backend import backend_for
 
 __all__ = ["accumulate_", "finalize_"]
 
-_lib = torch.library.Library("mbfused", "FRAGMENT")  # noqa: TOR901 (ops are defined below)
+_lib = torch.library.Library("mbfused", "FRAGMENT")
 
 _lib.define(
     "accumulate_(Tensor(a!)[] acc, Tensor[] grads, float scale=1.0, Tensor? scale_tensor=None, "
@@ -118,14 +118,33 @@ def finalize_(
         The total norm of ``acc * inv_scale`` as a 0-d fp32 tensor on the device.
     """
     inv_value, inv_tensor = _split_scale(inv_scale, "inv_scale")
-    if max_norm is not None:
-        if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-            raise TypeError(f"max_norm must be a Python number or None, got {type(max_norm).__name__}")
-        max_norm = float(max_norm)
     return torch.ops.mbfused.finalize_.default(
-        list(acc), inv_value, inv_tensor, max_norm=max_norm, found_inf=found_inf,
+        list(acc), inv_value, inv_tensor, max_norm=_max_norm(max_norm), found_inf=found_inf,
         norm_sq=norm_sq, out=None if out is None else list(out),
     )
+
+
+def check_finalize_inputs(
+    acc: Sequence[Tensor],
+    inv_scale: float | Tensor = 1.0,
+    *,
+    max_norm: float | None = None,
+    found_inf: Tensor | None = None,
+    norm_sq: Tensor | None = None,
+    out: Sequence[Tensor] | None = None,
+) -> None:
+    """Raises exactly as finalize_ would on these arguments; writes nothing."""
+    _, inv_tensor = _split_scale(inv_scale, "inv_scale")
+    _checks.check_finalize_args(list(acc), inv_tensor, _max_norm(max_norm), found_inf, norm_sq,
+                                None if out is None else list(out))
+
+
+def _max_norm(max_norm: float | None) -> float | None:
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"max_norm must be a Python number or None, got {type(max_norm).__name__}")
+    return float(max_norm)
 
 
 def _accumulate_python(run: Callable[..., None]) -> Callable[..., None]:
