@@ -100,7 +100,7 @@ def check_accumulate_args(
         return
     device = acc[0].device
     spans: list[tuple[int, int, str, bool]] = []
-    for i, (a, g) in enumerate(zip(acc, grads)):
+    for i, (a, g) in enumerate(zip(acc, grads, strict=True)):
         _check_list_tensor(a, f"acc[{i}]", device)
         _check_no_grad(a, f"acc[{i}]")
         _check_list_tensor(g, f"grads[{i}]", device)

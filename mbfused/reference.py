@@ -80,12 +80,12 @@ def finalize_(
     holds a nonzero value nothing changes; else ``acc *= coef``, or with ``out``,
     ``out[i] = cast(acc[i] * coef)``. No host synchronisation.
     """
-    device = acc[0].device if len(acc) else torch.device("cpu")
-    inv = _as_fp32_tensor(inv_scale, device)
-    if norm_sq is not None:
-        sum_sq = norm_sq.reshape(())
+    if len(acc):
+        device = acc[0].device
     else:
-        sum_sq = _sum_of_squares(acc, device).float()
+        device = norm_sq.device if norm_sq is not None else torch.device("cpu")
+    inv = _as_fp32_tensor(inv_scale, device)
+    sum_sq = norm_sq.reshape(()) if norm_sq is not None else _sum_of_squares(acc, device).float()
     total_norm = sum_sq.sqrt() * inv.abs()
     coef = inv
     if max_norm is not None:

@@ -135,7 +135,7 @@ def test_empty_list_returns_norm_and_writes_nothing(backend):
         assert mbfused.finalize_([]).item() == 0.0
         norm = mbfused.finalize_([], 0.5, norm_sq=torch.tensor([16.0]), max_norm=1.0)
     assert norm.item() == 2.0
-    grads, norm, _ = _torch_window_end([torch.zeros(0)], 1.0, 1.0)
+    _, norm, _ = _torch_window_end([torch.zeros(0)], 1.0, 1.0)
     assert norm.item() == 0.0
 
 
