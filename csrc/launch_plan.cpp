@@ -18,35 +18,34 @@ std::vector<Chunk> split_into_chunks(const std::vector<int64_t>& numels, int64_t
   return chunks;
 }
 
-std::vector<Launch> plan_launches(
-    const std::vector<int64_t>& numels, int64_t chunk_size, int64_t max_tensors,
-    int64_t max_blocks) {
-  if (max_tensors <= 0 || max_blocks <= 0) {
-    throw std::invalid_argument("max_tensors and max_blocks must be positive");
+std::vector<Launch> plan_launches(const std::vector<int64_t>& numels, int64_t chunk_size,
+                                  int64_t max_tensors) {
+  if (chunk_size <= 0 || max_tensors <= 0) {
+    throw std::invalid_argument("chunk_size and max_tensors must be positive");
   }
   std::vector<Launch> launches;
-  Launch current;
-  auto flush = [&]() {
-    if (!current.block_slot.empty()) {
-      launches.push_back(std::move(current));
+  for (int64_t t = 0; t < static_cast<int64_t>(numels.size()); ++t) {
+    if (numels[t] == 0) {
+      continue;
     }
-    current = Launch{};
-  };
-  for (const Chunk& chunk : split_into_chunks(numels, chunk_size)) {
-    const bool same_tensor = !current.tensors.empty() && current.tensors.back() == chunk.tensor;
-    const bool table_full = !same_tensor && static_cast<int64_t>(current.tensors.size()) == max_tensors;
-    const bool blocks_full = static_cast<int64_t>(current.block_slot.size()) == max_blocks;
-    if (table_full || blocks_full) {
-      flush();
+    if (launches.empty() || static_cast<int64_t>(launches.back().tensors.size()) == max_tensors) {
+      launches.emplace_back();
     }
-    if (current.tensors.empty() || current.tensors.back() != chunk.tensor) {
-      current.tensors.push_back(chunk.tensor);
-    }
-    current.block_slot.push_back(static_cast<int32_t>(current.tensors.size() - 1));
-    current.block_chunk.push_back(chunk.start / chunk_size);
+    Launch& launch = launches.back();
+    const int64_t chunks = (numels[t] + chunk_size - 1) / chunk_size;
+    launch.tensors.push_back(t);
+    launch.chunk_end.push_back(launch.total_chunks() + chunks);
   }
-  flush();
   return launches;
+}
+
+LocatedChunk locate_chunk(const Launch& launch, const std::vector<int64_t>& numels,
+                          int64_t chunk_size, int64_t chunk) {
+  const int64_t lo = find_slot(launch.chunk_end.data(), static_cast<int64_t>(launch.chunk_end.size()), chunk);
+  const int64_t first = lo == 0 ? 0 : launch.chunk_end[lo - 1];
+  const int64_t start = (chunk - first) * chunk_size;
+  const int64_t remaining = numels[launch.tensors[lo]] - start;
+  return {lo, start, remaining < chunk_size ? remaining : chunk_size};
 }
 
 }  // namespace mbfused

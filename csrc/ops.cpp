@@ -19,22 +19,20 @@ namespace {
 
 int64_t cpu_isa() { return static_cast<int64_t>(cpu::selected_isa()); }
 
-// Test hook for the CUDA launch planning: one row per block,
-// (launch, table slot, tensor index, first element, element count).
-at::Tensor plan_launches_table(
-    std::vector<int64_t> numels, int64_t chunk_size, int64_t max_tensors, int64_t max_blocks) {
-  const std::vector<Launch> launches = plan_launches(numels, chunk_size, max_tensors, max_blocks);
+// Test hook for the CUDA launch planning: one row per chunk, located the way the
+// kernels locate it: (launch, chunk, table slot, tensor index, first element, length).
+at::Tensor plan_launches_table(std::vector<int64_t> numels, int64_t chunk_size, int64_t max_tensors) {
+  const std::vector<Launch> launches = plan_launches(numels, chunk_size, max_tensors);
   std::vector<int64_t> rows;
   for (size_t l = 0; l < launches.size(); ++l) {
     const Launch& launch = launches[l];
-    for (size_t b = 0; b < launch.block_slot.size(); ++b) {
-      const int64_t tensor = launch.tensors[launch.block_slot[b]];
-      const int64_t start = launch.block_chunk[b] * chunk_size;
-      const int64_t length = std::min(chunk_size, numels[tensor] - start);
-      rows.insert(rows.end(), {static_cast<int64_t>(l), launch.block_slot[b], tensor, start, length});
+    for (int64_t c = 0; c < launch.total_chunks(); ++c) {
+      const LocatedChunk located = locate_chunk(launch, numels, chunk_size, c);
+      rows.insert(rows.end(), {static_cast<int64_t>(l), c, located.slot, launch.tensors[located.slot],
+                               located.start, located.length});
     }
   }
-  at::Tensor table = at::empty({static_cast<int64_t>(rows.size() / 5), 5}, at::kLong);
+  at::Tensor table = at::empty({static_cast<int64_t>(rows.size() / 6), 6}, at::kLong);
   std::copy(rows.begin(), rows.end(), table.data_ptr<int64_t>());
   return table;
 }
@@ -49,7 +47,7 @@ TORCH_LIBRARY(mbfused, m) {
       "_finalize_native_(Tensor(a!)[] acc, float inv_scale, Tensor? inv_scale_tensor, float? max_norm, "
       "Tensor? found_inf, Tensor? norm_sq, Tensor(b!)[] out) -> Tensor");
   m.def("_cpu_isa() -> int", &cpu_isa);
-  m.def("_plan_launches(int[] numels, int chunk_size, int max_tensors, int max_blocks) -> Tensor",
+  m.def("_plan_launches(int[] numels, int chunk_size, int max_tensors) -> Tensor",
         &plan_launches_table);
 }
 

@@ -1,6 +1,7 @@
 // accumulate_ on CUDA tensors: one multi-tensor-apply launch per (acc, grad) dtype group
-// (multi_tensor.cuh). Blocks use 128-bit loads/stores when their tensors are 16-byte
-// aligned and a scalar loop otherwise; the per-element math is accumulate_math.h.
+// of up to 96 tensors (multi_tensor.cuh). A chunk uses 128-bit loads/stores when its
+// tensors are 16-byte aligned and a scalar loop otherwise; the per-element math is
+// accumulate_math.h.
 #include "checks.h"
 #include "cuda/multi_tensor.cuh"
 
@@ -16,33 +17,35 @@ template <typename Acc, typename Grad>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(
     TensorTable table, const float* scale_ptr, float scale_value, bool overwrite,
     float* found_inf, float* block_norms) {
-  const BlockWork work = block_work(table);
-  Acc* acc = static_cast<Acc*>(table.dst[work.slot]) + work.start;
-  const Grad* grad = static_cast<const Grad*>(table.src[work.slot]) + work.start;
   const float scale = scale_ptr != nullptr ? *scale_ptr : scale_value;
-
+  constexpr int kVec = kVecWidth<Acc, Grad>;
   bool nonfinite = false;
   float norm_sq = 0.0f;
-  constexpr int kVec = kVecWidth<Acc, Grad>;
-  int64_t vector_end = 0;
-  if (aligned16(acc) && aligned16(grad)) {
-    vector_end = work.n - work.n % kVec;
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
-      Pack<Acc, kVec> a = *reinterpret_cast<const Pack<Acc, kVec>*>(acc + i);
-      const Pack<Grad, kVec> g = *reinterpret_cast<const Pack<Grad, kVec>*>(grad + i);
+  const int64_t chunks = total_chunks(table);
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    const ChunkWork work = chunk_work(table, chunk);
+    Acc* acc = static_cast<Acc*>(table.dst[work.slot]) + work.start;
+    const Grad* grad = static_cast<const Grad*>(table.src[work.slot]) + work.start;
+    int64_t vector_end = 0;
+    if (aligned16(acc) && aligned16(grad)) {
+      vector_end = work.n - work.n % kVec;
+      for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
+        Pack<Acc, kVec> a = *reinterpret_cast<const Pack<Acc, kVec>*>(acc + i);
+        const Pack<Grad, kVec> g = *reinterpret_cast<const Pack<Grad, kVec>*>(grad + i);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const float stored = accumulate_element(a.v[k], g.v[k], scale, overwrite, nonfinite);
-        norm_sq += stored * stored;
+        for (int k = 0; k < kVec; ++k) {
+          const float stored = accumulate_element(a.v[k], g.v[k], scale, overwrite, nonfinite);
+          norm_sq += stored * stored;
+        }
+        *reinterpret_cast<Pack<Acc, kVec>*>(acc + i) = a;
       }
-      *reinterpret_cast<Pack<Acc, kVec>*>(acc + i) = a;
     }
-  }
-  for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
-    Acc a = acc[i];
-    const float stored = accumulate_element(a, grad[i], scale, overwrite, nonfinite);
-    acc[i] = a;
-    norm_sq += stored * stored;
+    for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
+      Acc a = acc[i];
+      const float stored = accumulate_element(a, grad[i], scale, overwrite, nonfinite);
+      acc[i] = a;
+      norm_sq += stored * stored;
+    }
   }
 
   if (found_inf != nullptr && __syncthreads_or(nonfinite) && threadIdx.x == 0) {
@@ -68,7 +71,7 @@ void accumulate_cuda(
   const c10::cuda::CUDAGuard guard(acc[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const int64_t blocks = total_blocks(acc);
+  const int64_t blocks = max_total_blocks(acc);
   at::Tensor partials;
   float* block_norms = nullptr;
   if (norm_sq.has_value() && blocks > 0) {

@@ -19,25 +19,28 @@ enum Scratch : int { kCoef = 0, kSkip = 1, kSumSq = 2, kScratchSize = 3 };
 
 template <typename Src>
 __global__ void __launch_bounds__(kThreads) sum_squares_kernel(TensorTable table, float* block_sums) {
-  const BlockWork work = block_work(table);
-  const Src* src = static_cast<const Src*>(table.src[work.slot]) + work.start;
-  float sum = 0.0f;
   constexpr int kVec = kVecWidth<Src, Src>;
-  int64_t vector_end = 0;
-  if (aligned16(src)) {
-    vector_end = work.n - work.n % kVec;
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
-      const Pack<Src, kVec> s = *reinterpret_cast<const Pack<Src, kVec>*>(src + i);
+  float sum = 0.0f;
+  const int64_t chunks = total_chunks(table);
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    const ChunkWork work = chunk_work(table, chunk);
+    const Src* src = static_cast<const Src*>(table.src[work.slot]) + work.start;
+    int64_t vector_end = 0;
+    if (aligned16(src)) {
+      vector_end = work.n - work.n % kVec;
+      for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
+        const Pack<Src, kVec> s = *reinterpret_cast<const Pack<Src, kVec>*>(src + i);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const float value = to_float(s.v[k]);
-        sum += value * value;
+        for (int k = 0; k < kVec; ++k) {
+          const float value = to_float(s.v[k]);
+          sum += value * value;
+        }
       }
     }
-  }
-  for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
-    const float value = to_float(src[i]);
-    sum += value * value;
+    for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
+      const float value = to_float(src[i]);
+      sum += value * value;
+    }
   }
   const float block_total = block_sum(sum);
   if (threadIdx.x == 0) {
@@ -61,25 +64,28 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable table, cons
   if (scratch[kSkip] != 0.0f || (in_place && coef == 1.0f)) {
     return;  // found_inf: write nothing; x * 1 == x: nothing to write
   }
-  const BlockWork work = block_work(table);
-  const Src* src = static_cast<const Src*>(table.src[work.slot]) + work.start;
-  Dst* dst = static_cast<Dst*>(table.dst[work.slot]) + work.start;
   constexpr int kVec = kVecWidth<Src, Dst>;
-  int64_t vector_end = 0;
-  if (aligned16(src) && aligned16(dst)) {
-    vector_end = work.n - work.n % kVec;
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
-      const Pack<Src, kVec> s = *reinterpret_cast<const Pack<Src, kVec>*>(src + i);
-      Pack<Dst, kVec> d;
+  const int64_t chunks = total_chunks(table);
+  for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    const ChunkWork work = chunk_work(table, chunk);
+    const Src* src = static_cast<const Src*>(table.src[work.slot]) + work.start;
+    Dst* dst = static_cast<Dst*>(table.dst[work.slot]) + work.start;
+    int64_t vector_end = 0;
+    if (aligned16(src) && aligned16(dst)) {
+      vector_end = work.n - work.n % kVec;
+      for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
+        const Pack<Src, kVec> s = *reinterpret_cast<const Pack<Src, kVec>*>(src + i);
+        Pack<Dst, kVec> d;
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        d.v[k] = scaled_element<Dst>(s.v[k], coef);
+        for (int k = 0; k < kVec; ++k) {
+          d.v[k] = scaled_element<Dst>(s.v[k], coef);
+        }
+        *reinterpret_cast<Pack<Dst, kVec>*>(dst + i) = d;
       }
-      *reinterpret_cast<Pack<Dst, kVec>*>(dst + i) = d;
     }
-  }
-  for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
-    dst[i] = scaled_element<Dst>(src[i], coef);
+    for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
+      dst[i] = scaled_element<Dst>(src[i], coef);
+    }
   }
 }
 
@@ -100,7 +106,7 @@ at::Tensor finalize_cuda(
   if (norm_sq.has_value()) {
     sum_sq = norm_sq->const_data_ptr<float>();
   } else {
-    at::Tensor partials = at::empty({std::max<int64_t>(total_blocks(acc), 1)}, fp32);
+    at::Tensor partials = at::empty({std::max<int64_t>(max_total_blocks(acc), 1)}, fp32);
     float* block_sums = partials.data_ptr<float>();
     const DtypeGroups groups = group_by_dtypes(acc, acc);
     int64_t blocks_used = 0;

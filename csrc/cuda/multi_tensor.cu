@@ -48,12 +48,25 @@ DtypeGroups group_by_dtypes(at::TensorList a, at::TensorList b) {
   return groups;
 }
 
-int64_t total_blocks(at::TensorList tensors) {
-  int64_t blocks = 0;
-  for (const at::Tensor& t : tensors) {
-    blocks += (t.numel() + kChunkElements - 1) / kChunkElements;
+int grid_size(int64_t chunks) {
+  // One cached SM count per device: cudaDeviceGetAttribute is cheap but not free.
+  static int sm_count[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < 64 && sm_count[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count[device], cudaDevAttrMultiProcessorCount, device));
   }
-  return blocks;
+  const int64_t fill = static_cast<int64_t>(kBlocksPerSm) * (device < 64 ? sm_count[device] : 132);
+  return static_cast<int>(chunks < fill ? chunks : fill);
+}
+
+int64_t max_total_blocks(at::TensorList tensors) {
+  // Each launch has at most grid_size(its chunks) <= its chunks blocks.
+  int64_t chunks = 0;
+  for (const at::Tensor& t : tensors) {
+    chunks += (t.numel() + kChunkElements - 1) / kChunkElements;
+  }
+  return chunks;
 }
 
 }  // namespace mbfused::cuda

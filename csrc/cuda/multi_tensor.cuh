@@ -1,10 +1,14 @@
 // Multi-tensor apply for the CUDA backends, after Apex's and ATen's MultiTensorApply.
 //
-// The host groups tensors by dtype pair and packs each group's chunks into launches
-// (launch_plan.h). A launch carries its pointer table and block -> (tensor, chunk) map in
-// the kernel arguments, so a dtype group costs one launch (more only when a table fills).
-// Reductions write one partial per block and are summed by one more block in a fixed
-// order: no float atomics, so two runs give bit-identical results.
+// The host groups tensors by dtype pair and packs each group into launches of up to
+// kMaxTensors whole tensors (launch_plan.h). A launch carries its pointer table and the
+// per-tensor chunk prefix sums in the kernel arguments (under the classic 4 KB limit);
+// a fixed grid of blocks strides over the launch's chunks and finds each chunk's tensor
+// by a binary search over the prefix sums. So a dtype group of up to 96 tensors is one
+// launch whatever their sizes (ATen's per-block map needs a launch per 320 chunks:
+// nine for a 168M-element list). Reductions write one partial per block and are summed
+// by one more block in a fixed order: no float atomics, so two runs give bit-identical
+// results.
 #pragma once
 
 #include "accumulate_math.h"
@@ -21,32 +25,36 @@ namespace mbfused::cuda {
 
 constexpr int64_t kChunkElements = 64 * 1024;
 constexpr int kThreads = 512;
-// Table sizes keep the kernel arguments under the classic 4 KB limit:
-// 96 * (8 + 8 + 8) + 320 * (1 + 4) = 3904 bytes, plus a few scalars.
+constexpr int kBlocksPerSm = 4;  // 4 x 512 threads fill an SM of A100 / H100
+// 96 * (8 + 8 + 8 + 8) + 8 = 3080 bytes of kernel arguments for the table.
 constexpr int kMaxTensors = 96;
-constexpr int kMaxBlocks = 320;
 
-// Pointer table of one launch: per tensor a destination (may be null for pure
-// reductions) and a source, and per block its tensor slot and chunk number.
+// Pointer table of one launch: per tensor a destination (null for pure reductions), a
+// source, its size and the inclusive prefix sum of chunk counts.
 struct TensorTable {
   void* dst[kMaxTensors];
   const void* src[kMaxTensors];
   int64_t numel[kMaxTensors];
-  uint8_t block_slot[kMaxBlocks];
-  int32_t block_chunk[kMaxBlocks];
+  int64_t chunk_end[kMaxTensors];
+  int64_t slots;
 };
-static_assert(sizeof(TensorTable) + 64 <= 4096, "kernel arguments exceed 4 KB");
+static_assert(sizeof(TensorTable) + 128 <= 4096, "kernel arguments exceed 4 KB");
 
-// The chunk this block works on.
-struct BlockWork {
+// One chunk of a launch: its table slot and element range within that tensor.
+struct ChunkWork {
   int slot;
-  int64_t start;  // first element of the chunk within its tensor
-  int64_t n;      // elements in the chunk
+  int64_t start;
+  int64_t n;
 };
 
-__device__ inline BlockWork block_work(const TensorTable& table) {
-  const int slot = table.block_slot[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunkElements;
+__device__ inline int64_t total_chunks(const TensorTable& table) {
+  return table.chunk_end[table.slots - 1];
+}
+
+__device__ inline ChunkWork chunk_work(const TensorTable& table, int64_t chunk) {
+  const auto slot = static_cast<int>(find_slot(table.chunk_end, table.slots, chunk));
+  const int64_t first = slot == 0 ? 0 : table.chunk_end[slot - 1];
+  const int64_t start = (chunk - first) * kChunkElements;
   const int64_t remaining = table.numel[slot] - start;
   return {slot, start, remaining < kChunkElements ? remaining : kChunkElements};
 }
@@ -99,8 +107,11 @@ DtypeGroups group_by_dtypes(at::TensorList a, at::TensorList b);
 
 int kind_index(at::ScalarType dtype);
 
-// Number of blocks all launches over `tensors` use (one per chunk).
-int64_t total_blocks(at::TensorList tensors);
+// Blocks per launch: enough to fill the current device, never more than its chunks.
+int grid_size(int64_t chunks);
+
+// Upper bound on the blocks all launches over `tensors` use (for partials buffers).
+int64_t max_total_blocks(at::TensorList tensors);
 
 // Calls f(T{}) with T the C++ type of scalar kind `kind` (float, BFloat16, Half).
 template <typename F>
@@ -114,7 +125,7 @@ void with_kind(int kind, F&& f) {
 
 // Plans the launches over tensors `members` (indices into the lists), fills each
 // launch's table (dst may be empty: no destination) and calls
-// launch(table, number_of_blocks, index_of_first_block_over_all_launches).
+// launch(table, blocks, index of the launch's first block over all launches).
 template <typename LaunchFn>
 void for_each_launch(const std::vector<int64_t>& members, at::TensorList dst, at::TensorList src,
                      int64_t& blocks_used, LaunchFn&& launch) {
@@ -123,19 +134,17 @@ void for_each_launch(const std::vector<int64_t>& members, at::TensorList dst, at
   for (int64_t t : members) {
     numels.push_back(src[t].numel());
   }
-  for (const Launch& plan : plan_launches(numels, kChunkElements, kMaxTensors, kMaxBlocks)) {
+  for (const Launch& plan : plan_launches(numels, kChunkElements, kMaxTensors)) {
     TensorTable table;
+    table.slots = static_cast<int64_t>(plan.tensors.size());
     for (size_t s = 0; s < plan.tensors.size(); ++s) {
       const int64_t t = members[plan.tensors[s]];
       table.dst[s] = dst.empty() ? nullptr : dst[t].data_ptr();
       table.src[s] = src[t].const_data_ptr();
       table.numel[s] = src[t].numel();
+      table.chunk_end[s] = plan.chunk_end[s];
     }
-    const auto blocks = static_cast<int>(plan.block_slot.size());
-    for (int b = 0; b < blocks; ++b) {
-      table.block_slot[b] = static_cast<uint8_t>(plan.block_slot[b]);
-      table.block_chunk[b] = static_cast<int32_t>(plan.block_chunk[b]);
-    }
+    const int blocks = grid_size(plan.total_chunks());
     launch(table, blocks, blocks_used);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     blocks_used += blocks;
