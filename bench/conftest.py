@@ -17,14 +17,13 @@ def bench_device(request):
     return device
 
 
-_CASES: dict = {}
+_TENSORS: dict = {}
 
 
-@pytest.fixture(params=list(benchmarks.TENSOR_LISTS))
-def accumulate_case(request, bench_device):
-    """One tensor list at a time: the Llama-style list alone takes ~2 GB."""
-    key = (request.param, bench_device)
-    if key not in _CASES:
-        _CASES.clear()
-        _CASES[key] = benchmarks.make_accumulate_case(request.param, bench_device)
-    return _CASES[key]
+def tensors_for(list_name: str, device: str) -> benchmarks.Tensors:
+    """One tensor list alive at a time: the Llama-style list alone takes ~2 GB."""
+    key = (list_name, device)
+    if key not in _TENSORS:
+        _TENSORS.clear()
+        _TENSORS[key] = benchmarks.make_tensors(list_name, device)
+    return _TENSORS[key]

@@ -39,24 +39,37 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.model:
+        from mbfused import model
+
+        for name in args.lists or list(benchmarks.TENSOR_LISTS):
+            print(model.format_model(name, model.model_window(name, args.window), args.window))
+            print()
+        return 0
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
-    lists = args.lists or list(benchmarks.TENSOR_LISTS)
     repeats = args.repeats or (5 if args.quick else 20)
 
     def progress(message: str) -> None:
         print(f"  ... {message}", file=sys.stderr, flush=True)
 
     results = []
-    for name in lists:
+    for name in args.lists or list(benchmarks.TENSOR_LISTS):
         progress(f"{name}: allocating tensors on {device}")
-        case = benchmarks.make_accumulate_case(name, device)
-        results += benchmarks.run_case(case, device, repeats, progress)
-        del case
-    print(f"\naccumulate_: fp32 buffers += bf16 grads * (1/8), {device}, "
-          f"median of {repeats}; bytes counted as 10 B/element (fp32 roofline: 12)")
+        tensors = benchmarks.make_tensors(name, device)
+        for op in args.ops or list(benchmarks.CASES):
+            case = benchmarks.CASES[op](tensors)
+            if op == "window":  # a window is already N calls: fewer repeats, no warm-up call
+                results += benchmarks.run_case(case, device, max(2, repeats // 2), progress, warmup=0)
+            else:
+                results += benchmarks.run_case(case, device, repeats, progress)
+        del tensors
+    print(f"\nmbfused bench on {device}: fp32 buffers, bf16 gradients, median of {repeats} calls "
+          f"({max(2, repeats // 2)} for windows)")
+    print("GB/s counts the bytes the operation must move, the same for every path: accumulate_ "
+          "10 B/element, finalize_ 8, a window of N=8 84; roofline = same-dtype fp32 foreach op")
     if device == "cuda":
         peak = benchmarks.hbm_peak_gbs(torch.cuda.get_device_name())
         print(f"GPU: {torch.cuda.get_device_name()}, nominal HBM {peak or 'unknown'} GB/s")
@@ -84,7 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     bench.add_argument("--lists", nargs="+", choices=list(benchmarks.TENSOR_LISTS),
                        help="tensor lists to run (default: all)")
+    bench.add_argument("--ops", nargs="+", choices=list(benchmarks.CASES),
+                       help="operations to run (default: all)")
     bench.add_argument("--repeats", type=int, help="timed calls per path")
+    bench.add_argument("--model", action="store_true",
+                       help="print the modeled GPU cost of a window (ops, launches, bytes) instead")
+    bench.add_argument("--window", type=int, default=8, help="micro-batches per window for --model")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="plot GB/s per path (needs matplotlib)")
     bench.set_defaults(run=_bench)

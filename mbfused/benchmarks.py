@@ -22,11 +22,15 @@ from mbfused import ops, reference
 from mbfused._backend import backend_for
 
 __all__ = [
+    "CASES",
     "TENSOR_LISTS",
-    "AccumulateCase",
+    "Case",
     "Result",
+    "Tensors",
+    "format_table",
     "hbm_peak_gbs",
-    "make_accumulate_case",
+    "make_tensors",
+    "plot",
     "run_case",
     "time_call",
 ]
@@ -64,50 +68,135 @@ TENSOR_LISTS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
 
 
 @dataclass
-class AccumulateCase:
-    """fp32 buffers += bf16 gradients * scale over one tensor list."""
+class Case:
+    """One operation on one tensor list, with every way to run it.
 
-    name: str
+    ``bytes_moved`` is what the operation must move at least, the same for every path
+    (so GB/s compares paths); ``roofline`` is a same-dtype fp32 foreach op moving
+    ``roofline_bytes``, timed in the same run.
+    """
+
+    list_name: str
+    op: str
+    numel: int
+    bytes_moved: int
+    roofline_bytes: int
+    roofline: Callable[[], None]
+    paths: dict[str, Callable[[], None]]
+    baselines: tuple[str, ...]  # the pure-PyTorch paths among `paths`
+
+
+@dataclass
+class Tensors:
+    """fp32 buffers and bf16 gradients shaped like one tensor list."""
+
+    list_name: str
     acc: list[Tensor]
     grads: list[Tensor]
     grads_fp32: list[Tensor]  # for the same-dtype roofline
-    scale: float = 1.0 / 8
-    numel: int = 0
 
     @property
-    def bytes_moved(self) -> int:
-        return self.numel * (4 + 2 + 4)
-
-    @property
-    def roofline_bytes(self) -> int:
-        return self.numel * (4 + 4 + 4)
-
-    def paths(self) -> dict[str, Callable[[], None]]:
-        acc, grads, s = self.acc, self.grads, self.scale
-        backend = backend_for(acc[0].device)
-        paths: dict[str, Callable[[], None]] = {
-            f"mbfused[{backend}]": lambda: ops.accumulate_(acc, grads, s),
-        }
-        for name, baseline in reference.BASELINES.items():
-            paths[name] = (lambda b: lambda: b(acc, grads, s))(baseline)
-        return paths
-
-    def roofline(self) -> Callable[[], None]:
-        acc, grads32, s = self.acc, self.grads_fp32, self.scale
-        return lambda: torch._foreach_add_(acc, grads32, alpha=s)
+    def numel(self) -> int:
+        return sum(a.numel() for a in self.acc)
 
 
-def make_accumulate_case(list_name: str, device: str = "cpu") -> AccumulateCase:
+def make_tensors(list_name: str, device: str = "cpu") -> Tensors:
     shapes = TENSOR_LISTS[list_name]()
     gen = torch.Generator().manual_seed(0)
     grads_fp32 = [torch.randn(s, generator=gen).to(device) for s in shapes]
-    return AccumulateCase(
-        name=list_name,
-        acc=[torch.zeros(s, device=device) for s in shapes],
+    return Tensors(
+        list_name=list_name,
+        acc=[g.clone() for g in grads_fp32],
         grads=[g.to(torch.bfloat16) for g in grads_fp32],
         grads_fp32=grads_fp32,
-        numel=sum(g.numel() for g in grads_fp32),
     )
+
+
+def _label(acc: list[Tensor]) -> str:
+    return f"mbfused[{backend_for(acc[0].device)}]"
+
+
+def accumulate_case(t: Tensors, scale: float = 1.0 / 8) -> Case:
+    """fp32 buffers += bf16 gradients * scale: 10 B/element (fp32 roofline: 12)."""
+    acc, grads = t.acc, t.grads
+    paths = {_label(acc): lambda: ops.accumulate_(acc, grads, scale)}
+    for name, baseline in reference.BASELINES.items():
+        paths[name] = (lambda b: lambda: b(acc, grads, scale))(baseline)
+    return Case(t.list_name, "accumulate_", t.numel, t.numel * (4 + 2 + 4), t.numel * (4 + 4 + 4),
+                lambda: torch._foreach_add_(acc, t.grads_fp32, alpha=scale), paths,
+                tuple(reference.BASELINES))
+
+
+def finalize_case(t: Tensors) -> Case:
+    """End of window on fp32 buffers: unscale and clip to max_norm=1, 8 B/element.
+
+    inv_scale=-1 keeps magnitudes stable over repeated timed calls (a scale below 1
+    would drive the buffers into denormals) while every path still does all its work.
+    """
+    acc = t.acc
+    norm_sq = torch.stack([a.double().square().sum() for a in acc]).sum().float().reshape(1)
+    label = _label(acc)
+    paths = {
+        f"{label} norm_sq given": lambda: ops.finalize_(acc, -1.0, max_norm=1.0, norm_sq=norm_sq),
+        label: lambda: ops.finalize_(acc, -1.0, max_norm=1.0),
+        "unscale_+clip_grad_norm_": lambda: reference.baseline_finalize_(acc, -1.0, max_norm=1.0),
+    }
+    return Case(t.list_name, "finalize_", t.numel, t.numel * (4 + 4), t.numel * (4 + 4),
+                lambda: torch._foreach_mul_(acc, -1.0), paths, ("unscale_+clip_grad_norm_",))
+
+
+def window_case(t: Tensors, n: int = 8) -> Case:
+    """A whole window: N micro-batches of bf16 grads into fp32 buffers, then unscale + clip.
+
+    Bytes: the fused minimum, 6 (first, overwrite) + 10 per later micro-batch + 8 at the
+    end per element, for every path.
+    """
+    acc, grads, s = t.acc, t.grads, 1.0 / n
+    norm_sq = torch.zeros(1, device=acc[0].device)
+
+    def fused():
+        for k in range(n):
+            if k == n - 1:
+                norm_sq.zero_()
+            ops.accumulate_(acc, grads, s, overwrite=k == 0, norm_sq=norm_sq if k == n - 1 else None)
+        ops.finalize_(acc, 1.0, max_norm=1.0, norm_sq=norm_sq)
+
+    def per_param(add):
+        def window():
+            for a in acc:
+                a.zero_()
+            for _ in range(n):
+                add(acc, grads, s)
+            reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
+        return window
+
+    def foreach():
+        torch._foreach_zero_(acc)
+        for _ in range(n):
+            reference.baseline_foreach_add_(acc, grads, s)
+        reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
+
+    paths = {
+        _label(acc): fused,
+        "per_param_add": per_param(reference.baseline_per_param_add_),
+        "per_param_add_float": per_param(reference.baseline_per_param_add_float_),
+        "foreach_add": foreach,
+    }
+    roof = t.grads_fp32
+
+    def roofline():
+        for _ in range(n):
+            torch._foreach_add_(acc, roof, alpha=s)
+
+    return Case(t.list_name, f"window N={n}", t.numel, t.numel * (6 + (n - 1) * 10 + 8),
+                t.numel * n * 12, roofline, paths, ("per_param_add", "per_param_add_float", "foreach_add"))
+
+
+CASES: dict[str, Callable[[Tensors], Case]] = {
+    "accumulate_": accumulate_case,
+    "finalize_": finalize_case,
+    "window": window_case,
+}
 
 
 def time_call(fn: Callable[[], None], device: str, repeats: int, warmup: int = 1) -> list[float]:
@@ -141,6 +230,7 @@ class Result:
     median_s: float
     samples_s: list[float] = field(repr=False)
     bytes_moved: int
+    numel: int
     gbs: float
     roofline_gbs: float
     pct_roofline: float
@@ -165,33 +255,35 @@ def hbm_peak_gbs(device_name: str) -> float | None:
     return None
 
 
-def run_case(case: AccumulateCase, device: str, repeats: int,
-             progress: Callable[[str], None] = lambda _: None) -> list[Result]:
-    """Times every path of `case` and the roofline, side by side in one run."""
-    progress(f"{case.name}: roofline (fp32 _foreach_add_)")
-    roof_s = statistics.median(time_call(case.roofline(), device, repeats))
+def run_case(case: Case, device: str, repeats: int,
+             progress: Callable[[str], None] = lambda _: None, warmup: int = 1) -> list[Result]:
+    """Times every path of `case` and its roofline, side by side in one run."""
+    progress(f"{case.list_name} {case.op}: roofline")
+    roof_s = statistics.median(time_call(case.roofline, device, repeats, warmup))
     roofline_gbs = case.roofline_bytes / roof_s / 1e9
-    results = [Result(case.name, "accumulate_", "roofline: fp32 foreach_add", device, roof_s, [roof_s],
-                      case.roofline_bytes, roofline_gbs, roofline_gbs, 100.0)]
-    for path, fn in case.paths().items():
-        progress(f"{case.name}: {path}")
-        samples = time_call(fn, device, repeats)
+    results = [Result(case.list_name, case.op, "roofline: fp32 foreach", device, roof_s, [roof_s],
+                      case.roofline_bytes, case.numel, roofline_gbs, roofline_gbs, 100.0)]
+    for path, fn in case.paths.items():
+        progress(f"{case.list_name} {case.op}: {path}")
+        samples = time_call(fn, device, repeats, warmup)
         median = statistics.median(samples)
         gbs = case.bytes_moved / median / 1e9
-        results.append(Result(case.name, "accumulate_", path, device, median, samples,
-                              case.bytes_moved, gbs, roofline_gbs, 100.0 * gbs / roofline_gbs))
-    best_torch = min(r.median_s for r in results[1:] if r.path in reference.BASELINES)
+        results.append(Result(case.list_name, case.op, path, device, median, samples,
+                              case.bytes_moved, case.numel, gbs, roofline_gbs,
+                              100.0 * gbs / roofline_gbs))
+    best_torch = min(r.median_s for r in results if r.path in case.baselines)
     for r in results[1:]:
         r.speedup_vs_best_torch = best_torch / r.median_s
     return results
 
 
 def format_table(results: Iterable[Result]) -> str:
-    header = f"{'case':<11} {'path':<28} {'median ms':>10} {'GB/s':>8} {'% roof':>7} {'vs best torch':>14}"
+    header = (f"{'op':<13} {'list':<11} {'path':<30} {'median ms':>10} {'GB/s':>8} {'% roof':>7} "
+              f"{'vs best torch':>14}")
     lines = [header, "-" * len(header)]
     for r in results:
         speedup = f"{r.speedup_vs_best_torch:.2f}x" if r.speedup_vs_best_torch else "-"
-        lines.append(f"{r.case:<11} {r.path:<28} {r.median_s * 1e3:>10.2f} {r.gbs:>8.1f} "
+        lines.append(f"{r.op:<13} {r.case:<11} {r.path:<30} {r.median_s * 1e3:>10.2f} {r.gbs:>8.1f} "
                      f"{r.pct_roofline:>6.0f}% {speedup:>14}")
     return "\n".join(lines)
 
@@ -207,8 +299,8 @@ def plot(results: Iterable[Result], path: str) -> None:
         raise SystemExit("--plot needs matplotlib: pip install 'mbfused[bench]'") from exc
     by_path: dict[str, list[tuple[int, float]]] = {}
     for r in results:
-        elements = r.bytes_moved // (12 if r.path.startswith("roofline") else 10)
-        by_path.setdefault(r.path, []).append((elements, r.gbs))
+        if r.op == "accumulate_":
+            by_path.setdefault(r.path, []).append((r.numel, r.gbs))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in by_path.items():
         points.sort()

@@ -1,0 +1,200 @@
+"""Modeled GPU cost of one accumulation window, computed without a GPU.
+
+A window is N micro-batches of bf16 gradients accumulated into fp32 buffers, then the
+end of the window (unscale + grad-norm clipping). For each pure-PyTorch path the window
+runs on fake CUDA tensors (FakeTensorMode: no memory, no GPU) under a TorchDispatchMode
+that counts the aten ops, the bytes each op reads and writes, and the kernel launches
+CUDA would make (ATen's multi-tensor-apply packing for same-dtype ``_foreach`` ops, one
+launch per tensor for mixed-dtype ``_foreach`` ops, which fall back to a loop, and one
+launch for any other op). The fused path is counted from its kernels' known traffic
+and from the launch planner the CUDA kernels use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from mbfused import reference
+from mbfused.benchmarks import TENSOR_LISTS
+
+__all__ = ["WindowCost", "model_window", "format_model"]
+
+# ATen's MultiTensorApply.cuh: tensors per launch by number of tensor lists, blocks per
+# launch, elements per block.
+_ATEN_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+_ATEN_MAX_BLOCKS = 320
+_ATEN_CHUNK = 65536
+# mbfused's CUDA kernels (csrc/cuda/multi_tensor.cuh).
+_MBFUSED_CHUNK = 65536
+_MBFUSED_MAX_TENSORS = 96
+# In-place ops that overwrite their destination without reading it.
+_WRITE_ONLY = {"zero_", "fill_", "copy_", "_foreach_zero_", "_foreach_copy_"}
+
+
+@dataclass
+class WindowCost:
+    path: str
+    aten_ops: int
+    launches: int
+    bytes_moved: int
+    numel: int
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.bytes_moved / self.numel
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def _aten_mta_launches(numels: list[int], depth: int) -> int:
+    max_tensors = _ATEN_MAX_TENSORS[min(depth, 5)]
+    launches = tensors = blocks = 0
+    for n in numels:
+        if n == 0:
+            continue
+        tensors += 1
+        for _ in range(math.ceil(n / _ATEN_CHUNK)):
+            blocks += 1
+            if blocks == _ATEN_MAX_BLOCKS or (tensors == max_tensors and _ == math.ceil(n / _ATEN_CHUNK) - 1):
+                launches += 1
+                blocks = 0
+                tensors = 0 if tensors == max_tensors else 1
+    return launches + (1 if blocks else 0)
+
+
+class _CostCounter(TorchDispatchMode):
+    """Counts aten ops, bytes read + written and modeled CUDA launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.launches = self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace != "aten":
+            return out
+        schema = func._schema
+        if schema.returns and all(r.alias_info is not None and not r.alias_info.is_write
+                                  for r in schema.returns):
+            return out  # a view: no kernel, no traffic
+        mutated = []
+        for arg, value in zip(schema.arguments, args):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                mutated += _tensors(value)
+        overwritten = {id(t) for t in mutated} if func._opname in _WRITE_ONLY else set()
+        read = sum(t.nbytes for t in _tensors((args, kwargs)) if id(t) not in overwritten)
+        written = sum(t.nbytes for t in mutated) if mutated else sum(t.nbytes for t in _tensors(out))
+        self.ops += 1
+        self.bytes += read + written
+        self.launches += self._launches(func, args)
+        return out
+
+    @staticmethod
+    def _launches(func, args) -> int:
+        name = func.__name__
+        if not name.startswith(("_foreach_", "_amp_foreach_")):
+            return 1
+        lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+        if len({t.dtype for lst in lists for t in lst}) > 1:
+            return len(lists[0])  # mixed dtypes: ATen loops over the tensors
+        launches = _aten_mta_launches([t.numel() for t in lists[0]], len(lists))
+        return launches + (1 if name.startswith("_foreach_norm") else 0)  # + the cleanup kernel
+
+
+def _count(run: Callable[[], None]) -> _CostCounter:
+    counter = _CostCounter()
+    with counter:
+        run()
+    return counter
+
+
+def _pure_paths(acc, grads, n: int) -> dict[str, Callable[[], None]]:
+    s = 1.0 / n
+
+    def per_param(add):
+        def window():
+            for a in acc:
+                a.zero_()
+            for _ in range(n):
+                add(acc, grads, s)
+            reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
+        return window
+
+    def foreach():
+        torch._foreach_zero_(acc)
+        for _ in range(n):
+            reference.baseline_foreach_add_(acc, grads, s)
+        reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
+
+    return {
+        "per_param_add": per_param(reference.baseline_per_param_add_),
+        "per_param_add_float": per_param(reference.baseline_per_param_add_float_),
+        "foreach_add": foreach,
+    }
+
+
+def _mbfused_launches_per_pass(numels: list[int]) -> int:
+    """Launches of one fused pass over one dtype group: the CUDA kernels' own planner."""
+    rows = torch.ops.mbfused._plan_launches(numels, _MBFUSED_CHUNK, _MBFUSED_MAX_TENSORS)
+    return len({row[0] for row in rows.tolist()})
+
+
+def _fused_paths(acc, n: int, table_launches: int) -> dict[str, WindowCost]:
+    from mbfused.optim import _total_norm_and_coef
+
+    numel = sum(a.numel() for a in acc)
+    # First micro-batch overwrites (reads bf16, writes fp32), the others read-modify-write;
+    # the last one also sums norm_sq (one more launch, for the per-block partials).
+    acc_bytes = numel * (2 + 4) + (n - 1) * numel * (4 + 2 + 4)
+    acc_launches = n * table_launches + 1
+    # finalize_ with norm_sq: one coefficient kernel, then one read+write pass.
+    finalize = WindowCost("mbfused: accumulate_ x N + finalize_", n + 1,
+                          acc_launches + 1 + table_launches, acc_bytes + numel * (4 + 4), numel)
+    # Fused-optimizer handoff: only the coefficient is computed (counted here); the
+    # optimizer's own pass over the gradients is the same on every path, so not counted.
+    norm_sq = torch.zeros((), device=acc[0].device)
+    handoff = _count(lambda: _total_norm_and_coef(acc, 1.0, 1.0, norm_sq))
+    handed = WindowCost("mbfused: accumulate_ x N + fused-optimizer handoff", n + handoff.ops,
+                        acc_launches + handoff.launches, acc_bytes + handoff.bytes, numel)
+    return {c.path: c for c in (finalize, handed)}
+
+
+def model_window(list_name: str, n: int = 8) -> list[WindowCost]:
+    """Modeled cost of one window on `list_name` for every path, pure paths first."""
+    shapes = TENSOR_LISTS[list_name]()
+    table_launches = _mbfused_launches_per_pass([math.prod(s) for s in shapes])
+    with FakeTensorMode():
+        acc = [torch.empty(s, device="cuda") for s in shapes]
+        grads = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
+        numel = sum(a.numel() for a in acc)
+        costs = []
+        for path, run in _pure_paths(acc, grads, n).items():
+            c = _count(run)
+            costs.append(WindowCost(f"torch: {path}", c.ops, c.launches, c.bytes, numel))
+        costs += list(_fused_paths(acc, n, table_launches).values())
+    return costs
+
+
+def format_model(list_name: str, costs: list[WindowCost], n: int) -> str:
+    pure = [c for c in costs if c.path.startswith("torch")]
+    best_bytes = min(c.bytes_per_param for c in pure)
+    per_param = next(c for c in pure if c.path == "torch: per_param_add")
+    header = (f"{'path':<54} {'aten ops':>8} {'launches':>9} {'GB':>7} {'B/param':>8} "
+              f"{'vs best torch B':>16} {'vs per-param launches':>22}")
+    lines = [f"{list_name}: window of N={n} micro-batches, bf16 grads -> fp32 buffers, "
+             f"clip on ({costs[0].numel / 1e6:.1f}M parameters)", header, "-" * len(header)]
+    for c in costs:
+        lines.append(f"{c.path:<54} {c.aten_ops:>8} {c.launches:>9} {c.bytes_moved / 1e9:>7.2f} "
+                     f"{c.bytes_per_param:>8.1f} {c.bytes_per_param / best_bytes:>15.2f}x "
+                     f"{c.launches / per_param.launches:>21.3f}x")
+    return "\n".join(lines)
