@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_flatten
 from mbfused import reference
 from mbfused.benchmarks import TENSOR_LISTS
 
-__all__ = ["WindowCost", "model_window", "format_model"]
+__all__ = ["WindowCost", "format_model", "model_window"]
 
 # ATen's MultiTensorApply.cuh: tensors per launch by number of tensor lists, blocks per
 # launch, elements per block.
@@ -56,18 +56,21 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def _aten_mta_launches(numels: list[int], depth: int) -> int:
+    """Launches of ATen's multi_tensor_apply: it launches when the tensor table is full
+    (after a tensor's last chunk) or the block map is full, carrying a partly done
+    tensor over to the next launch."""
     max_tensors = _ATEN_MAX_TENSORS[min(depth, 5)]
     launches = tensors = blocks = 0
-    for n in numels:
-        if n == 0:
-            continue
+    for n in (n for n in numels if n > 0):
         tensors += 1
-        for _ in range(math.ceil(n / _ATEN_CHUNK)):
+        chunks = math.ceil(n / _ATEN_CHUNK)
+        for chunk in range(chunks):
             blocks += 1
-            if blocks == _ATEN_MAX_BLOCKS or (tensors == max_tensors and _ == math.ceil(n / _ATEN_CHUNK) - 1):
+            last_chunk = chunk == chunks - 1
+            if (tensors == max_tensors and last_chunk) or blocks == _ATEN_MAX_BLOCKS:
                 launches += 1
                 blocks = 0
-                tensors = 0 if tensors == max_tensors else 1
+                tensors = 0 if last_chunk else 1
     return launches + (1 if blocks else 0)
 
 
@@ -88,7 +91,7 @@ class _CostCounter(TorchDispatchMode):
                                   for r in schema.returns):
             return out  # a view: no kernel, no traffic
         mutated = []
-        for arg, value in zip(schema.arguments, args):
+        for arg, value in zip(schema.arguments, args, strict=False):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 mutated += _tensors(value)
         overwritten = {id(t) for t in mutated} if func._opname in _WRITE_ONLY else set()
