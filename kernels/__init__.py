@@ -1,0 +1,1 @@
+"""Triton kernels of mbfused, installed as ``mbfused.kernels``; each module imports triton itself."""

@@ -85,6 +85,9 @@ def _reason_unusable(name: str, device_type: str | None) -> str | None:
         return None
     if device_type not in (None, "cuda"):
         return f"the triton backend needs CUDA tensors, got {device_type} tensors"
+    if _interpreting():
+        # The interpreter runs kernels on the host: it would read device addresses.
+        return "TRITON_INTERPRET=1 runs Triton kernels on CPU tensors only"
     return None
 
 

@@ -35,7 +35,7 @@ def _total_norm_and_coef(
     """finalize_'s total_norm and coefficient, computed on the device without writing."""
     device = grads[0].device
     inv = (inv_scale.reshape(()) if isinstance(inv_scale, Tensor)
-           else torch.tensor(float(inv_scale), device=device))
+           else torch.full((), float(inv_scale), device=device))
     if norm_sq is None:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
     else:

@@ -103,7 +103,8 @@ def finalize_(
 def _as_fp32_tensor(value: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         return value.reshape(())
-    return torch.tensor(float(value), dtype=torch.float32).to(device, non_blocking=True)
+    # A fill on the device, not a host-to-device copy: no sync, and CUDA-graph capturable.
+    return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def _sum_of_squares(tensors: Sequence[Tensor], device: torch.device) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import mbfused  # noqa: E402
+import mbfused
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_PAIRS = [(a, g) for a in DTYPES for g in DTYPES]
