@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from mbfused import ops, reference
-from mbfused._backend import backend_for
+from mbfused._backend import available_backends, backend_for, use_backend
 
 __all__ = [
     "CASES",
@@ -112,14 +112,28 @@ def make_tensors(list_name: str, device: str = "cpu") -> Tensors:
     )
 
 
-def _label(acc: list[Tensor]) -> str:
-    return f"mbfused[{backend_for(acc[0].device)}]"
+def _fused_backends(device: torch.device) -> list[str]:
+    """The compiled backends to time on `device`: cpu on CPU; cuda and triton on GPU."""
+    candidates = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    usable = [b for b in candidates if available_backends()[b] is None]
+    return usable or [backend_for(device)]
+
+
+def _on_backends(acc: list[Tensor], label: str, fn: Callable[[], object]) -> dict[str, Callable[[], None]]:
+    """`fn` once per fused backend, as paths named mbfused[backend] (+ label)."""
+    def pinned(backend):
+        def run():
+            with use_backend(backend):
+                fn()
+        return run
+
+    return {f"mbfused[{b}]{label}": pinned(b) for b in _fused_backends(acc[0].device)}
 
 
 def accumulate_case(t: Tensors, scale: float = 1.0 / 8) -> Case:
     """fp32 buffers += bf16 gradients * scale: 10 B/element (fp32 roofline: 12)."""
     acc, grads = t.acc, t.grads
-    paths = {_label(acc): lambda: ops.accumulate_(acc, grads, scale)}
+    paths = _on_backends(acc, "", lambda: ops.accumulate_(acc, grads, scale))
     for name, baseline in reference.BASELINES.items():
         paths[name] = (lambda b: lambda: b(acc, grads, scale))(baseline)
     return Case(t.list_name, "accumulate_", t.numel, t.numel * (4 + 2 + 4), t.numel * (4 + 4 + 4),
@@ -135,10 +149,10 @@ def finalize_case(t: Tensors) -> Case:
     """
     acc = t.acc
     norm_sq = torch.stack([a.double().square().sum() for a in acc]).sum().float().reshape(1)
-    label = _label(acc)
     paths = {
-        f"{label} norm_sq given": lambda: ops.finalize_(acc, -1.0, max_norm=1.0, norm_sq=norm_sq),
-        label: lambda: ops.finalize_(acc, -1.0, max_norm=1.0),
+        **_on_backends(acc, " norm_sq given",
+                       lambda: ops.finalize_(acc, -1.0, max_norm=1.0, norm_sq=norm_sq)),
+        **_on_backends(acc, "", lambda: ops.finalize_(acc, -1.0, max_norm=1.0)),
         "unscale_+clip_grad_norm_": lambda: reference.baseline_finalize_(acc, -1.0, max_norm=1.0),
     }
     return Case(t.list_name, "finalize_", t.numel, t.numel * (4 + 4), t.numel * (4 + 4),
@@ -177,7 +191,7 @@ def window_case(t: Tensors, n: int = 8) -> Case:
         reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
 
     paths = {
-        _label(acc): fused,
+        **_on_backends(acc, "", fused),
         "per_param_add": per_param(reference.baseline_per_param_add_),
         "per_param_add_float": per_param(reference.baseline_per_param_add_float_),
         "foreach_add": foreach,
@@ -235,6 +249,7 @@ class Result:
     roofline_gbs: float
     pct_roofline: float
     speedup_vs_best_torch: float | None = None
+    pct_hbm_peak: float | None = None  # GPU: % of the card's nominal HBM bandwidth
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -272,19 +287,26 @@ def run_case(case: Case, device: str, repeats: int,
                               case.bytes_moved, case.numel, gbs, roofline_gbs,
                               100.0 * gbs / roofline_gbs))
     best_torch = min(r.median_s for r in results if r.path in case.baselines)
-    for r in results[1:]:
-        r.speedup_vs_best_torch = best_torch / r.median_s
+    peak = hbm_peak_gbs(torch.cuda.get_device_name()) if device == "cuda" else None
+    for r in results:
+        if r is not results[0]:
+            r.speedup_vs_best_torch = best_torch / r.median_s
+        if peak:
+            r.pct_hbm_peak = 100.0 * r.gbs / peak
     return results
 
 
 def format_table(results: Iterable[Result]) -> str:
-    header = (f"{'op':<13} {'list':<11} {'path':<30} {'median ms':>10} {'GB/s':>8} {'% roof':>7} "
-              f"{'vs best torch':>14}")
+    results = list(results)
+    with_hbm = any(r.pct_hbm_peak is not None for r in results)
+    header = (f"{'op':<13} {'list':<11} {'path':<32} {'median ms':>10} {'GB/s':>8} {'% roof':>7} "
+              + (f"{'% HBM':>6} " if with_hbm else "") + f"{'vs best torch':>14}")
     lines = [header, "-" * len(header)]
     for r in results:
         speedup = f"{r.speedup_vs_best_torch:.2f}x" if r.speedup_vs_best_torch else "-"
-        lines.append(f"{r.op:<13} {r.case:<11} {r.path:<30} {r.median_s * 1e3:>10.2f} {r.gbs:>8.1f} "
-                     f"{r.pct_roofline:>6.0f}% {speedup:>14}")
+        hbm = f"{r.pct_hbm_peak:>5.0f}% " if with_hbm and r.pct_hbm_peak is not None else ""
+        lines.append(f"{r.op:<13} {r.case:<11} {r.path:<32} {r.median_s * 1e3:>10.2f} {r.gbs:>8.1f} "
+                     f"{r.pct_roofline:>6.0f}% {hbm}{speedup:>14}")
     return "\n".join(lines)
 
 
