@@ -175,27 +175,10 @@ def window_case(t: Tensors, n: int = 8) -> Case:
             ops.accumulate_(acc, grads, s, overwrite=k == 0, norm_sq=norm_sq if k == n - 1 else None)
         ops.finalize_(acc, 1.0, max_norm=1.0, norm_sq=norm_sq)
 
-    def per_param(add):
-        def window():
-            for a in acc:
-                a.zero_()
-            for _ in range(n):
-                add(acc, grads, s)
-            reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
-        return window
+    def pure(path):
+        return lambda: reference.baseline_window_(acc, [grads] * n, path, max_norm=1.0)
 
-    def foreach():
-        torch._foreach_zero_(acc)
-        for _ in range(n):
-            reference.baseline_foreach_add_(acc, grads, s)
-        reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
-
-    paths = {
-        **_on_backends(acc, "", fused),
-        "per_param_add": per_param(reference.baseline_per_param_add_),
-        "per_param_add_float": per_param(reference.baseline_per_param_add_float_),
-        "foreach_add": foreach,
-    }
+    paths = {**_on_backends(acc, "", fused), **{path: pure(path) for path in reference.BASELINES}}
     roof = t.grads_fp32
 
     def roofline():
@@ -203,7 +186,7 @@ def window_case(t: Tensors, n: int = 8) -> Case:
             torch._foreach_add_(acc, roof, alpha=s)
 
     return Case(t.list_name, f"window N={n}", t.numel, t.numel * (6 + (n - 1) * 10 + 8),
-                t.numel * n * 12, roofline, paths, ("per_param_add", "per_param_add_float", "foreach_add"))
+                t.numel * n * 12, roofline, paths, tuple(reference.BASELINES))
 
 
 CASES: dict[str, Callable[[Tensors], Case]] = {

@@ -121,31 +121,6 @@ def _count(run: Callable[[], None]) -> _CostCounter:
     return counter
 
 
-def _pure_paths(acc, grads, n: int) -> dict[str, Callable[[], None]]:
-    s = 1.0 / n
-
-    def per_param(add):
-        def window():
-            for a in acc:
-                a.zero_()
-            for _ in range(n):
-                add(acc, grads, s)
-            reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
-        return window
-
-    def foreach():
-        torch._foreach_zero_(acc)
-        for _ in range(n):
-            reference.baseline_foreach_add_(acc, grads, s)
-        reference.baseline_finalize_(acc, 1.0, max_norm=1.0)
-
-    return {
-        "per_param_add": per_param(reference.baseline_per_param_add_),
-        "per_param_add_float": per_param(reference.baseline_per_param_add_float_),
-        "foreach_add": foreach,
-    }
-
-
 def _mbfused_launches_per_pass(numels: list[int]) -> int:
     """Launches of one fused pass over one dtype group: the CUDA kernels' own planner."""
     rows = torch.ops.mbfused._plan_launches(numels, _MBFUSED_CHUNK, _MBFUSED_MAX_TENSORS)
@@ -181,8 +156,8 @@ def model_window(list_name: str, n: int = 8) -> list[WindowCost]:
         grads = [torch.empty(s, device="cuda", dtype=torch.bfloat16) for s in shapes]
         numel = sum(a.numel() for a in acc)
         costs = []
-        for path, run in _pure_paths(acc, grads, n).items():
-            c = _count(run)
+        for path in reference.BASELINES:
+            c = _count(lambda p=path: reference.baseline_window_(acc, [grads] * n, p, max_norm=1.0))
             costs.append(WindowCost(f"torch: {path}", c.ops, c.launches, c.bytes, numel))
         costs += list(_fused_paths(acc, n, table_launches).values())
     return costs

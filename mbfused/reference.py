@@ -20,6 +20,7 @@ __all__ = [
     "baseline_foreach_add_",
     "baseline_per_param_add_",
     "baseline_per_param_add_float_",
+    "baseline_window_",
     "finalize_",
 ]
 
@@ -171,3 +172,27 @@ BASELINES = {
     "per_param_add_float": baseline_per_param_add_float_,
     "foreach_add": baseline_foreach_add_,
 }
+
+
+@torch.no_grad()
+def baseline_window_(
+    acc: Sequence[Tensor],
+    micro_batch_grads: Sequence[Sequence[Tensor]],
+    path: str = "per_param_add",
+    *,
+    max_norm: float | None = 1.0,
+) -> Tensor:
+    """A whole accumulation window the pure-PyTorch way, with the accumulation of `path`
+    (a key of BASELINES): zero the buffers (per parameter, or ``_foreach_zero_`` for the
+    foreach path), add every micro-batch's gradients scaled by 1/N, then
+    ``baseline_finalize_``. Returns the total norm."""
+    add = BASELINES[path]
+    if path == "foreach_add":
+        torch._foreach_zero_(list(acc))
+    else:
+        for a in acc:
+            a.zero_()
+    scale = 1.0 / len(micro_batch_grads)
+    for grads in micro_batch_grads:
+        add(acc, grads, scale)
+    return baseline_finalize_(acc, 1.0, max_norm=max_norm)

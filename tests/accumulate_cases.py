@@ -1,7 +1,10 @@
-"""Inputs and checks for accumulate_, shared by the CPU, interpreter and GPU tests."""
+"""Inputs and checks shared by the op tests (CPU, interpreter and GPU)."""
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
 import mbfused
@@ -39,3 +42,15 @@ def assert_same(ours, theirs):
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a.dtype == b.dtype and a.shape == b.shape, i
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"acc[{i}] differs")
+
+
+def assert_rejected_unchanged(backend, op, kwargs, error, fragment):
+    """`op(**kwargs)` on `backend` raises `error` naming `fragment`, and every tensor
+    among the arguments (meta tensors aside) keeps its exact contents."""
+    tensors = [t for v in kwargs.values() for t in (v if isinstance(v, list) else [v])
+               if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+    before = [t.detach().clone() for t in tensors]
+    with mbfused.use_backend(backend), pytest.raises(error, match=re.escape(fragment)):
+        op(**kwargs)
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.detach(), b) or (t.isnan() == b.isnan()).all()
