@@ -12,7 +12,7 @@ export MAX_JOBS ?= 2
 # (--no-build-isolation), never against one pip would fetch into a build sandbox.
 define build
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install ninja "setuptools>=70" wheel
+	$(PIP) install ninja "setuptools>=77" wheel
 	set -o pipefail; $(PIP) install -v --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | tee build.log \
 	  | grep -E "\[mbfused build\]|Successfully installed|error:" || { tail -n 60 build.log; exit 1; }; \
 	  echo "compiled sources:"; grep -oE " -c [^ ]+\.(cu|cpp)" build.log | sort -u
