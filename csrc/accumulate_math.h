@@ -64,10 +64,13 @@ C10_HOST_DEVICE inline Dst scaled_element(Src src, float coef) {
   return from_float<Dst>(to_float(src) * coef);
 }
 
-// finalize_'s coefficient, in fp32 in the order of the reference and of
-// torch.nn.utils.clip_grad_norm_: total_norm = sqrt(sum_sq) * |inv_scale|,
-// coef = inv_scale * min(clip, 1) with clip = max_norm / (total_norm + 1e-6).
-// min() is written so that a nan clip stays nan, as torch.clamp keeps it.
+// finalize_'s coefficient, in fp32, rounded step by step as the reference
+// (mbfused.reference.window_coefficient) and torch.nn.utils.clip_grad_norm_ do:
+// total_norm = sqrt(sum_sq) * |inv_scale| with a correctly rounded sqrt, and
+// coef = inv_scale * min(clip, 1) with clip = max_norm / (total_norm + 1e-6), which
+// PyTorch evaluates as reciprocal(total_norm + 1e-6) * max_norm (a plain division
+// differs in the last bit for about a quarter of the norms). min() is written so that
+// a nan clip stays nan, as torch.clamp keeps it.
 struct FinalizeCoefficient {
   float total_norm;
   float coef;
@@ -79,7 +82,7 @@ C10_HOST_DEVICE inline FinalizeCoefficient finalize_coefficient(
   const float total_norm = sqrtf(sum_sq) * magnitude;
   float coef = inv_scale;
   if (has_max_norm) {
-    const float clip = max_norm / (total_norm + 1e-6f);
+    const float clip = (1.0f / (total_norm + 1e-6f)) * max_norm;
     coef = inv_scale * (1.0f < clip ? 1.0f : clip);
   }
   return {total_norm, coef};

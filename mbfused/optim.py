@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mbfused import ops
+from mbfused import ops, reference
 
 __all__ = ["fused_optimizer_step", "supports_fused_handoff"]
 
@@ -38,13 +38,10 @@ def _total_norm_and_coef(
            else torch.full((), float(inv_scale), device=device))
     if norm_sq is None:
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        sum_sq = norm * norm
     else:
-        norm = norm_sq.reshape(()).sqrt()
-    total_norm = norm * inv.abs()
-    coef = inv
-    if max_norm is not None:
-        coef = inv * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    return total_norm, coef
+        sum_sq = norm_sq.reshape(())
+    return reference.window_coefficient(sum_sq, inv, max_norm)
 
 
 @torch.no_grad()

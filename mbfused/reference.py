@@ -22,6 +22,7 @@ __all__ = [
     "baseline_per_param_add_float_",
     "baseline_window_",
     "finalize_",
+    "window_coefficient",
 ]
 
 
@@ -87,10 +88,7 @@ def finalize_(
         device = norm_sq.device if norm_sq is not None else torch.device("cpu")
     inv = _as_fp32_tensor(inv_scale, device)
     sum_sq = norm_sq.reshape(()) if norm_sq is not None else _sum_of_squares(acc, device).float()
-    total_norm = sum_sq.sqrt() * inv.abs()
-    coef = inv
-    if max_norm is not None:
-        coef = inv * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    total_norm, coef = window_coefficient(sum_sq, inv, max_norm)
     skip = found_inf.reshape(()) != 0 if found_inf is not None else None
     targets = acc if out is None else out
     for a, t in zip(acc, targets, strict=True):
@@ -99,6 +97,24 @@ def finalize_(
             scaled = torch.where(skip, t.float(), scaled)
         t.copy_(scaled)
     return total_norm
+
+
+def window_coefficient(sum_sq: Tensor, inv_scale: Tensor, max_norm: float | None) -> tuple[Tensor, Tensor]:
+    """finalize_'s total norm and coefficient from ``sum(acc^2)``, fp32 0-d tensors:
+    ``total_norm = sqrt(sum_sq) * |inv_scale|`` and
+    ``coef = inv_scale * min(max_norm / (total_norm + 1e-6), 1)``.
+
+    The sqrt is correctly rounded (taken in fp64: exact for fp32 inputs), as CUDA's
+    sqrtf and the compiled kernels compute it; PyTorch's fp32 sqrt on CPU is one ulp off
+    for some inputs. The clip is the expression of ``clip_grad_norm_``, which PyTorch
+    evaluates as ``reciprocal(total_norm + 1e-6) * max_norm``; the kernels round the same
+    two steps (csrc/accumulate_math.h, kernels/finalize.py).
+    """
+    total_norm = sum_sq.double().sqrt().float() * inv_scale.abs()
+    coef = inv_scale
+    if max_norm is not None:
+        coef = inv_scale * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    return total_norm, coef
 
 
 def _as_fp32_tensor(value: float | Tensor, device: torch.device) -> Tensor:

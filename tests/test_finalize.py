@@ -70,6 +70,22 @@ def test_every_instruction_set_matches_reference(cpu_isa):
         torch.testing.assert_close(ours_norm, theirs_norm, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [3.0, 0.7, 1e-3, 1e9])
+def test_coefficient_rounds_exactly_as_the_reference(backend, max_norm):
+    gen = torch.Generator().manual_seed(11)
+    acc = [torch.randn(257, generator=gen), torch.randn(40, generator=gen).bfloat16()]
+    for value in (torch.rand(48, generator=gen, dtype=torch.float64) * 1e4).tolist():
+        norm_sq = torch.tensor([value], dtype=torch.float32)
+        ours = [torch.empty(257), torch.empty(40, dtype=torch.float16)]
+        theirs = clone_all(ours)
+        with mbfused.use_backend(backend):
+            norm = mbfused.finalize_(acc, 0.3, max_norm=max_norm, norm_sq=norm_sq, out=ours)
+        expected = reference.finalize_(acc, 0.3, max_norm=max_norm, norm_sq=norm_sq, out=theirs)
+        assert torch.equal(norm, expected), value
+        assert_same(ours, theirs)
+
+
 def _torch_window_end(grads, inv_scale, max_norm):
     """GradScaler.unscale_ + clip_grad_norm_(foreach=True) on parameters holding `grads`."""
     params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]

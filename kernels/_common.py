@@ -1,0 +1,180 @@
+"""What the Triton kernels of mbfused share: pointer tables and their launch plan, exact
+conversions between fp32 and the stored dtypes, the fixed-order sum of per-block
+partials, and the autotuning configurations.
+
+A launch reads its tensors through int64 tables (data pointers and sizes, cast to typed
+pointers inside the kernel) and a block map (block -> row of the tables); every block
+handles one chunk of ``CHUNK`` elements of one tensor, as in Apex's and ATen's
+multi-tensor apply and the ``cuda`` backend (csrc/cuda), so the chunk boundaries tested
+there are the ones tested here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+CHUNK = 64 * 1024
+"""Elements per block (program): the chunk size of the ``cuda`` backend."""
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+# The interpreter runs every program as Python over numpy arrays, so its cost is the
+# number of interpreted operations: one config, wide tiles (1e7 elements take 4.9 s with
+# BLOCK 8192, 26 s with 1024 on 2 cores). On GPUs tile and warp count are tuned.
+CONFIGS = (
+    [triton.Config({"BLOCK": 8192}, num_warps=4)]
+    if INTERPRETING
+    else [
+        triton.Config({"BLOCK": block}, num_warps=warps)
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
+    ]
+)
+
+# Autotuning runs each config many times on the arguments it is given, and a kernel that
+# updates memory in place through its pointer tables cannot have it restored (no
+# restore_value can name the tensors behind a table). So such kernels are first tuned on
+# scratch tensors of this many elements, once per tuning key (256 blocks, 64 to 128 MB).
+TUNING_NUMEL = 1 << 24
+
+SUM_PARTIALS_BLOCK = 1024
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def benchmark(kernel_call, quantiles):
+    """The autotuners' timer."""
+    # One scratch run moves at most 128 MB: well under a millisecond on a data-centre
+    # GPU, so 20 ms of repetitions per config measure it; Triton's default of 25 + 100 ms
+    # would make the one-off tuning of every key five times longer.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def check_device(device: torch.device) -> None:
+    if INTERPRETING and device.type != "cpu":
+        # The interpreter would dereference device addresses from the tables on the host.
+        raise RuntimeError(
+            f"under TRITON_INTERPRET=1 the triton backend runs CPU tensors only, got {device}")
+
+
+@triton.jit
+def as_pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A data pointer (int64) as a pointer to the storage of DTYPE; bf16 as uint16 bits."""
+    if DTYPE.is_bf16():
+        pointer = address.to(tl.pointer_type(tl.uint16))
+    else:
+        pointer = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        # Lets the compiler use 16-byte vector loads and stores. (On the address before
+        # the cast, the hint is lost: no vector accesses in the PTX, Triton 3.8.)
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def to_fp32(stored, DTYPE: tl.constexpr):
+    """Widens values loaded through ``as_pointer`` to fp32 (exact)."""
+    if DTYPE.is_bf16():
+        # Bit shift instead of a cast: the interpreter's bf16 -> fp32 cast gets
+        # subnormals wrong (Triton 3.8). The shift is exact everywhere.
+        return (stored.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return stored.to(tl.float32)
+
+
+@triton.jit
+def from_fp32(value, DTYPE: tl.constexpr):
+    """Rounds fp32 values to DTYPE to nearest, ties to even, as PyTorch's casts do."""
+    if DTYPE.is_bf16():
+        # The interpreter's fp32 -> bf16 cast truncates (Triton 3.8), so round in integer
+        # arithmetic as c10::BFloat16 does; GPUs give the same bits as cvt.rn.bf16.f32.
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return tl.where(value != value, 0x7FC0, rounded).to(tl.uint16)
+    else:
+        return value.to(DTYPE)
+
+
+@triton.jit
+def block_chunk(block_tensors, first_blocks, numels, CHUNK: tl.constexpr):
+    """This program's block: its row of the tables, first element and length (int64)."""
+    block = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_tensors + block)
+    start = (block - tl.load(first_blocks + tensor)) * CHUNK
+    length = tl.minimum(tl.load(numels + tensor) - start, CHUNK)
+    return block, tensor, start, length
+
+
+@triton.jit
+def sum_partials(partials_ptr, count, BLOCK: tl.constexpr):
+    """``float32(sum(partials[:count]))``, summed in fp64 in a fixed order: two runs on
+    the same partials give the same bits (no float atomics)."""
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    for first in range(0, count, BLOCK):
+        offsets = first + tl.arange(0, BLOCK)
+        total += tl.load(partials_ptr + offsets, mask=offsets < count, other=0.0).to(tl.float64)
+    return tl.sum(total, axis=0).to(tl.float32)
+
+
+class Group(NamedTuple):
+    """The tensors of one launch: same dtypes and alignment, blocks [first, first + count)."""
+
+    dst_dtype: torch.dtype
+    src_dtype: torch.dtype
+    aligned: bool
+    first: int
+    count: int
+
+
+class LaunchPlan(NamedTuple):
+    """int64 tables on the tensors' device, one row per non-empty tensor, and the launches."""
+
+    dst_ptrs: Tensor
+    src_ptrs: Tensor
+    numels: Tensor
+    first_blocks: Tensor  # the first block of each tensor, counted within its group
+    block_tensors: Tensor  # block -> row of the tables
+    groups: list[Group]
+    blocks: int
+
+
+def plan(dst: Sequence[Tensor], src: Sequence[Tensor]) -> LaunchPlan | None:
+    """Groups the pairs (dst[i], src[i]) by (dst dtype, src dtype, 16-byte alignment of
+    both); zero-size tensors are left out (None when nothing is left)."""
+    members: dict[tuple[torch.dtype, torch.dtype, bool], list[int]] = {}
+    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+        if d.numel() > 0:
+            aligned = d.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0
+            members.setdefault((d.dtype, s.dtype, aligned), []).append(i)
+    if not members:
+        return None
+    columns: list[list[int]] = [[], [], [], [], []]
+    groups = []
+    total_blocks = 0
+    for (dst_dtype, src_dtype, aligned), indices in members.items():
+        group_blocks = 0
+        for i in indices:
+            numel = dst[i].numel()
+            chunks = -(-numel // CHUNK)
+            row = (dst[i].data_ptr(), src[i].data_ptr(), numel, group_blocks, chunks)
+            for column, value in zip(columns, row, strict=True):
+                column.append(value)
+            group_blocks += chunks
+        groups.append(Group(dst_dtype, src_dtype, aligned, total_blocks, group_blocks))
+        total_blocks += group_blocks
+    device = dst[0].device
+    if device.type == "cuda":
+        # Pinned memory makes the copy asynchronous: no wait for the stream's work.
+        tables = torch.tensor(columns, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
+    else:
+        tables = torch.tensor(columns, dtype=torch.int64, device=device)
+    dst_ptrs, src_ptrs, numels, first_blocks, chunk_counts = tables
+    # Built on the device; output_size avoids a host sync.
+    block_tensors = torch.repeat_interleave(chunk_counts, output_size=total_blocks)
+    return LaunchPlan(dst_ptrs, src_ptrs, numels, first_blocks, block_tensors, groups, total_blocks)
