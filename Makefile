@@ -28,9 +28,18 @@ install-dev:
 	$(build)
 
 # pytest exits 5 when it collects nothing: treat that as a failure, never as green.
+define pytest
+	$(PYTHON) -m pytest $(1) -q ; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests in $(1)" >&2; exit 1; fi; exit $$rc
+endef
+
+TRITON_TESTS := tests/test_triton_accumulate.py tests/test_triton_finalize.py
+
 test: install-dev
-	$(PYTHON) -m pytest tests -q ; rc=$$?; \
-	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@echo "== ops on the cpu and torch backends, launch planning, benchmarks, CLI =="
+	$(call pytest,tests $(addprefix --ignore=,$(TRITON_TESTS)))
+	@echo "== Triton kernels (under TRITON_INTERPRET=1 when there is no GPU) =="
+	$(call pytest,$(TRITON_TESTS))
 
 bench: install
 	$(PYTHON) -m mbfused bench

@@ -22,6 +22,15 @@ def test_available_backends_lists_every_backend_with_a_reason_or_none():
         assert backends["cuda"] is not None
 
 
+def test_triton_tests_cannot_be_silently_skipped():
+    # triton ships with torch's Linux wheels; without a GPU the conftest switches the
+    # interpreter on, so the triton backend must be usable here and its tests must run.
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is not None:
+        assert mbfused.available_backends()["triton"] is None
+
+
 def test_auto_prefers_cpu_backend_for_cpu_tensors():
     expected = "cpu" if mbfused.available_backends()["cpu"] is None else "torch"
     assert backend_for(torch.device("cpu")) == expected
