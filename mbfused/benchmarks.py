@@ -255,20 +255,29 @@ def hbm_peak_gbs(device_name: str) -> float | None:
 
 def run_case(case: Case, device: str, repeats: int,
              progress: Callable[[str], None] = lambda _: None, warmup: int = 1) -> list[Result]:
-    """Times every path of `case` and its roofline, side by side in one run."""
-    progress(f"{case.list_name} {case.op}: roofline")
-    roof_s = statistics.median(time_call(case.roofline, device, repeats, warmup))
+    """Times every path of `case` and its roofline side by side in one run.
+
+    The paths take turns, one call each per round, so a slow spell of a shared machine
+    hits every path alike and the ratios stay meaningful.
+    """
+    paths = {"roofline: fp32 foreach": case.roofline, **case.paths}
+    for name, fn in paths.items():
+        progress(f"{case.list_name} {case.op}: warming up {name}")
+        time_call(fn, device, repeats=0, warmup=warmup)
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for round_ in range(repeats):
+        progress(f"{case.list_name} {case.op}: round {round_ + 1} of {repeats}")
+        for name, fn in paths.items():
+            samples[name] += time_call(fn, device, repeats=1, warmup=0)
+    roof_s = statistics.median(samples["roofline: fp32 foreach"])
     roofline_gbs = case.roofline_bytes / roof_s / 1e9
-    results = [Result(case.list_name, case.op, "roofline: fp32 foreach", device, roof_s, [roof_s],
-                      case.roofline_bytes, case.numel, roofline_gbs, roofline_gbs, 100.0)]
-    for path, fn in case.paths.items():
-        progress(f"{case.list_name} {case.op}: {path}")
-        samples = time_call(fn, device, repeats, warmup)
-        median = statistics.median(samples)
-        gbs = case.bytes_moved / median / 1e9
-        results.append(Result(case.list_name, case.op, path, device, median, samples,
-                              case.bytes_moved, case.numel, gbs, roofline_gbs,
-                              100.0 * gbs / roofline_gbs))
+    results = []
+    for name in paths:
+        median = statistics.median(samples[name])
+        moved = case.roofline_bytes if name.startswith("roofline") else case.bytes_moved
+        gbs = moved / median / 1e9
+        results.append(Result(case.list_name, case.op, name, device, median, samples[name],
+                              moved, case.numel, gbs, roofline_gbs, 100.0 * gbs / roofline_gbs))
     best_torch = min(r.median_s for r in results if r.path in case.baselines)
     peak = hbm_peak_gbs(torch.cuda.get_device_name()) if device == "cuda" else None
     for r in results:
