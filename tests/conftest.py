@@ -35,3 +35,25 @@ def requires_native():
     return pytest.mark.skipif(
         mbfused.available_backends()["cpu"] is not None, reason="mbfused._C not built"
     )
+
+
+# Devices of the Triton backend's tests: CPU tensors under the interpreter, CUDA tensors
+# on a GPU.
+DEVICES = [
+    pytest.param("cpu", marks=[
+        pytest.mark.interpreter,
+        pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                           reason="Triton runs CPU tensors only under TRITON_INTERPRET=1"),
+    ]),
+    pytest.param("cuda", marks=[
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    ]),
+]
+
+# numpy, which runs the interpreted kernels, warns where fp32 math overflows to inf or
+# makes nan; the Triton tests do that on purpose.
+IGNORE_INTERPRETER_FP_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]

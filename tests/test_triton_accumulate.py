@@ -9,13 +9,12 @@ under the interpreter (about 5 s there) and 1e8 on a GPU.
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import pytest
 import torch
 from accumulate_cases import assert_same, clone_all, make_grads, run_both
-from conftest import DTYPE_PAIRS, SIZES
+from conftest import DEVICES, DTYPE_PAIRS, IGNORE_INTERPRETER_FP_WARNINGS, SIZES
 
 import mbfused
 from mbfused import reference
@@ -26,22 +25,7 @@ if (_reason := mbfused.available_backends()["triton"]) is not None:
 import triton
 from mbfused.kernels import accumulate as triton_accumulate
 
-# numpy, which runs the interpreted kernels, warns where fp32 math overflows to inf or
-# makes nan; the cases below do that on purpose.
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
-
-DEVICES = [
-    pytest.param("cpu", marks=[
-        pytest.mark.interpreter,
-        pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                           reason="Triton runs CPU tensors only under TRITON_INTERPRET=1"),
-    ]),
-    pytest.param("cuda", marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    ]),
-]
+pytestmark = IGNORE_INTERPRETER_FP_WARNINGS
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 

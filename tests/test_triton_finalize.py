@@ -12,12 +12,11 @@ elements; views off a 16-byte boundary.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 from accumulate_cases import assert_rejected_unchanged, assert_same, clone_all, make_grads
-from conftest import DTYPE_PAIRS, DTYPES, SIZES
+from conftest import DEVICES, DTYPE_PAIRS, DTYPES, IGNORE_INTERPRETER_FP_WARNINGS, SIZES
 
 import mbfused
 from mbfused import reference
@@ -29,22 +28,7 @@ import triton
 from mbfused.kernels import finalize as triton_finalize
 from mbfused.kernels._common import CHUNK
 
-# numpy, which runs the interpreted kernels, warns where fp32 math overflows to inf or
-# makes nan; some cases below do that on purpose.
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
-
-DEVICES = [
-    pytest.param("cpu", marks=[
-        pytest.mark.interpreter,
-        pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                           reason="Triton runs CPU tensors only under TRITON_INTERPRET=1"),
-    ]),
-    pytest.param("cuda", marks=[
-        pytest.mark.gpu,
-        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    ]),
-]
+pytestmark = IGNORE_INTERPRETER_FP_WARNINGS
 
 # A few tensors, one of them 2-d, one empty, one over a chunk: ~76K elements.
 FEW = [(4097,), (33, 65), (1,), (0,), (70000,), (15,)]
