@@ -46,8 +46,12 @@ def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Ten
     return float(scale), None
 
 
-def _device_of(acc: Sequence[Tensor]) -> torch.device:
-    return acc[0].device if len(acc) > 0 else torch.device("cpu")
+def _device_of(tensors) -> torch.device:
+    """The device of the first tensor among `tensors` (None entries skipped); CPU if none."""
+    for t in tensors:
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
 
 
 def accumulate_(
@@ -223,13 +227,6 @@ _FINALIZE_BACKENDS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def _finalize_device(acc, norm_sq, found_inf) -> torch.device:
-    for t in (*acc, norm_sq, found_inf):
-        if t is not None:
-            return t.device
-    return torch.device("cpu")
-
-
 @torch.library.impl(_lib, "finalize_", "CompositeExplicitAutograd")
 def _finalize_impl(
     acc, inv_scale=1.0, inv_scale_tensor=None, *, max_norm=None, found_inf=None, norm_sq=None,
@@ -240,7 +237,7 @@ def _finalize_impl(
         # Nothing to scale; the norm is still defined (and may come from norm_sq).
         return _finalize_python(reference.finalize_)(
             acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
-    backend = backend_for(_finalize_device(acc, norm_sq, found_inf))
+    backend = backend_for(_device_of((*acc, norm_sq, found_inf)))
     return _FINALIZE_BACKENDS[backend](
         acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
 
@@ -252,7 +249,7 @@ def _finalize_fake(
 ) -> Tensor:
     _checks.check_finalize_args(
         acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out, check_memory=False)
-    return torch.empty((), dtype=torch.float32, device=_finalize_device(acc, norm_sq, found_inf))
+    return torch.empty((), dtype=torch.float32, device=_device_of((*acc, norm_sq, found_inf)))
 
 
 def native_error() -> str | None:
