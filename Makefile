@@ -33,7 +33,7 @@ define pytest
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests in $(1)" >&2; exit 1; fi; exit $$rc
 endef
 
-TRITON_TESTS := tests/test_triton_accumulate.py tests/test_triton_finalize.py
+TRITON_TESTS := tests/test_triton_accumulate.py tests/test_triton_finalize.py tests/test_triton_wgrad.py
 
 test: install-dev
 	@echo "== ops on the cpu and torch backends, launch planning, benchmarks, CLI =="

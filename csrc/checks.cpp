@@ -64,11 +64,13 @@ bool supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-void check_list_tensor(const at::Tensor& t, const Name& label, const at::Device& device) {
+// `reference` names the tensor that fixes the call's device in messages.
+void check_list_tensor(const at::Tensor& t, const Name& label, const at::Device& device,
+                       const char* reference = "acc[0]") {
   TORCH_CHECK_VALUE(t.defined(), label, " is undefined");
   TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), label, " has dtype ", dtype_name(t.scalar_type()),
                    "; supported dtypes are torch.float32, torch.bfloat16 and torch.float16");
-  TORCH_CHECK_VALUE(t.device() == device, label, " is on ", t.device(), " but acc[0] is on ", device);
+  TORCH_CHECK_VALUE(t.device() == device, label, " is on ", t.device(), " but ", reference, " is on ", device);
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, label, " must be a dense (strided) tensor");
   TORCH_CHECK_VALUE(t.is_contiguous(), label, " is not contiguous (sizes ", shape_str(t.sizes()),
                     ", strides ", shape_str(t.strides()), "); pass a contiguous tensor");
@@ -98,12 +100,17 @@ struct Span {
   bool written;
 };
 
+// The bytes `t` can reach: from its first element to its last, strides included.
 void add_span(std::vector<Span>& spans, const at::Tensor& t, Name label, bool written) {
   if (t.numel() == 0) {
     return;
   }
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * t.stride(d);
+  }
   const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  spans.push_back({begin, begin + static_cast<uintptr_t>(t.numel() * t.element_size()), label, written});
+  spans.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), label, written});
 }
 
 // Written tensors must not share memory with any other tensor of the call; reading
@@ -204,6 +211,47 @@ void check_finalize_args(
   check_state(inv_scale_tensor, "inv_scale", device, /*written=*/false, spans);
   check_state(found_inf, "found_inf", device, /*written=*/false, spans);
   check_state(norm_sq, "norm_sq", device, /*written=*/false, spans);
+  check_no_overlap(std::move(spans));
+}
+
+void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input,
+                      const std::optional<at::Tensor>& scale_tensor) {
+  const Name main_name{"main_grad", SIZE_MAX};
+  TORCH_CHECK_VALUE(main_grad.defined(), "main_grad is undefined");
+  TORCH_CHECK_TYPE(main_grad.scalar_type() == at::kFloat, "main_grad has dtype ",
+                   dtype_name(main_grad.scalar_type()),
+                   "; wgrad_accumulate_ accumulates into torch.float32 buffers");
+  TORCH_CHECK_VALUE(main_grad.dim() == 2, "main_grad must be 2-D [out, in], got shape ",
+                    shape_str(main_grad.sizes()));
+  const at::Device device = main_grad.device();
+  check_list_tensor(main_grad, main_name, device, "main_grad");
+  check_no_grad(main_grad, main_name);
+  for (const auto& [t, label] : {std::pair<const at::Tensor&, const char*>{grad_output, "grad_output"},
+                                 std::pair<const at::Tensor&, const char*>{input, "input"}}) {
+    TORCH_CHECK_VALUE(t.defined(), label, " is undefined");
+    TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), label, " has dtype ", dtype_name(t.scalar_type()),
+                     "; supported dtypes are torch.float32, torch.bfloat16 and torch.float16");
+    TORCH_CHECK_VALUE(t.device() == device, label, " is on ", t.device(), " but main_grad is on ", device);
+    TORCH_CHECK_VALUE(t.layout() == at::kStrided, label, " must be a dense (strided) tensor");
+    TORCH_CHECK_VALUE(t.dim() > 0, label, " must have at least 1 dimension, got a 0-d tensor");
+    check_no_grad(t, Name{label, SIZE_MAX});
+  }
+  TORCH_CHECK_VALUE(grad_output.size(-1) == main_grad.size(0), "grad_output has shape ",
+                    shape_str(grad_output.sizes()), ": its last dimension must be main_grad.shape[0] = ",
+                    main_grad.size(0));
+  TORCH_CHECK_VALUE(input.size(-1) == main_grad.size(1), "input has shape ", shape_str(input.sizes()),
+                    ": its last dimension must be main_grad.shape[1] = ", main_grad.size(1));
+  TORCH_CHECK_VALUE(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1),
+                    "grad_output has shape ", shape_str(grad_output.sizes()), " but input has ",
+                    shape_str(input.sizes()), ": their leading (token) dimensions must match");
+  std::vector<Span> spans;
+  if (scale_tensor.has_value()) {
+    check_state_tensor(scale_tensor, "scale", device);
+    add_span(spans, *scale_tensor, Name{"scale", SIZE_MAX}, /*written=*/false);
+  }
+  add_span(spans, main_grad, main_name, /*written=*/true);
+  add_span(spans, grad_output, Name{"grad_output", SIZE_MAX}, /*written=*/false);
+  add_span(spans, input, Name{"input", SIZE_MAX}, /*written=*/false);
   check_no_overlap(std::move(spans));
 }
 

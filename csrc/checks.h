@@ -21,4 +21,8 @@ void check_finalize_args(
     std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
     const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out);
 
+// Validates wgrad_accumulate_'s arguments (see DESIGN.md, "wgrad_accumulate_").
+void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input,
+                      const std::optional<at::Tensor>& scale_tensor);
+
 }  // namespace mbfused

@@ -46,6 +46,9 @@ TORCH_LIBRARY(mbfused, m) {
   m.def(
       "_finalize_native_(Tensor(a!)[] acc, float inv_scale, Tensor? inv_scale_tensor, float? max_norm, "
       "Tensor? found_inf, Tensor? norm_sq, Tensor(b!)[] out) -> Tensor");
+  m.def(
+      "_wgrad_accumulate_native_(Tensor(a!) main_grad, Tensor grad_output, Tensor input, float scale, "
+      "Tensor? scale_tensor, bool overwrite) -> ()");
   m.def("_cpu_isa() -> int", &cpu_isa);
   m.def("_plan_launches(int[] numels, int chunk_size, int max_tensors) -> Tensor",
         &plan_launches_table);

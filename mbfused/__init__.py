@@ -3,6 +3,7 @@
 Fused ops (in place, mixed dtypes, one pass):
     accumulate_(acc, grads, scale=1.0, *, overwrite=False, found_inf=None, norm_sq=None)
     finalize_(acc, inv_scale=1.0, *, max_norm=None, found_inf=None, norm_sq=None, out=None)
+    wgrad_accumulate_(main_grad, grad_output, input, scale=1.0, *, overwrite=False)
 
 Backends: ``available_backends()``, ``use_backend(name)`` or ``MBFUSED_BACKEND``.
 Importing mbfused never initialises CUDA and never fails because a backend is missing.
@@ -10,6 +11,13 @@ Importing mbfused never initialises CUDA and never fails because a backend is mi
 
 from mbfused._backend import available_backends, use_backend
 from mbfused._version import __version__
-from mbfused.ops import accumulate_, finalize_
+from mbfused.ops import accumulate_, finalize_, wgrad_accumulate_
 
-__all__ = ["__version__", "accumulate_", "available_backends", "finalize_", "use_backend"]
+__all__ = [
+    "__version__",
+    "accumulate_",
+    "available_backends",
+    "finalize_",
+    "use_backend",
+    "wgrad_accumulate_",
+]

@@ -18,7 +18,7 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_list_tensor(t: Tensor, label: str, device: torch.device) -> None:
+def _check_list_tensor(t: Tensor, label: str, device: torch.device, reference: str = "acc[0]") -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -27,7 +27,7 @@ def _check_list_tensor(t: Tensor, label: str, device: torch.device) -> None:
             "torch.bfloat16 and torch.float16"
         )
     if t.device != device:
-        raise ValueError(f"{label} is on {t.device} but acc[0] is on {device}")
+        raise ValueError(f"{label} is on {t.device} but {reference} is on {device}")
     if t.layout != torch.strided:
         raise ValueError(f"{label} must be a dense (strided) tensor")
     if not t.is_contiguous():
@@ -74,10 +74,12 @@ def _check_no_overlap(spans: list[tuple[int, int, str, bool]]) -> None:
 
 
 def _span(t: Tensor, label: str, written: bool) -> list[tuple[int, int, str, bool]]:
+    """The bytes `t` can reach: from its first element to its last, strides included."""
     if t.numel() == 0:
         return []
     begin = t.data_ptr()
-    return [(begin, begin + t.numel() * t.element_size(), label, written)]
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return [(begin, begin + (last + 1) * t.element_size(), label, written)]
 
 
 def check_accumulate_args(
@@ -164,3 +166,65 @@ def check_finalize_args(
                 spans += _span(state, label, False)
     if check_memory:
         _check_no_overlap(spans)
+
+
+def check_wgrad_args(
+    main_grad: Tensor,
+    grad_output: Tensor,
+    input: Tensor,
+    scale_tensor: Tensor | None,
+    *,
+    check_memory: bool = True,
+) -> None:
+    """Raises on any argument wgrad_accumulate_ cannot take; writes nothing (see
+    check_accumulate_args). grad_output and input may have any strides."""
+    for t, label in ((main_grad, "main_grad"), (grad_output, "grad_output"), (input, "input")):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
+    if main_grad.dtype != torch.float32:
+        raise TypeError(
+            f"main_grad has dtype {main_grad.dtype}; wgrad_accumulate_ accumulates into "
+            "torch.float32 buffers"
+        )
+    if main_grad.dim() != 2:
+        raise ValueError(f"main_grad must be 2-D [out, in], got shape {_shape(main_grad)}")
+    device = main_grad.device
+    _check_list_tensor(main_grad, "main_grad", device, "main_grad")
+    _check_no_grad(main_grad, "main_grad")
+    for t, label in ((grad_output, "grad_output"), (input, "input")):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{label} has dtype {t.dtype}; supported dtypes are torch.float32, "
+                "torch.bfloat16 and torch.float16"
+            )
+        if t.device != device:
+            raise ValueError(f"{label} is on {t.device} but main_grad is on {device}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{label} must be a dense (strided) tensor")
+        if t.dim() == 0:
+            raise ValueError(f"{label} must have at least 1 dimension, got a 0-d tensor")
+        _check_no_grad(t, label)
+    out_features, in_features = main_grad.shape
+    if grad_output.shape[-1] != out_features:
+        raise ValueError(
+            f"grad_output has shape {_shape(grad_output)}: its last dimension must be "
+            f"main_grad.shape[0] = {out_features}"
+        )
+    if input.shape[-1] != in_features:
+        raise ValueError(
+            f"input has shape {_shape(input)}: its last dimension must be "
+            f"main_grad.shape[1] = {in_features}"
+        )
+    if grad_output.shape[:-1] != input.shape[:-1]:
+        raise ValueError(
+            f"grad_output has shape {_shape(grad_output)} but input has {_shape(input)}: "
+            "their leading (token) dimensions must match"
+        )
+    if scale_tensor is not None:
+        _check_state_tensor(scale_tensor, "scale", device)
+    if check_memory:
+        _check_no_overlap(
+            _span(main_grad, "main_grad", True) + _span(grad_output, "grad_output", False)
+            + _span(input, "input", False)
+            + ([] if scale_tensor is None else _span(scale_tensor, "scale", False))
+        )

@@ -17,7 +17,7 @@ from torch import Tensor
 from mbfused import _checks, _native, reference
 from mbfused._backend import backend_for
 
-__all__ = ["accumulate_", "finalize_"]
+__all__ = ["accumulate_", "finalize_", "wgrad_accumulate_"]
 
 _lib = torch.library.Library("mbfused", "FRAGMENT")
 
@@ -31,6 +31,11 @@ _lib.define(
     "finalize_(Tensor(a!)[] acc, float inv_scale=1.0, Tensor? inv_scale_tensor=None, *, "
     "float? max_norm=None, Tensor? found_inf=None, Tensor? norm_sq=None, Tensor(b!)[]? out=None) "
     "-> Tensor"
+)
+
+_lib.define(
+    "wgrad_accumulate_(Tensor(a!) main_grad, Tensor grad_output, Tensor input, float scale=1.0, "
+    "Tensor? scale_tensor=None, *, bool overwrite=False) -> ()"
 )
 
 
@@ -126,6 +131,38 @@ def finalize_(
         list(acc), inv_value, inv_tensor, max_norm=_max_norm(max_norm), found_inf=found_inf,
         norm_sq=norm_sq, out=None if out is None else list(out),
     )
+
+
+def wgrad_accumulate_(
+    main_grad: Tensor,
+    grad_output: Tensor,
+    input: Tensor,
+    scale: float | Tensor = 1.0,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Accumulates a linear layer's weight gradient into an fp32 buffer, in place.
+
+    ``main_grad <- (0 if overwrite else main_grad) + scale * grad_output^T @ input``,
+    with the product accumulated in fp32: the weight gradient is never rounded to 16
+    bits (Megatron's gradient-accumulation fusion). On CUDA, 16-bit operands of one dtype
+    go to one cuBLAS GEMM that adds into ``main_grad`` (beta = 1) with no temporary.
+
+    Args:
+        main_grad: fp32 buffer ``[out, in]``, contiguous, updated in place.
+        grad_output: ``[..., out]`` (fp32/bf16/fp16), the gradient of the layer's output.
+        input: ``[..., in]`` (fp32/bf16/fp16), the layer's input; leading dimensions
+            (tokens) as in ``grad_output``.
+        scale: Python number or 1-element fp32 tensor on the tensors' device (e.g. 1/N).
+        overwrite: write instead of adding (first micro-batch of a window; NaN or inf
+            already in ``main_grad`` is discarded).
+
+    Raises:
+        ValueError / TypeError naming the offending argument; nothing is written then.
+    """
+    scale_value, scale_tensor = _split_scale(scale)
+    torch.ops.mbfused.wgrad_accumulate_.default(
+        main_grad, grad_output, input, scale_value, scale_tensor, overwrite=overwrite)
 
 
 def check_finalize_inputs(
@@ -255,3 +292,43 @@ def _finalize_fake(
 def native_error() -> str | None:
     """None when the compiled ops are loaded, else why not."""
     return _native.load_error()
+
+
+def _wgrad_python(run: Callable[..., None]) -> Callable[..., None]:
+    """A Python backend of wgrad_accumulate_: validate everything, then run."""
+
+    def backend(main_grad, grad_output, input, scale, scale_tensor, overwrite):
+        _checks.check_wgrad_args(main_grad, grad_output, input, scale_tensor)
+        run(main_grad, grad_output, input, scale if scale_tensor is None else scale_tensor,
+            overwrite=overwrite)
+
+    return backend
+
+
+def _wgrad_triton(*args) -> None:
+    from mbfused.kernels import wgrad as triton_wgrad
+
+    _wgrad_python(triton_wgrad.wgrad_accumulate_)(*args)
+
+
+def _wgrad_native(*args) -> None:
+    torch.ops.mbfused._wgrad_accumulate_native_.default(*args)
+
+
+_WGRAD_BACKENDS: dict[str, Callable[..., None]] = {
+    "cpu": _wgrad_native,
+    "cuda": _wgrad_native,
+    "triton": _wgrad_triton,
+    "torch": _wgrad_python(reference.wgrad_accumulate_),
+}
+
+
+@torch.library.impl(_lib, "wgrad_accumulate_", "CompositeExplicitAutograd")
+def _wgrad_impl(main_grad, grad_output, input, scale=1.0, scale_tensor=None, *, overwrite=False) -> None:
+    backend = backend_for(main_grad.device)
+    _WGRAD_BACKENDS[backend](main_grad, grad_output, input, scale, scale_tensor, overwrite)
+
+
+@torch.library.register_fake("mbfused::wgrad_accumulate_", lib=_lib)
+def _wgrad_fake(main_grad, grad_output, input, scale=1.0, scale_tensor=None, *, overwrite=False) -> None:
+    _checks.check_wgrad_args(main_grad, grad_output, input, scale_tensor, check_memory=False)

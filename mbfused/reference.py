@@ -20,8 +20,11 @@ __all__ = [
     "baseline_foreach_add_",
     "baseline_per_param_add_",
     "baseline_per_param_add_float_",
+    "baseline_wgrad_add_",
+    "baseline_wgrad_add_float_",
     "baseline_window_",
     "finalize_",
+    "wgrad_accumulate_",
     "window_coefficient",
 ]
 
@@ -212,3 +215,53 @@ def baseline_window_(
     for grads in micro_batch_grads:
         add(acc, grads, scale)
     return baseline_finalize_(acc, 1.0, max_norm=max_norm)
+
+
+def _as_matrices(main_grad: Tensor, grad_output: Tensor, input: Tensor) -> tuple[Tensor, Tensor]:
+    """grad_output [..., out] and input [..., in] as [tokens, out] and [tokens, in]."""
+    out_features, in_features = main_grad.shape
+    tokens = grad_output.shape[:-1].numel()  # not -1: ambiguous when a feature count is 0
+    return grad_output.reshape(tokens, out_features), input.reshape(tokens, in_features)
+
+
+@torch.no_grad()
+def wgrad_accumulate_(
+    main_grad: Tensor,
+    grad_output: Tensor,
+    input: Tensor,
+    scale: float | Tensor = 1.0,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """``main_grad <- (0 if overwrite else main_grad) + (grad_output^T @ input) * scale``.
+
+    The product is taken in fp32 from fp32 copies of both operands (exact: any fp16/bf16
+    value widens to fp32 without loss), scaled, then added; the weight gradient never
+    exists in 16 bits. No host synchronisation.
+    """
+    go, x = _as_matrices(main_grad, grad_output, input)
+    update = (go.float().t() @ x.float()).mul_(_scale_operand(scale))
+    if overwrite:
+        main_grad.copy_(update)
+    else:
+        main_grad.add_(update)
+
+
+@torch.no_grad()
+def baseline_wgrad_add_(
+    main_grad: Tensor, grad_output: Tensor, input: Tensor, scale: float = 1.0
+) -> None:
+    """Megatron without gradient-accumulation fusion: the weight gradient is computed in
+    the inputs' dtype (bf16: rounded to 8 bits of mantissa), then added to main_grad."""
+    go, x = _as_matrices(main_grad, grad_output, input)
+    main_grad.add_(go.t() @ x, alpha=scale)
+
+
+@torch.no_grad()
+def baseline_wgrad_add_float_(
+    main_grad: Tensor, grad_output: Tensor, input: Tensor, scale: float = 1.0
+) -> None:
+    """The exact pure-PyTorch way: fp32 copies of both operands, an fp32 product, then an
+    add (three temporaries and an extra pass over main_grad)."""
+    go, x = _as_matrices(main_grad, grad_output, input)
+    main_grad.add_(go.float().t() @ x.float(), alpha=scale)
