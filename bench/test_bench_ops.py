@@ -4,7 +4,8 @@
 
 The cases, tensor lists and pure-PyTorch paths are the ones `python -m mbfused bench`
 times (imported, not rewritten). Each benchmark's extra_info carries bytes moved, GB/s
-and % of the case's same-dtype fp32 foreach roofline, measured in the same session.
+and % of the case's same-dtype fp32 roofline (foreach op; addmm_ for wgrad), measured
+in the same session.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ PATHS = {
     "accumulate_": ["mbfused", "per_param_add", "per_param_add_float", "foreach_add"],
     "finalize_": ["mbfused norm_sq given", "mbfused", "unscale_+clip_grad_norm_"],
     "window": ["mbfused", "per_param_add", "per_param_add_float", "foreach_add"],
+    "wgrad": ["mbfused", "wgrad bf16 + add_", "wgrad fp32 + add_"],
 }
 _ROOFLINE_GBS: dict = {}
 
@@ -46,13 +48,15 @@ def _synced(fn, device):
 @pytest.mark.parametrize("op,path", [(op, p) for op, paths in PATHS.items() for p in paths])
 def test_bench(benchmark, bench_device, list_name, op, path):
     case = benchmarks.CASES[op](tensors_for(list_name, bench_device))
+    if case is None:
+        pytest.skip(f"{op} has no case on the {list_name} list (no matrices)")
     label, fn = next((name, f) for name, f in case.paths.items() if _strip_backend(name) == path)
     key = (list_name, op, bench_device)
     if key not in _ROOFLINE_GBS:
         seconds = statistics.median(benchmarks.time_call(case.roofline, bench_device, repeats=3))
         _ROOFLINE_GBS[key] = case.roofline_bytes / seconds / 1e9
     benchmark.group = f"{op} {list_name}"
-    rounds = 3 if op == "window" else 10
+    rounds = 3 if op in ("window", "wgrad") else 10
     benchmark.pedantic(_synced(fn, bench_device), rounds=rounds, warmup_rounds=1)
     gbs = case.bytes_moved / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update(

@@ -86,7 +86,7 @@ def wgrad_kernel(
                     mask=k_ok[:, None] & col_ok[None, :], other=0)  # [BLOCK_K, BLOCK_N]
         go = _operand(go, GO_DTYPE, WIDEN)
         x = _operand(x, X_DTYPE, WIDEN)
-        if WIDEN or GO_DTYPE.is_fp32():
+        if WIDEN:  # fp32 operands (any fp32 operand sets WIDEN): no TF32
             product = tl.dot(tl.trans(go), x, product, input_precision="ieee")
         else:
             product = tl.dot(tl.trans(go), x, product)

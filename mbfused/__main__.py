@@ -61,6 +61,8 @@ def _bench(args: argparse.Namespace) -> int:
         tensors = benchmarks.make_tensors(name, device)
         for op in args.ops or list(benchmarks.CASES):
             case = benchmarks.CASES[op](tensors)
+            if case is None:  # e.g. wgrad on a list without matrices
+                continue
             if op == "window":  # a window is already N calls: fewer repeats, no warm-up call
                 results += benchmarks.run_case(case, device, max(2, repeats // 2), progress, warmup=0)
             else:
@@ -70,6 +72,8 @@ def _bench(args: argparse.Namespace) -> int:
           f"({max(2, repeats // 2)} for windows)")
     print("GB/s counts the bytes the operation must move, the same for every path: accumulate_ "
           "10 B/element, finalize_ 8, a window of N=8 84; roofline = same-dtype fp32 foreach op")
+    print(f"wgrad: bf16 operands of {benchmarks.WGRAD_TOKENS} tokens into the fp32 buffers of the "
+          "list's matrices (operands read once, main_grad 8 B/element); roofline = fp32 addmm_")
     if device == "cuda":
         peak = benchmarks.hbm_peak_gbs(torch.cuda.get_device_name())
         print(f"GPU: {torch.cuda.get_device_name()}, nominal HBM {peak or 'unknown'} GB/s")

@@ -84,6 +84,7 @@ class Case:
     roofline: Callable[[], None]
     paths: dict[str, Callable[[], None]]
     baselines: tuple[str, ...]  # the pure-PyTorch paths among `paths`
+    roofline_name: str = "roofline: fp32 foreach"
 
 
 @dataclass
@@ -189,10 +190,60 @@ def window_case(t: Tensors, n: int = 8) -> Case:
                 t.numel * n * 12, roofline, paths, tuple(reference.BASELINES))
 
 
-CASES: dict[str, Callable[[Tensors], Case]] = {
+WGRAD_TOKENS = 256
+
+
+def wgrad_case(t: Tensors, tokens: int = WGRAD_TOKENS) -> Case | None:
+    """The weight gradients of one micro-batch of `tokens` tokens (bf16 activations and
+    output gradients) into the fp32 buffers of the list's matrices; None for a list
+    without matrices.
+
+    Bytes: read both operands once, read and write main_grad once (the fused minimum).
+    The roofline is the same GEMM on fp32 operands, ``main_grad.addmm_`` (no casts, no
+    temporaries); the pure paths are mbfused.reference's baseline_wgrad_* functions.
+    """
+    weights = [a for a in t.acc if a.dim() == 2]
+    if not weights:
+        return None
+    gen = torch.Generator().manual_seed(1)
+    device = weights[0].device
+
+    def operand(features: int) -> Tensor:
+        return torch.randn(tokens, features, generator=gen).to(device=device, dtype=torch.bfloat16)
+
+    operands = [(operand(w.shape[0]), operand(w.shape[1])) for w in weights]
+    operands_fp32 = [(go.float(), x.float()) for go, x in operands]
+    s = 1.0 / 8
+
+    def fused():
+        for w, (go, x) in zip(weights, operands, strict=True):
+            ops.wgrad_accumulate_(w, go, x, s)
+
+    def pure(baseline):
+        def run():
+            for w, (go, x) in zip(weights, operands, strict=True):
+                baseline(w, go, x, s)
+        return run
+
+    def roofline():
+        for w, (go, x) in zip(weights, operands_fp32, strict=True):
+            w.addmm_(go.t(), x, alpha=s)
+
+    baselines = {"wgrad bf16 + add_": reference.baseline_wgrad_add_,
+                 "wgrad fp32 + add_": reference.baseline_wgrad_add_float_}
+    paths = {**_on_backends(weights, "", fused), **{name: pure(b) for name, b in baselines.items()}}
+    numel = sum(w.numel() for w in weights)
+    operand_elements = sum(go.numel() + x.numel() for go, x in operands)
+    return Case(t.list_name, f"wgrad T={tokens}", numel, operand_elements * 2 + numel * 8,
+                operand_elements * 4 + numel * 8, roofline, paths, tuple(baselines),
+                roofline_name="roofline: fp32 addmm_")
+
+
+CASES: dict[str, Callable[[Tensors], Case | None]] = {
     "accumulate_": accumulate_case,
     "finalize_": finalize_case,
     "window": window_case,
+    "wgrad": wgrad_case,
 }
 
 
@@ -260,7 +311,7 @@ def run_case(case: Case, device: str, repeats: int,
     The paths take turns, one call each per round, so a slow spell of a shared machine
     hits every path alike and the ratios stay meaningful.
     """
-    paths = {"roofline: fp32 foreach": case.roofline, **case.paths}
+    paths = {case.roofline_name: case.roofline, **case.paths}
     for name, fn in paths.items():
         progress(f"{case.list_name} {case.op}: warming up {name}")
         time_call(fn, device, repeats=0, warmup=warmup)
@@ -269,7 +320,7 @@ def run_case(case: Case, device: str, repeats: int,
         progress(f"{case.list_name} {case.op}: round {round_ + 1} of {repeats}")
         for name, fn in paths.items():
             samples[name] += time_call(fn, device, repeats=1, warmup=0)
-    roof_s = statistics.median(samples["roofline: fp32 foreach"])
+    roof_s = statistics.median(samples[case.roofline_name])
     roofline_gbs = case.roofline_bytes / roof_s / 1e9
     results = []
     for name in paths:
