@@ -188,6 +188,16 @@ def _max_norm(max_norm: float | None) -> float | None:
     return float(max_norm)
 
 
+def _mark_written(tensors: Sequence[Tensor], *states: Tensor | None) -> None:
+    """Bumps the autograd version counters of the tensors an op may have written.
+
+    The compiled and Triton kernels write through raw pointers, which autograd does not
+    see: without the bump, a buffer saved for backward and then updated in place would
+    silently give wrong gradients instead of raising, as any in-place torch op does.
+    """
+    torch.autograd.graph.increment_version([*tensors, *(t for t in states if t is not None)])
+
+
 def _accumulate_python(run: Callable[..., None]) -> Callable[..., None]:
     """A Python backend of accumulate_: validate everything, then run."""
 
@@ -225,6 +235,7 @@ def _accumulate_impl(
         return
     backend = backend_for(_device_of(acc))
     _ACCUMULATE_BACKENDS[backend](acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq)
+    _mark_written(acc, found_inf, norm_sq)
 
 
 @torch.library.register_fake("mbfused::accumulate_", lib=_lib)
@@ -275,8 +286,10 @@ def _finalize_impl(
         return _finalize_python(reference.finalize_)(
             acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
     backend = backend_for(_device_of((*acc, norm_sq, found_inf)))
-    return _FINALIZE_BACKENDS[backend](
+    total_norm = _FINALIZE_BACKENDS[backend](
         acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
+    _mark_written(out or acc)
+    return total_norm
 
 
 @torch.library.register_fake("mbfused::finalize_", lib=_lib)
@@ -327,6 +340,7 @@ _WGRAD_BACKENDS: dict[str, Callable[..., None]] = {
 def _wgrad_impl(main_grad, grad_output, input, scale=1.0, scale_tensor=None, *, overwrite=False) -> None:
     backend = backend_for(main_grad.device)
     _WGRAD_BACKENDS[backend](main_grad, grad_output, input, scale, scale_tensor, overwrite)
+    _mark_written([main_grad])
 
 
 @torch.library.register_fake("mbfused::wgrad_accumulate_", lib=_lib)
