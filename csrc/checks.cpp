@@ -64,14 +64,19 @@ bool supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-// `reference` names the tensor that fixes the call's device in messages.
-void check_list_tensor(const at::Tensor& t, const Name& label, const at::Device& device,
-                       const char* reference = "acc[0]") {
+// A tensor the op reads or writes: supported dtype, on `device`, dense. `reference`
+// names the tensor that fixes the call's device in messages.
+void check_operand(const at::Tensor& t, const Name& label, const at::Device& device, const char* reference) {
   TORCH_CHECK_VALUE(t.defined(), label, " is undefined");
   TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), label, " has dtype ", dtype_name(t.scalar_type()),
                    "; supported dtypes are torch.float32, torch.bfloat16 and torch.float16");
   TORCH_CHECK_VALUE(t.device() == device, label, " is on ", t.device(), " but ", reference, " is on ", device);
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, label, " must be a dense (strided) tensor");
+}
+
+void check_list_tensor(const at::Tensor& t, const Name& label, const at::Device& device,
+                       const char* reference = "acc[0]") {
+  check_operand(t, label, device, reference);
   TORCH_CHECK_VALUE(t.is_contiguous(), label, " is not contiguous (sizes ", shape_str(t.sizes()),
                     ", strides ", shape_str(t.strides()), "); pass a contiguous tensor");
 }
@@ -228,11 +233,7 @@ void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output
   check_no_grad(main_grad, main_name);
   for (const auto& [t, label] : {std::pair<const at::Tensor&, const char*>{grad_output, "grad_output"},
                                  std::pair<const at::Tensor&, const char*>{input, "input"}}) {
-    TORCH_CHECK_VALUE(t.defined(), label, " is undefined");
-    TORCH_CHECK_TYPE(supported_dtype(t.scalar_type()), label, " has dtype ", dtype_name(t.scalar_type()),
-                     "; supported dtypes are torch.float32, torch.bfloat16 and torch.float16");
-    TORCH_CHECK_VALUE(t.device() == device, label, " is on ", t.device(), " but main_grad is on ", device);
-    TORCH_CHECK_VALUE(t.layout() == at::kStrided, label, " must be a dense (strided) tensor");
+    check_operand(t, Name{label, SIZE_MAX}, device, "main_grad");  // any strides
     TORCH_CHECK_VALUE(t.dim() > 0, label, " must have at least 1 dimension, got a 0-d tensor");
     check_no_grad(t, Name{label, SIZE_MAX});
   }

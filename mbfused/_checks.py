@@ -18,7 +18,9 @@ def _shape(t: Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def _check_list_tensor(t: Tensor, label: str, device: torch.device, reference: str = "acc[0]") -> None:
+def _check_operand(t: Tensor, label: str, device: torch.device, reference: str) -> None:
+    """A tensor the op reads or writes: supported dtype, on `device`, dense.
+    `reference` names the tensor that fixes the call's device in messages."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
@@ -30,6 +32,10 @@ def _check_list_tensor(t: Tensor, label: str, device: torch.device, reference: s
         raise ValueError(f"{label} is on {t.device} but {reference} is on {device}")
     if t.layout != torch.strided:
         raise ValueError(f"{label} must be a dense (strided) tensor")
+
+
+def _check_list_tensor(t: Tensor, label: str, device: torch.device, reference: str = "acc[0]") -> None:
+    _check_operand(t, label, device, reference)
     if not t.is_contiguous():
         raise ValueError(
             f"{label} is not contiguous (sizes {_shape(t)}, strides "
@@ -192,15 +198,7 @@ def check_wgrad_args(
     _check_list_tensor(main_grad, "main_grad", device, "main_grad")
     _check_no_grad(main_grad, "main_grad")
     for t, label in ((grad_output, "grad_output"), (input, "input")):
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{label} has dtype {t.dtype}; supported dtypes are torch.float32, "
-                "torch.bfloat16 and torch.float16"
-            )
-        if t.device != device:
-            raise ValueError(f"{label} is on {t.device} but main_grad is on {device}")
-        if t.layout != torch.strided:
-            raise ValueError(f"{label} must be a dense (strided) tensor")
+        _check_operand(t, label, device, "main_grad")  # any strides
         if t.dim() == 0:
             raise ValueError(f"{label} must have at least 1 dimension, got a 0-d tensor")
         _check_no_grad(t, label)
