@@ -1,4 +1,4 @@
-// Schemas of the compiled kernels and the Python module entry point.
+// Schemas of the compiled kernels.
 //
 // The public ops (mbfused::accumulate_, ...) are defined in mbfused/ops.py, which picks
 // a backend at run time; the ops below are the compiled backends it calls. Their
@@ -9,8 +9,6 @@
 
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
-
-#include <Python.h>
 
 #include <vector>
 
@@ -55,9 +53,3 @@ TORCH_LIBRARY(mbfused, m) {
 }
 
 }  // namespace mbfused
-
-// Importing mbfused._C loads this library, which registers the ops above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}

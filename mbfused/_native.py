@@ -10,9 +10,10 @@ import logging
 
 _log = logging.getLogger("mbfused")
 _error: str | None = None
+_C = None
 
 try:
-    from mbfused import _C  # noqa: F401  (registers torch.ops.mbfused._accumulate_native_ etc.)
+    from mbfused import _C  # registers torch.ops.mbfused._accumulate_native_ etc.
 except ImportError as exc:  # pragma: no cover - depends on the build
     _error = f"the compiled extension mbfused._C did not load ({exc})"
     _log.warning("mbfused: %s; using the torch backend", _error)
@@ -21,3 +22,10 @@ except ImportError as exc:  # pragma: no cover - depends on the build
 def load_error() -> str | None:
     """None when mbfused._C is loaded, else why not."""
     return _error
+
+
+def eager_entry(name: str):
+    """The compiled eager entry point `name` of csrc/python_module.cpp, or None without
+    a build. It runs a list op's compiled kernel on plain CPU/CUDA tensors, converting
+    each list once instead of through the dispatcher's copies, and says when it did not."""
+    return getattr(_C, name, None)

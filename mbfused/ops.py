@@ -51,6 +51,23 @@ def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Ten
     return float(scale), None
 
 
+def _eager_entry(name: str, acc: list) -> Callable | None:
+    """The compiled eager entry point of a list op, when the op would run the compiled
+    kernels on these tensors outside torch.compile; else None (go through torch.ops).
+
+    Each list of a call through torch.ops crosses the dispatcher as copies, and every
+    copy takes the GIL to be released: about a third of a call on a thousand small
+    tensors. The entry points (csrc/python_module.cpp) run the same kernel on the same
+    checks and bump the same version counters; they decline tensor subclasses and
+    active modes, which then see the public op as usual.
+    """
+    if torch.compiler.is_compiling() or not acc or not isinstance(acc[0], Tensor):
+        return None
+    if acc[0].device.type not in ("cpu", "cuda") or backend_for(acc[0].device) not in ("cpu", "cuda"):
+        return None
+    return _native.eager_entry(name)
+
+
 def _device_of(tensors) -> torch.device:
     """The device of the first tensor among `tensors` (None entries skipped); CPU if none."""
     for t in tensors:
@@ -89,10 +106,12 @@ def accumulate_(
         ValueError / TypeError naming the offending argument; nothing is written then.
     """
     scale_value, scale_tensor = _split_scale(scale)
+    acc, grads = list(acc), list(grads)
+    eager = _eager_entry("_accumulate_eager", acc)
+    if eager is not None and eager(acc, grads, scale_value, scale_tensor, overwrite, found_inf, norm_sq):
+        return
     torch.ops.mbfused.accumulate_.default(
-        list(acc), list(grads), scale_value, scale_tensor,
-        overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq,
-    )
+        acc, grads, scale_value, scale_tensor, overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq)
 
 
 def finalize_(
@@ -127,10 +146,15 @@ def finalize_(
         The total norm of ``acc * inv_scale`` as a 0-d fp32 tensor on the device.
     """
     inv_value, inv_tensor = _split_scale(inv_scale, "inv_scale")
+    acc, max_norm = list(acc), _max_norm(max_norm)
+    out = None if out is None else list(out)
+    eager = _eager_entry("_finalize_eager", acc)
+    if eager is not None:
+        total_norm = eager(acc, inv_value, inv_tensor, max_norm, found_inf, norm_sq, out)
+        if total_norm is not None:
+            return total_norm
     return torch.ops.mbfused.finalize_.default(
-        list(acc), inv_value, inv_tensor, max_norm=_max_norm(max_norm), found_inf=found_inf,
-        norm_sq=norm_sq, out=None if out is None else list(out),
-    )
+        acc, inv_value, inv_tensor, max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq, out=out)
 
 
 def wgrad_accumulate_(

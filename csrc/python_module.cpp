@@ -1,0 +1,208 @@
+// The Python module mbfused._C. Importing it loads this library, which registers the
+// ops of ops.cpp, cpu/ and cuda/. Its functions are the eager entry points of the list
+// ops, which mbfused/ops.py calls before falling back to the dispatcher.
+//
+// Why they exist: a call through torch.ops converts each tensor list into IValues, and
+// the kernel's boxed wrapper copies them into a std::vector<at::Tensor> with the GIL
+// released. Dropping each copy then takes the GIL back to release the tensor's Python
+// object, so a list of a thousand small tensors costs a thousand GIL round trips, most
+// of the call. Here each list is converted once with the GIL held, the GIL is released
+// only while the kernel runs, and the compiled op is called below the autograd keys,
+// where it is the backend kernel itself, unboxed: no IValues, no copies.
+//
+// They handle plain CPU and CUDA tensors with no mode active. Anything else (tensor
+// subclasses, meta or fake tensors, TorchDispatchModes, torch function modes, functorch
+// transforms) is answered with "not taken", and ops.py goes through the dispatcher.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
+
+#include <Python.h>
+
+#include <optional>
+#include <vector>
+
+namespace mbfused {
+namespace {
+
+// Dispatch keys a plain dense CPU or CUDA tensor may carry.
+const c10::DispatchKeySet kPlainTensorKeys{
+    c10::DispatchKey::CPU,         c10::DispatchKey::CUDA,        c10::DispatchKey::ADInplaceOrView,
+    c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutogradCUDA, c10::DispatchKey::AutocastCPU,
+    c10::DispatchKey::AutocastCUDA};
+
+// Keys the thread-local include set holds when no mode or transform is active.
+const c10::DispatchKeySet kPlainIncludedKeys{c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView};
+
+bool no_mode_active() {
+  return !at::impl::torch_function_mode_enabled() && c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
+         kPlainIncludedKeys.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_);
+}
+
+// The tensor behind `obj` when it is a plain tensor (torch.Tensor or nn.Parameter)
+// the kernels can take directly; nullptr otherwise.
+const at::Tensor* plain_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) {
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  return kPlainTensorKeys.isSupersetOf(t.key_set()) ? &t : nullptr;
+}
+
+// The tensors of a Python list, or nullopt when it is not a list of plain tensors.
+std::optional<std::vector<at::Tensor>> plain_tensors(PyObject* list) {
+  if (!PyList_Check(list)) {
+    return std::nullopt;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(list);
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const at::Tensor* t = plain_tensor(PyList_GET_ITEM(list, i));
+    if (t == nullptr) {
+      return std::nullopt;
+    }
+    tensors.push_back(*t);
+  }
+  return tensors;
+}
+
+// An optional tensor argument: `*ok` turns false when it is neither None nor plain.
+std::optional<at::Tensor> optional_plain_tensor(PyObject* obj, bool* ok) {
+  if (obj == Py_None) {
+    return std::nullopt;
+  }
+  const at::Tensor* t = plain_tensor(obj);
+  *ok = *ok && t != nullptr;
+  return t ? std::optional<at::Tensor>(*t) : std::nullopt;
+}
+
+// Releases the GIL for its lifetime; takes it back even when the kernel throws.
+class GilReleased {
+ public:
+  GilReleased() : state_(PyEval_SaveThread()) {}
+  ~GilReleased() { PyEval_RestoreThread(state_); }
+  GilReleased(const GilReleased&) = delete;
+  GilReleased& operator=(const GilReleased&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+// What torch.autograd.graph.increment_version does: the kernels write through raw
+// pointers, which autograd cannot see. Inference tensors have no version counter.
+void mark_written(at::TensorList tensors) {
+  for (const at::Tensor& t : tensors) {
+    if (!t.is_inference()) {
+      torch::autograd::impl::bump_version(t);
+    }
+  }
+}
+
+void mark_written(const std::optional<at::Tensor>& t) {
+  if (t.has_value()) {
+    mark_written(at::TensorList(*t));
+  }
+}
+
+// _accumulate_eager(acc: list, grads: list, scale: float, scale_tensor, overwrite: bool,
+//                   found_inf, norm_sq) -> bool: True when it ran the op, False when not taken.
+PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *acc_obj, *grads_obj, *scale_tensor_obj, *found_inf_obj, *norm_sq_obj;
+  double scale;
+  int overwrite;
+  if (!PyArg_ParseTuple(args, "OOdOpOO", &acc_obj, &grads_obj, &scale, &scale_tensor_obj, &overwrite,
+                        &found_inf_obj, &norm_sq_obj)) {
+    return nullptr;
+  }
+  if (!no_mode_active()) {
+    Py_RETURN_FALSE;
+  }
+  auto acc = plain_tensors(acc_obj);
+  auto grads = plain_tensors(grads_obj);
+  bool plain = acc.has_value() && grads.has_value();
+  const auto scale_tensor = optional_plain_tensor(scale_tensor_obj, &plain);
+  const auto found_inf = optional_plain_tensor(found_inf_obj, &plain);
+  const auto norm_sq = optional_plain_tensor(norm_sq_obj, &plain);
+  if (!plain || acc->empty()) {
+    Py_RETURN_FALSE;
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mbfused::_accumulate_native_", "")
+                             .typed<void(at::TensorList, at::TensorList, double, const std::optional<at::Tensor>&,
+                                         bool, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&)>();
+  {
+    GilReleased gil_released;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    op.call(*acc, *grads, scale, scale_tensor, overwrite != 0, found_inf, norm_sq);
+  }
+  mark_written(*acc);
+  mark_written(found_inf);
+  mark_written(norm_sq);
+  // The tensor vectors are released here, with the GIL held.
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
+// _finalize_eager(acc: list, inv_scale: float, inv_scale_tensor, max_norm: float | None,
+//                 found_inf, norm_sq, out: list | None) -> Tensor | None (None: not taken).
+PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *acc_obj, *inv_scale_tensor_obj, *max_norm_obj, *found_inf_obj, *norm_sq_obj, *out_obj;
+  double inv_scale;
+  if (!PyArg_ParseTuple(args, "OdOOOOO", &acc_obj, &inv_scale, &inv_scale_tensor_obj, &max_norm_obj,
+                        &found_inf_obj, &norm_sq_obj, &out_obj)) {
+    return nullptr;
+  }
+  if (!no_mode_active() || !(max_norm_obj == Py_None || PyFloat_CheckExact(max_norm_obj))) {
+    Py_RETURN_NONE;
+  }
+  auto acc = plain_tensors(acc_obj);
+  auto out = out_obj == Py_None ? std::optional<std::vector<at::Tensor>>(std::vector<at::Tensor>())
+                                : plain_tensors(out_obj);
+  bool plain = acc.has_value() && out.has_value();
+  const auto inv_scale_tensor = optional_plain_tensor(inv_scale_tensor_obj, &plain);
+  const auto found_inf = optional_plain_tensor(found_inf_obj, &plain);
+  const auto norm_sq = optional_plain_tensor(norm_sq_obj, &plain);
+  if (!plain || acc->empty()) {
+    Py_RETURN_NONE;
+  }
+  const std::optional<double> max_norm =
+      max_norm_obj == Py_None ? std::nullopt : std::optional<double>(PyFloat_AS_DOUBLE(max_norm_obj));
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mbfused::_finalize_native_", "")
+                             .typed<at::Tensor(at::TensorList, double, const std::optional<at::Tensor>&,
+                                               std::optional<double>, const std::optional<at::Tensor>&,
+                                               const std::optional<at::Tensor>&, at::TensorList)>();
+  at::Tensor total_norm;
+  {
+    GilReleased gil_released;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    total_norm = op.call(*acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, *out);
+  }
+  mark_written(out->empty() ? *acc : *out);
+  return THPVariable_Wrap(std::move(total_norm));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"_accumulate_eager", accumulate_eager, METH_VARARGS,
+     "accumulate_ on plain CPU/CUDA tensors without the dispatcher's list copies; False when not taken."},
+    {"_finalize_eager", finalize_eager, METH_VARARGS,
+     "finalize_ on plain CPU/CUDA tensors without the dispatcher's list copies; None when not taken."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace mbfused
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, mbfused::methods};
+  return PyModule_Create(&module);
+}
