@@ -6,9 +6,10 @@
 // the kernel's boxed wrapper copies them into a std::vector<at::Tensor> with the GIL
 // released. Dropping each copy then takes the GIL back to release the tensor's Python
 // object, so a list of a thousand small tensors costs a thousand GIL round trips, most
-// of the call. Here each list is converted once with the GIL held, the GIL is released
-// only while the kernel runs, and the compiled op is called below the autograd keys,
-// where it is the backend kernel itself, unboxed: no IValues, no copies.
+// of the call. Here the lists' tensors are borrowed, with no reference count touched,
+// the GIL is released only while the kernel runs, and the compiled op is called below
+// the autograd keys, where it is the backend kernel itself, unboxed: no IValues, no
+// copies.
 //
 // They handle plain CPU and CUDA tensors with no mode active. Anything else (tensor
 // subclasses, meta or fake tensors, TorchDispatchModes, torch function modes, functorch
@@ -54,22 +55,56 @@ const at::Tensor* plain_tensor(PyObject* obj) {
   return kPlainTensorKeys.isSupersetOf(t.key_set()) ? &t : nullptr;
 }
 
-// The tensors of a Python list, or nullopt when it is not a list of plain tensors.
-std::optional<std::vector<at::Tensor>> plain_tensors(PyObject* list) {
-  if (!PyList_Check(list)) {
-    return std::nullopt;
-  }
-  const Py_ssize_t n = PyList_GET_SIZE(list);
-  std::vector<at::Tensor> tensors;
-  tensors.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const at::Tensor* t = plain_tensor(PyList_GET_ITEM(list, i));
-    if (t == nullptr) {
-      return std::nullopt;
+// The tensors of a Python list or tuple of plain tensors, borrowed. A tuple snapshot of
+// the sequence keeps every tensor alive (and the list may change meanwhile), so no
+// tensor's reference count is touched: in torch each such change also updates the
+// tensor's Python object, which is what makes the dispatcher's copies costly.
+class BorrowedTensors {
+ public:
+  explicit BorrowedTensors(PyObject* sequence) {
+    if (!PyList_Check(sequence) && !PyTuple_Check(sequence)) {
+      return;
     }
-    tensors.push_back(*t);
+    snapshot_ = PySequence_Tuple(sequence);
+    if (snapshot_ == nullptr) {
+      throw python_error();
+    }
+    const Py_ssize_t n = PyTuple_GET_SIZE(snapshot_);
+    tensors_.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const at::Tensor* t = plain_tensor(PyTuple_GET_ITEM(snapshot_, i));
+      if (t == nullptr) {
+        return;
+      }
+      tensors_.emplace_back(c10::intrusive_ptr<at::TensorImpl, at::UndefinedTensorImpl>::reclaim(
+          t->unsafeGetTensorImpl()));
+    }
+    plain_ = true;
   }
-  return tensors;
+
+  ~BorrowedTensors() {
+    for (at::Tensor& t : tensors_) {
+      t.unsafeReleaseTensorImpl();  // borrowed: give it back without a decrement
+    }
+    Py_XDECREF(snapshot_);
+  }
+
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+
+  // True when the sequence was a list or tuple of plain tensors.
+  bool plain() const { return plain_; }
+  at::TensorList tensors() const { return tensors_; }
+
+ private:
+  PyObject* snapshot_ = nullptr;
+  std::vector<at::Tensor> tensors_;
+  bool plain_ = false;
+};
+
+PyObject* empty_tuple() {
+  static PyObject* const empty = PyTuple_New(0);
+  return empty;
 }
 
 // An optional tensor argument: `*ok` turns false when it is neither None nor plain.
@@ -110,7 +145,7 @@ void mark_written(const std::optional<at::Tensor>& t) {
   }
 }
 
-// _accumulate_eager(acc: list, grads: list, scale: float, scale_tensor, overwrite: bool,
+// _accumulate_eager(acc: list | tuple, grads: list | tuple, scale: float, scale_tensor, overwrite: bool,
 //                   found_inf, norm_sq) -> bool: True when it ran the op, False when not taken.
 PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
@@ -124,13 +159,13 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
   if (!no_mode_active()) {
     Py_RETURN_FALSE;
   }
-  auto acc = plain_tensors(acc_obj);
-  auto grads = plain_tensors(grads_obj);
-  bool plain = acc.has_value() && grads.has_value();
+  const BorrowedTensors acc(acc_obj);
+  const BorrowedTensors grads(grads_obj);
+  bool plain = acc.plain() && grads.plain();
   const auto scale_tensor = optional_plain_tensor(scale_tensor_obj, &plain);
   const auto found_inf = optional_plain_tensor(found_inf_obj, &plain);
   const auto norm_sq = optional_plain_tensor(norm_sq_obj, &plain);
-  if (!plain || acc->empty()) {
+  if (!plain || acc.tensors().empty()) {
     Py_RETURN_FALSE;
   }
   static const auto op = c10::Dispatcher::singleton()
@@ -141,18 +176,18 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
   {
     GilReleased gil_released;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    op.call(*acc, *grads, scale, scale_tensor, overwrite != 0, found_inf, norm_sq);
+    op.call(acc.tensors(), grads.tensors(), scale, scale_tensor, overwrite != 0, found_inf, norm_sq);
   }
-  mark_written(*acc);
+  mark_written(acc.tensors());
   mark_written(found_inf);
   mark_written(norm_sq);
-  // The tensor vectors are released here, with the GIL held.
+  // The borrowed tensors are given back here, with the GIL held.
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
 
-// _finalize_eager(acc: list, inv_scale: float, inv_scale_tensor, max_norm: float | None,
-//                 found_inf, norm_sq, out: list | None) -> Tensor | None (None: not taken).
+// _finalize_eager(acc: list | tuple, inv_scale: float, inv_scale_tensor, max_norm: float | None,
+//                 found_inf, norm_sq, out: list | tuple | None) -> Tensor | None (None: not taken).
 PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *acc_obj, *inv_scale_tensor_obj, *max_norm_obj, *found_inf_obj, *norm_sq_obj, *out_obj;
@@ -164,14 +199,13 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
   if (!no_mode_active() || !(max_norm_obj == Py_None || PyFloat_CheckExact(max_norm_obj))) {
     Py_RETURN_NONE;
   }
-  auto acc = plain_tensors(acc_obj);
-  auto out = out_obj == Py_None ? std::optional<std::vector<at::Tensor>>(std::vector<at::Tensor>())
-                                : plain_tensors(out_obj);
-  bool plain = acc.has_value() && out.has_value();
+  const BorrowedTensors acc(acc_obj);
+  const BorrowedTensors out(out_obj == Py_None ? empty_tuple() : out_obj);
+  bool plain = acc.plain() && out.plain();
   const auto inv_scale_tensor = optional_plain_tensor(inv_scale_tensor_obj, &plain);
   const auto found_inf = optional_plain_tensor(found_inf_obj, &plain);
   const auto norm_sq = optional_plain_tensor(norm_sq_obj, &plain);
-  if (!plain || acc->empty()) {
+  if (!plain || acc.tensors().empty()) {
     Py_RETURN_NONE;
   }
   const std::optional<double> max_norm =
@@ -185,9 +219,9 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
   {
     GilReleased gil_released;
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    total_norm = op.call(*acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, *out);
+    total_norm = op.call(acc.tensors(), inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out.tensors());
   }
-  mark_written(out->empty() ? *acc : *out);
+  mark_written(out.tensors().empty() ? acc.tensors() : out.tensors());
   return THPVariable_Wrap(std::move(total_norm));
   END_HANDLE_TH_ERRORS
 }

@@ -51,7 +51,12 @@ def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Ten
     return float(scale), None
 
 
-def _eager_entry(name: str, acc: list) -> Callable | None:
+def _as_sequence(tensors: Sequence[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
+    """Lists and tuples as they are (no copy per call), any other iterable as a list."""
+    return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+
+
+def _eager_entry(name: str, acc: Sequence) -> Callable | None:
     """The compiled eager entry point of a list op, when the op would run the compiled
     kernels on these tensors outside torch.compile; else None (go through torch.ops).
 
@@ -106,12 +111,13 @@ def accumulate_(
         ValueError / TypeError naming the offending argument; nothing is written then.
     """
     scale_value, scale_tensor = _split_scale(scale)
-    acc, grads = list(acc), list(grads)
+    acc, grads = _as_sequence(acc), _as_sequence(grads)
     eager = _eager_entry("_accumulate_eager", acc)
     if eager is not None and eager(acc, grads, scale_value, scale_tensor, overwrite, found_inf, norm_sq):
         return
     torch.ops.mbfused.accumulate_.default(
-        acc, grads, scale_value, scale_tensor, overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq)
+        list(acc), list(grads), scale_value, scale_tensor,
+        overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq)
 
 
 def finalize_(
@@ -146,15 +152,16 @@ def finalize_(
         The total norm of ``acc * inv_scale`` as a 0-d fp32 tensor on the device.
     """
     inv_value, inv_tensor = _split_scale(inv_scale, "inv_scale")
-    acc, max_norm = list(acc), _max_norm(max_norm)
-    out = None if out is None else list(out)
+    acc, max_norm = _as_sequence(acc), _max_norm(max_norm)
+    out = None if out is None else _as_sequence(out)
     eager = _eager_entry("_finalize_eager", acc)
     if eager is not None:
         total_norm = eager(acc, inv_value, inv_tensor, max_norm, found_inf, norm_sq, out)
         if total_norm is not None:
             return total_norm
     return torch.ops.mbfused.finalize_.default(
-        acc, inv_value, inv_tensor, max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq, out=out)
+        list(acc), inv_value, inv_tensor, max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq,
+        out=None if out is None else list(out))
 
 
 def wgrad_accumulate_(

@@ -10,6 +10,9 @@ public op, where modes and subclasses see it.
 
 from __future__ import annotations
 
+import collections
+import sys
+
 import pytest
 import torch
 from accumulate_cases import clone_all, make_grads
@@ -85,6 +88,18 @@ def test_finalize_same_bits_as_the_public_op(with_out):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
+def test_takes_tuples_and_gives_the_tensors_back():
+    acc, grads = (torch.zeros(5), torch.zeros(2)), (torch.ones(5), torch.ones(2))
+    def counts():  # Python references and the C++ TensorImpl's own count
+        return [(sys.getrefcount(t), t._use_count()) for t in (*acc, *grads)]
+
+    before = counts()
+    for _ in range(3):
+        assert accumulate_eager(acc, grads, 0.25, None, False, None, None) is True
+    assert counts() == before
+    assert acc[0].tolist() == [0.75] * 5
+
+
 def test_nn_parameters_are_plain_tensors():
     acc = [torch.nn.Parameter(torch.zeros(5))]
     with torch.no_grad():
@@ -131,13 +146,13 @@ def _declined_cases():
     def meta_tensors():
         return [torch.zeros(3, device="meta")], [torch.ones(3, device="meta")]
 
-    def tuple_not_list():
-        return (torch.zeros(3),), [torch.ones(3)]
+    def deque_not_list():  # the public ops turn other iterables into lists first
+        return collections.deque([torch.zeros(3)]), [torch.ones(3)]
 
     def not_a_tensor():
         return [torch.zeros(3)], [[1.0, 2.0, 3.0]]
 
-    return [subclass_in_grads, meta_tensors, tuple_not_list, not_a_tensor]
+    return [subclass_in_grads, meta_tensors, deque_not_list, not_a_tensor]
 
 
 @pytest.mark.parametrize("make", _declined_cases(), ids=lambda f: f.__name__)
