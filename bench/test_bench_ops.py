@@ -32,22 +32,6 @@ def _strip_backend(path: str) -> str:
     return head + tail.partition("]")[2] if tail else path
 
 
-_CACHE_FLUSH: list = []
-
-
-def _flush_caches(device):
-    """Untimed, before each round: overwrite 64 MB, more than this CPU's L3, so every
-    round starts cold, as in `python -m mbfused bench`, where the paths take turns. (The
-    many-small list, 32 MB, would otherwise stay cached between back-to-back rounds.)"""
-    if device != "cpu":
-        return
-    if not _CACHE_FLUSH:
-        import torch
-
-        _CACHE_FLUSH.append(torch.empty(16 << 20))
-    _CACHE_FLUSH[0].fill_(1.0)
-
-
 def _synced(fn, device):
     if device != "cuda":
         return fn
@@ -73,7 +57,7 @@ def test_bench(benchmark, bench_device, list_name, op, path):
         _ROOFLINE_GBS[key] = case.roofline_bytes / seconds / 1e9
     benchmark.group = f"{op} {list_name}"
     rounds = 3 if op in ("window", "wgrad") else 10
-    benchmark.pedantic(_synced(fn, bench_device), setup=lambda: _flush_caches(bench_device),
+    benchmark.pedantic(_synced(fn, bench_device), setup=lambda: benchmarks.flush_caches(bench_device),
                        rounds=rounds, warmup_rounds=1)
     gbs = case.bytes_moved / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update(

@@ -27,6 +27,7 @@ __all__ = [
     "Case",
     "Result",
     "Tensors",
+    "flush_caches",
     "format_table",
     "hbm_peak_gbs",
     "make_tensors",
@@ -247,8 +248,25 @@ CASES: dict[str, Callable[[Tensors], Case | None]] = {
 }
 
 
+_CACHE_FLUSH: list[Tensor] = []
+
+
+def flush_caches(device: str) -> None:
+    """Untimed, before every timed call on CPU: reads 128 MB, several times a common L3,
+    so that each call starts with cold caches holding no dirty lines. Without it a call
+    pays for writing back what the previous path left dirty in the cache (0.2-0.3 ms of
+    a 1.5 ms many-small call on a 2-core VM), and back-to-back pytest rounds of a list
+    that fits in the cache would find it still cached."""
+    if device != "cpu":
+        return
+    if not _CACHE_FLUSH:
+        _CACHE_FLUSH.append(torch.ones(32 << 20))
+    _CACHE_FLUSH[0].sum()
+
+
 def time_call(fn: Callable[[], None], device: str, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per call, `repeats` samples; CUDA work is timed with events."""
+    """Seconds per call, `repeats` samples; CUDA work is timed with events, CPU calls
+    start from cold caches (flush_caches)."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -263,6 +281,7 @@ def time_call(fn: Callable[[], None], device: str, repeats: int, warmup: int = 1
             samples.append(start.elapsed_time(end) / 1e3)
     else:
         for _ in range(repeats):
+            flush_caches(device)
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
