@@ -5,7 +5,7 @@
 The cases, tensor lists and pure-PyTorch paths are the ones `python -m mbfused bench`
 times (imported, not rewritten). Each benchmark's extra_info carries bytes moved, GB/s
 and % of the case's same-dtype fp32 roofline (foreach op; addmm_ for wgrad), measured
-in the same session.
+in the same session, and on CPU the page faults of one call.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def test_bench(benchmark, bench_device, list_name, op, path):
     benchmark.pedantic(_synced(fn, bench_device), setup=lambda: benchmarks.flush_caches(bench_device),
                        rounds=rounds, warmup_rounds=1)
     gbs = case.bytes_moved / benchmark.stats.stats.median / 1e9
+    if bench_device == "cpu":  # counted on one more, untimed, call
+        before = benchmarks.minor_page_faults()
+        fn()
+        benchmark.extra_info["page_faults_per_call"] = benchmarks.minor_page_faults() - before
     benchmark.extra_info.update(
         path=label, op=op, tensor_list=list_name, bytes_moved=case.bytes_moved, gbs=round(gbs, 2),
         roofline_gbs=round(_ROOFLINE_GBS[key], 2), pct_roofline=round(100 * gbs / _ROOFLINE_GBS[key], 1),

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 import statistics
 import time
+
+try:
+    import resource
+
+    _HAS_RUSAGE = True
+except ImportError:  # Windows
+    _HAS_RUSAGE = False
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +38,7 @@ __all__ = [
     "format_table",
     "hbm_peak_gbs",
     "make_tensors",
+    "minor_page_faults",
     "plot",
     "run_case",
     "time_call",
@@ -248,6 +256,18 @@ CASES: dict[str, Callable[[Tensors], Case | None]] = {
 }
 
 
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (0 where getrusage is missing).
+
+    On CPU a pure-PyTorch path that allocates temporaries (``fp32.add_(bf16)`` makes an
+    fp32 copy of the gradient) gets fresh pages from the OS whenever glibc's malloc
+    serves the temporary with mmap or has trimmed its heap, and touching each 4 KB page
+    costs a fault. How many temporaries that hits is decided per process by malloc's
+    state, which is why such paths vary between runs; the fused kernels allocate nothing.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if _HAS_RUSAGE else 0
+
+
 _CACHE_FLUSH: list[Tensor] = []
 
 
@@ -303,6 +323,8 @@ class Result:
     pct_roofline: float
     speedup_vs_best_torch: float | None = None
     pct_hbm_peak: float | None = None  # GPU: % of the card's nominal HBM bandwidth
+    # CPU: minor page faults per timed call (fresh memory behind new temporaries).
+    page_faults_per_call: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -334,11 +356,15 @@ def run_case(case: Case, device: str, repeats: int,
     for name, fn in paths.items():
         progress(f"{case.list_name} {case.op}: warming up {name}")
         time_call(fn, device, repeats=0, warmup=warmup)
+    flush_caches(device)  # its buffer's first-touch faults must not count for a path
     samples: dict[str, list[float]] = {name: [] for name in paths}
+    faults: dict[str, int] = dict.fromkeys(paths, 0)
     for round_ in range(repeats):
         progress(f"{case.list_name} {case.op}: round {round_ + 1} of {repeats}")
         for name, fn in paths.items():
+            before = minor_page_faults()
             samples[name] += time_call(fn, device, repeats=1, warmup=0)
+            faults[name] += minor_page_faults() - before
     roof_s = statistics.median(samples[case.roofline_name])
     roofline_gbs = case.roofline_bytes / roof_s / 1e9
     results = []
@@ -348,6 +374,8 @@ def run_case(case: Case, device: str, repeats: int,
         gbs = moved / median / 1e9
         results.append(Result(case.list_name, case.op, name, device, median, samples[name],
                               moved, case.numel, gbs, roofline_gbs, 100.0 * gbs / roofline_gbs))
+        if device == "cpu" and _HAS_RUSAGE:
+            results[-1].page_faults_per_call = faults[name] / repeats
     best_torch = min(r.median_s for r in results if r.path in case.baselines)
     peak = hbm_peak_gbs(torch.cuda.get_device_name()) if device == "cuda" else None
     for r in results:
@@ -361,14 +389,18 @@ def run_case(case: Case, device: str, repeats: int,
 def format_table(results: Iterable[Result]) -> str:
     results = list(results)
     with_hbm = any(r.pct_hbm_peak is not None for r in results)
+    with_faults = any(r.page_faults_per_call is not None for r in results)
     header = (f"{'op':<13} {'list':<11} {'path':<32} {'median ms':>10} {'GB/s':>8} {'% roof':>7} "
-              + (f"{'% HBM':>6} " if with_hbm else "") + f"{'vs best torch':>14}")
+              + (f"{'% HBM':>6} " if with_hbm else "") + f"{'vs best torch':>14}"
+              + (f" {'faults/call':>11}" if with_faults else ""))
     lines = [header, "-" * len(header)]
     for r in results:
         speedup = f"{r.speedup_vs_best_torch:.2f}x" if r.speedup_vs_best_torch else "-"
         hbm = f"{r.pct_hbm_peak:>5.0f}% " if with_hbm and r.pct_hbm_peak is not None else ""
+        faults = (f" {r.page_faults_per_call:>11.0f}"
+                  if with_faults and r.page_faults_per_call is not None else "")
         lines.append(f"{r.op:<13} {r.case:<11} {r.path:<32} {r.median_s * 1e3:>10.2f} {r.gbs:>8.1f} "
-                     f"{r.pct_roofline:>6.0f}% {hbm}{speedup:>14}")
+                     f"{r.pct_roofline:>6.0f}% {hbm}{speedup:>14}{faults}")
     return "\n".join(lines)
 
 

@@ -22,3 +22,20 @@ def test_bench_prints_table_and_writes_json(tmp_path):
     for row in rows:
         assert row["gbs"] > 0 and row["median_s"] > 0
         assert abs(row["gbs"] - row["bytes_moved"] / row["median_s"] / 1e9) < 1e-6 * row["gbs"]
+        assert row["page_faults_per_call"] >= 0  # CPU rows count the page faults of a call
+
+
+def test_run_case_counts_the_page_faults_of_each_path():
+    import torch
+
+    from mbfused import benchmarks
+
+    def fresh_temporary():  # 64 MB of new memory per call, as a large fp32 temporary is
+        torch.empty(16 << 20).fill_(1.0)
+
+    case = benchmarks.Case(
+        "tiny", "probe", numel=1, bytes_moved=1, roofline_bytes=1, roofline=lambda: None,
+        paths={"allocates": fresh_temporary, "nothing": lambda: None}, baselines=("nothing",))
+    results = {r.path: r for r in benchmarks.run_case(case, "cpu", repeats=3)}
+    assert results["allocates"].page_faults_per_call > 0
+    assert results["nothing"].page_faults_per_call < results["allocates"].page_faults_per_call
