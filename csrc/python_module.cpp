@@ -117,6 +117,20 @@ std::optional<at::Tensor> optional_plain_tensor(PyObject* obj, bool* ok) {
   return t ? std::optional<at::Tensor>(*t) : std::nullopt;
 }
 
+// The optional tensors of a list op: a tensor scale, found_inf and norm_sq.
+struct StateTensors {
+  std::optional<at::Tensor> scale;
+  std::optional<at::Tensor> found_inf;
+  std::optional<at::Tensor> norm_sq;
+  bool plain = true;  // each is None or a plain tensor
+
+  StateTensors(PyObject* scale_obj, PyObject* found_inf_obj, PyObject* norm_sq_obj) {
+    scale = optional_plain_tensor(scale_obj, &plain);
+    found_inf = optional_plain_tensor(found_inf_obj, &plain);
+    norm_sq = optional_plain_tensor(norm_sq_obj, &plain);
+  }
+};
+
 // Releases the GIL for its lifetime; takes it back even when the kernel throws.
 class GilReleased {
  public:
@@ -128,6 +142,15 @@ class GilReleased {
  private:
   PyThreadState* state_;
 };
+
+// Runs a compiled op with the GIL released, below the autograd keys: there the
+// dispatcher calls the CPU or CUDA kernel directly (the kernels check requires_grad).
+template <typename Call>
+auto run_kernel(const Call& call) {
+  GilReleased gil_released;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return call();
+}
 
 // What torch.autograd.graph.increment_version does: the kernels write through raw
 // pointers, which autograd cannot see. Inference tensors have no version counter.
@@ -161,11 +184,8 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
   }
   const BorrowedTensors acc(acc_obj);
   const BorrowedTensors grads(grads_obj);
-  bool plain = acc.plain() && grads.plain();
-  const auto scale_tensor = optional_plain_tensor(scale_tensor_obj, &plain);
-  const auto found_inf = optional_plain_tensor(found_inf_obj, &plain);
-  const auto norm_sq = optional_plain_tensor(norm_sq_obj, &plain);
-  if (!plain || acc.tensors().empty()) {
+  const StateTensors state(scale_tensor_obj, found_inf_obj, norm_sq_obj);
+  if (!acc.plain() || !grads.plain() || !state.plain || acc.tensors().empty()) {
     Py_RETURN_FALSE;
   }
   static const auto op = c10::Dispatcher::singleton()
@@ -173,14 +193,13 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
                              .typed<void(at::TensorList, at::TensorList, double, const std::optional<at::Tensor>&,
                                          bool, const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&)>();
-  {
-    GilReleased gil_released;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    op.call(acc.tensors(), grads.tensors(), scale, scale_tensor, overwrite != 0, found_inf, norm_sq);
-  }
+  run_kernel([&] {
+    op.call(acc.tensors(), grads.tensors(), scale, state.scale, overwrite != 0, state.found_inf,
+            state.norm_sq);
+  });
   mark_written(acc.tensors());
-  mark_written(found_inf);
-  mark_written(norm_sq);
+  mark_written(state.found_inf);
+  mark_written(state.norm_sq);
   // The borrowed tensors are given back here, with the GIL held.
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
@@ -201,11 +220,8 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
   }
   const BorrowedTensors acc(acc_obj);
   const BorrowedTensors out(out_obj == Py_None ? empty_tuple() : out_obj);
-  bool plain = acc.plain() && out.plain();
-  const auto inv_scale_tensor = optional_plain_tensor(inv_scale_tensor_obj, &plain);
-  const auto found_inf = optional_plain_tensor(found_inf_obj, &plain);
-  const auto norm_sq = optional_plain_tensor(norm_sq_obj, &plain);
-  if (!plain || acc.tensors().empty()) {
+  const StateTensors state(inv_scale_tensor_obj, found_inf_obj, norm_sq_obj);
+  if (!acc.plain() || !out.plain() || !state.plain || acc.tensors().empty()) {
     Py_RETURN_NONE;
   }
   const std::optional<double> max_norm =
@@ -215,12 +231,10 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
                              .typed<at::Tensor(at::TensorList, double, const std::optional<at::Tensor>&,
                                                std::optional<double>, const std::optional<at::Tensor>&,
                                                const std::optional<at::Tensor>&, at::TensorList)>();
-  at::Tensor total_norm;
-  {
-    GilReleased gil_released;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    total_norm = op.call(acc.tensors(), inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out.tensors());
-  }
+  at::Tensor total_norm = run_kernel([&] {
+    return op.call(acc.tensors(), inv_scale, state.scale, max_norm, state.found_inf, state.norm_sq,
+                   out.tensors());
+  });
   mark_written(out.tensors().empty() ? acc.tensors() : out.tensors());
   return THPVariable_Wrap(std::move(total_norm));
   END_HANDLE_TH_ERRORS

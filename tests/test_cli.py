@@ -26,12 +26,16 @@ def test_bench_prints_table_and_writes_json(tmp_path):
 
 
 def test_run_case_counts_the_page_faults_of_each_path():
+    import mmap
+
     import torch
 
     from mbfused import benchmarks
 
-    def fresh_temporary():  # 64 MB of new memory per call, as a large fp32 temporary is
-        torch.empty(16 << 20).fill_(1.0)
+    def fresh_temporary():  # touches 64 MB of new memory per call, mapped from the OS
+        memory = mmap.mmap(-1, 64 << 20)
+        torch.frombuffer(memory, dtype=torch.uint8).fill_(1)
+        memory.close()
 
     case = benchmarks.Case(
         "tiny", "probe", numel=1, bytes_moved=1, roofline_bytes=1, roofline=lambda: None,
