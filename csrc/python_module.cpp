@@ -6,17 +6,19 @@
 // the kernel's boxed wrapper copies them into a std::vector<at::Tensor> with the GIL
 // released. Dropping each copy then takes the GIL back to release the tensor's Python
 // object, so a list of a thousand small tensors costs a thousand GIL round trips, most
-// of the call. Here the lists' tensors are borrowed, with no reference count touched,
-// the GIL is released only while the kernel runs, and the compiled op is called below
-// the autograd keys, where it is the backend kernel itself, unboxed: no IValues, no
-// copies.
+// of the call. Here the lists' tensors are taken and dropped with the GIL held, the GIL
+// is released only while the kernel runs, and the compiled op is called below the
+// autograd keys, where it is the backend kernel itself, unboxed: no IValues, no
+// further copies. The call is recorded under the public op's name for the profiler.
 //
 // They handle plain CPU and CUDA tensors with no mode active. Anything else (tensor
 // subclasses, meta or fake tensors, TorchDispatchModes, torch function modes, functorch
-// transforms) is answered with "not taken", and ops.py goes through the dispatcher.
+// transforms, a kernel registered for the public op) is answered with "not taken", and
+// ops.py goes through the dispatcher.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
@@ -45,6 +47,13 @@ bool no_mode_active() {
          kPlainIncludedKeys.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_);
 }
 
+// True when a kernel was registered for the public op on CPU or CUDA (e.g. with
+// torch.library.register_kernel): the dispatcher must run it then.
+bool has_device_override(const c10::OperatorHandle& public_op) {
+  return public_op.hasKernelForDispatchKey(c10::DispatchKey::CPU) ||
+         public_op.hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+}
+
 // The tensor behind `obj` when it is a plain tensor (torch.Tensor or nn.Parameter)
 // the kernels can take directly; nullptr otherwise.
 const at::Tensor* plain_tensor(PyObject* obj) {
@@ -55,49 +64,35 @@ const at::Tensor* plain_tensor(PyObject* obj) {
   return kPlainTensorKeys.isSupersetOf(t.key_set()) ? &t : nullptr;
 }
 
-// The tensors of a Python list or tuple of plain tensors, borrowed. A tuple snapshot of
-// the sequence keeps every tensor alive (and the list may change meanwhile), so no
-// tensor's reference count is touched: in torch each such change also updates the
-// tensor's Python object, which is what makes the dispatcher's copies costly.
-class BorrowedTensors {
+// The tensors of a Python list or tuple of plain tensors, read with the GIL held and
+// no Python code run meanwhile. They are real references, which other code relies on
+// (torch.utils.swap_tensors refuses to swap a tensor in use); they are taken and
+// dropped with the GIL held, so the Python object behind each tensor is updated without
+// the GIL round trip that makes the dispatcher's copies costly.
+class ListTensors {
  public:
-  explicit BorrowedTensors(PyObject* sequence) {
-    if (!PyList_Check(sequence) && !PyTuple_Check(sequence)) {
-      return;
+  explicit ListTensors(PyObject* sequence) {
+    const bool is_list = PyList_CheckExact(sequence);
+    if (!is_list && !PyTuple_CheckExact(sequence)) {
+      return;  // subclasses may run Python code on access: the dispatcher handles them
     }
-    snapshot_ = PySequence_Tuple(sequence);
-    if (snapshot_ == nullptr) {
-      throw python_error();
-    }
-    const Py_ssize_t n = PyTuple_GET_SIZE(snapshot_);
+    const Py_ssize_t n = is_list ? PyList_GET_SIZE(sequence) : PyTuple_GET_SIZE(sequence);
     tensors_.reserve(n);
     for (Py_ssize_t i = 0; i < n; ++i) {
-      const at::Tensor* t = plain_tensor(PyTuple_GET_ITEM(snapshot_, i));
+      const at::Tensor* t = plain_tensor(is_list ? PyList_GET_ITEM(sequence, i) : PyTuple_GET_ITEM(sequence, i));
       if (t == nullptr) {
         return;
       }
-      tensors_.emplace_back(c10::intrusive_ptr<at::TensorImpl, at::UndefinedTensorImpl>::reclaim(
-          t->unsafeGetTensorImpl()));
+      tensors_.push_back(*t);
     }
     plain_ = true;
   }
-
-  ~BorrowedTensors() {
-    for (at::Tensor& t : tensors_) {
-      t.unsafeReleaseTensorImpl();  // borrowed: give it back without a decrement
-    }
-    Py_XDECREF(snapshot_);
-  }
-
-  BorrowedTensors(const BorrowedTensors&) = delete;
-  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
 
   // True when the sequence was a list or tuple of plain tensors.
   bool plain() const { return plain_; }
   at::TensorList tensors() const { return tensors_; }
 
  private:
-  PyObject* snapshot_ = nullptr;
   std::vector<at::Tensor> tensors_;
   bool plain_ = false;
 };
@@ -172,18 +167,19 @@ void mark_written(const std::optional<at::Tensor>& t) {
 //                   found_inf, norm_sq) -> bool: True when it ran the op, False when not taken.
 PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *acc_obj, *grads_obj, *scale_tensor_obj, *found_inf_obj, *norm_sq_obj;
+  PyObject *acc_obj, *grads_obj, *scale_tensor_obj, *overwrite_obj, *found_inf_obj, *norm_sq_obj;
   double scale;
-  int overwrite;
-  if (!PyArg_ParseTuple(args, "OOdOpOO", &acc_obj, &grads_obj, &scale, &scale_tensor_obj, &overwrite,
+  if (!PyArg_ParseTuple(args, "OOdOOOO", &acc_obj, &grads_obj, &scale, &scale_tensor_obj, &overwrite_obj,
                         &found_inf_obj, &norm_sq_obj)) {
     return nullptr;
   }
-  if (!no_mode_active()) {
+  static const c10::OperatorHandle public_op = c10::Dispatcher::singleton().findSchemaOrThrow("mbfused::accumulate_", "");
+  // A non-bool overwrite is the dispatcher's to reject, as the schema says bool.
+  if (!no_mode_active() || !PyBool_Check(overwrite_obj) || has_device_override(public_op)) {
     Py_RETURN_FALSE;
   }
-  const BorrowedTensors acc(acc_obj);
-  const BorrowedTensors grads(grads_obj);
+  const ListTensors acc(acc_obj);
+  const ListTensors grads(grads_obj);
   const StateTensors state(scale_tensor_obj, found_inf_obj, norm_sq_obj);
   if (!acc.plain() || !grads.plain() || !state.plain || acc.tensors().empty()) {
     Py_RETURN_FALSE;
@@ -193,14 +189,15 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
                              .typed<void(at::TensorList, at::TensorList, double, const std::optional<at::Tensor>&,
                                          bool, const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&)>();
+  RECORD_FUNCTION("mbfused::accumulate_", std::vector<c10::IValue>());
   run_kernel([&] {
-    op.call(acc.tensors(), grads.tensors(), scale, state.scale, overwrite != 0, state.found_inf,
+    op.call(acc.tensors(), grads.tensors(), scale, state.scale, overwrite_obj == Py_True, state.found_inf,
             state.norm_sq);
   });
   mark_written(acc.tensors());
   mark_written(state.found_inf);
   mark_written(state.norm_sq);
-  // The borrowed tensors are given back here, with the GIL held.
+  // The list tensors are dropped here, with the GIL held.
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
@@ -215,11 +212,13 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
                         &found_inf_obj, &norm_sq_obj, &out_obj)) {
     return nullptr;
   }
-  if (!no_mode_active() || !(max_norm_obj == Py_None || PyFloat_CheckExact(max_norm_obj))) {
+  static const c10::OperatorHandle public_op = c10::Dispatcher::singleton().findSchemaOrThrow("mbfused::finalize_", "");
+  if (!no_mode_active() || !(max_norm_obj == Py_None || PyFloat_CheckExact(max_norm_obj)) ||
+      has_device_override(public_op)) {
     Py_RETURN_NONE;
   }
-  const BorrowedTensors acc(acc_obj);
-  const BorrowedTensors out(out_obj == Py_None ? empty_tuple() : out_obj);
+  const ListTensors acc(acc_obj);
+  const ListTensors out(out_obj == Py_None ? empty_tuple() : out_obj);
   const StateTensors state(inv_scale_tensor_obj, found_inf_obj, norm_sq_obj);
   if (!acc.plain() || !out.plain() || !state.plain || acc.tensors().empty()) {
     Py_RETURN_NONE;
@@ -231,6 +230,7 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
                              .typed<at::Tensor(at::TensorList, double, const std::optional<at::Tensor>&,
                                                std::optional<double>, const std::optional<at::Tensor>&,
                                                const std::optional<at::Tensor>&, at::TensorList)>();
+  RECORD_FUNCTION("mbfused::finalize_", std::vector<c10::IValue>());
   at::Tensor total_norm = run_kernel([&] {
     return op.call(acc.tensors(), inv_scale, state.scale, max_norm, state.found_inf, state.norm_sq,
                    out.tensors());

@@ -88,8 +88,9 @@ def test_finalize_same_bits_as_the_public_op(with_out):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
 
 
-def test_takes_tuples_and_gives_the_tensors_back():
+def test_takes_tuples_and_leaves_reference_counts_as_they_were():
     acc, grads = (torch.zeros(5), torch.zeros(2)), (torch.ones(5), torch.ones(2))
+
     def counts():  # Python references and the C++ TensorImpl's own count
         return [(sys.getrefcount(t), t._use_count()) for t in (*acc, *grads)]
 
@@ -152,7 +153,14 @@ def _declined_cases():
     def not_a_tensor():
         return [torch.zeros(3)], [[1.0, 2.0, 3.0]]
 
-    return [subclass_in_grads, meta_tensors, deque_not_list, not_a_tensor]
+    def list_subclass():  # its methods may run Python code while the list is read
+        return [torch.zeros(3)], _ListSubclass([torch.ones(3)])
+
+    return [subclass_in_grads, meta_tensors, deque_not_list, not_a_tensor, list_subclass]
+
+
+class _ListSubclass(list):
+    pass
 
 
 @pytest.mark.parametrize("make", _declined_cases(), ids=lambda f: f.__name__)
@@ -211,3 +219,34 @@ def test_public_ops_take_the_entry_only_on_compiled_backends(monkeypatch):
         mbfused.finalize_(acc, 2.0)
     assert calls == []
     assert acc[0].tolist() == [3.0] * 3  # ((0 + 0.5) * 2 + 0.5) * 2
+
+
+def test_a_non_bool_overwrite_is_left_to_the_dispatcher():
+    acc, grads = [torch.full((3,), 5.0)], [torch.ones(3)]
+    assert accumulate_eager(acc, grads, 1.0, None, "no", None, None) is False
+    with pytest.raises(RuntimeError, match="overwrite"):
+        mbfused.accumulate_(acc, grads, overwrite="no")
+    assert acc[0].tolist() == [5.0] * 3
+
+
+def test_a_kernel_registered_for_the_public_op_runs_instead():
+    calls = []
+    lib = torch.library.Library("mbfused", "IMPL")
+    try:
+        lib.impl("accumulate_", lambda *args, **kwargs: calls.append("accumulate_"), "CPU")
+        acc, grads = [torch.zeros(3)], [torch.ones(3)]
+        assert accumulate_eager(*_accumulate_args(acc, grads)) is False
+        mbfused.accumulate_(acc, grads)
+        assert calls == ["accumulate_"] and acc[0].tolist() == [0.0] * 3
+    finally:
+        lib._destroy()
+    assert accumulate_eager(*_accumulate_args(acc, grads)) is True  # unregistered again
+
+
+def test_the_profiler_sees_the_public_op_names():
+    acc, grads = [torch.zeros(3)], [torch.ones(3)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        mbfused.accumulate_(acc, grads)
+        mbfused.finalize_(acc, 0.5)
+    names = {event.name for event in prof.events()}
+    assert {"mbfused::accumulate_", "mbfused::finalize_"} <= names
