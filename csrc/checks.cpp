@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -97,6 +98,14 @@ void check_no_grad(const at::Tensor& t, const Name& label) {
                     "pass detached tensors");
 }
 
+// A tensor the op writes: torch forbids in-place updates of inference tensors outside
+// inference mode, and so does every backend, before writing anything.
+void check_writable(const at::Tensor& t, const Name& label) {
+  TORCH_CHECK_VALUE(!t.is_inference() || c10::InferenceMode::is_enabled(), label,
+                    " is an inference tensor, which cannot be updated in place outside "
+                    "torch.inference_mode(); pass a tensor made outside inference mode");
+}
+
 // A byte range of a tensor's memory, tagged for the error message.
 struct Span {
   uintptr_t begin;
@@ -148,6 +157,9 @@ void check_element(const at::Tensor& t, const Name& label, const at::Device& dev
                    std::vector<Span>& spans) {
   check_list_tensor(t, label, device);
   check_no_grad(t, label);
+  if (written) {
+    check_writable(t, label);
+  }
   add_span(spans, t, label, written);
 }
 
@@ -162,6 +174,9 @@ void check_state(const std::optional<at::Tensor>& state, const char* label, cons
   if (state.has_value()) {
     check_state_tensor(state, label, device);
     check_no_grad(*state, Name{label, SIZE_MAX});
+    if (written) {
+      check_writable(*state, Name{label, SIZE_MAX});
+    }
     add_span(spans, *state, Name{label, SIZE_MAX}, written);
   }
 }
@@ -231,6 +246,7 @@ void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output
   const at::Device device = main_grad.device();
   check_list_tensor(main_grad, main_name, device, "main_grad");
   check_no_grad(main_grad, main_name);
+  check_writable(main_grad, main_name);
   for (const auto& [t, label] : {std::pair<const at::Tensor&, const char*>{grad_output, "grad_output"},
                                  std::pair<const at::Tensor&, const char*>{input, "input"}}) {
     check_operand(t, Name{label, SIZE_MAX}, device, "main_grad");  // any strides

@@ -63,6 +63,16 @@ def _check_no_grad(t: Tensor, label: str) -> None:
         )
 
 
+def _check_writable(t: Tensor, label: str) -> None:
+    """A tensor the op writes: torch forbids in-place updates of inference tensors
+    outside inference mode, and so does every backend, before writing anything."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{label} is an inference tensor, which cannot be updated in place outside "
+            "torch.inference_mode(); pass a tensor made outside inference mode"
+        )
+
+
 def _check_no_overlap(spans: list[tuple[int, int, str, bool]]) -> None:
     """Written spans must not share memory with any other span; reads may alias."""
     spans.sort(key=lambda s: s[0])
@@ -111,6 +121,7 @@ def check_accumulate_args(
     for i, (a, g) in enumerate(zip(acc, grads, strict=True)):
         _check_list_tensor(a, f"acc[{i}]", device)
         _check_no_grad(a, f"acc[{i}]")
+        _check_writable(a, f"acc[{i}]")
         _check_list_tensor(g, f"grads[{i}]", device)
         _check_no_grad(g, f"grads[{i}]")
         if g.shape != a.shape:
@@ -125,6 +136,7 @@ def check_accumulate_args(
         if state is not None:
             _check_state_tensor(state, label, device)
             _check_no_grad(state, label)
+            _check_writable(state, label)
             if check_memory:
                 spans += _span(state, label, True)
     if check_memory:
@@ -154,12 +166,15 @@ def check_finalize_args(
     for i, a in enumerate(acc):
         _check_list_tensor(a, f"acc[{i}]", device)
         _check_no_grad(a, f"acc[{i}]")
+        if in_place:
+            _check_writable(a, f"acc[{i}]")
         if check_memory:
             spans += _span(a, f"acc[{i}]", in_place)
         if not in_place:
             o = out[i]
             _check_list_tensor(o, f"out[{i}]", device)
             _check_no_grad(o, f"out[{i}]")
+            _check_writable(o, f"out[{i}]")
             if check_memory:
                 spans += _span(o, f"out[{i}]", True)
             if o.shape != a.shape:
@@ -197,6 +212,7 @@ def check_wgrad_args(
     device = main_grad.device
     _check_list_tensor(main_grad, "main_grad", device, "main_grad")
     _check_no_grad(main_grad, "main_grad")
+    _check_writable(main_grad, "main_grad")
     for t, label in ((grad_output, "grad_output"), (input, "input")):
         _check_operand(t, label, device, "main_grad")  # any strides
         if t.dim() == 0:

@@ -246,6 +246,18 @@ def _bad_inputs():
         grads[1] = torch.ones(6, device="meta")
         return dict(acc=acc, grads=grads)
 
+    def inference_acc():  # made under inference_mode, updated outside it
+        acc, grads = base()
+        with torch.inference_mode():
+            acc[1] = torch.zeros(6, dtype=torch.bfloat16)
+        return dict(acc=acc, grads=grads)
+
+    def inference_found_inf():
+        acc, grads = base()
+        with torch.inference_mode():
+            found_inf = torch.zeros(1)
+        return dict(acc=acc, grads=grads, found_inf=found_inf)
+
     return [
         ("length_mismatch", length_mismatch, ValueError, "acc has 2 tensors but grads has 1"),
         ("shape_mismatch", shape_mismatch, ValueError, "grads[0] has shape [5, 4] but acc[0] has [4, 5]"),
@@ -267,6 +279,8 @@ def _bad_inputs():
         ("acc_requires_grad", acc_requires_grad, ValueError, "acc[1] requires grad"),
         ("grad_requires_grad", grad_requires_grad, ValueError, "grads[0] requires grad"),
         ("meta_grad", meta_grad, ValueError, "grads[1] is on meta but acc[0] is on cpu"),
+        ("inference_acc", inference_acc, ValueError, "acc[1] is an inference tensor"),
+        ("inference_found_inf", inference_found_inf, ValueError, "found_inf is an inference tensor"),
     ]
 
 

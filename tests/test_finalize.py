@@ -181,7 +181,26 @@ def _bad_finalize_inputs():
          "inv_scale must be a Python number"),
         ("acc requires grad", lambda: dict(acc=[torch.ones(3, requires_grad=True)]), ValueError,
          "acc[0] requires grad"),
+        ("acc inference tensor", lambda: dict(acc=_inference([torch.ones(3)])), ValueError,
+         "acc[0] is an inference tensor"),
+        ("out inference tensor", lambda: dict(acc=base(), out=[torch.zeros(4, 5), *_inference([torch.zeros(6)])]),
+         ValueError, "out[1] is an inference tensor"),
     ]
+
+
+def _inference(tensors):
+    """Copies made under inference_mode: they cannot be updated in place outside it."""
+    with torch.inference_mode():
+        return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_tensors_are_read_when_out_is_given(backend):
+    acc = _inference([torch.full((3,), 4.0)])
+    out = [torch.zeros(3)]
+    with mbfused.use_backend(backend):
+        mbfused.finalize_(acc, 0.5, out=out)
+    assert out[0].tolist() == [2.0] * 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -164,6 +164,8 @@ def _bad_cases(device):
         return kwargs
 
     grad_mode_tensor = torch.zeros(4, 3, device=device, requires_grad=True)
+    with torch.inference_mode():
+        inference_tensor = torch.zeros(4, 3, device=device)
     shared = torch.zeros(40, device=device)
     return [
         ("bf16 main_grad", args(main_grad=torch.zeros(4, 3, dtype=torch.bfloat16, device=device)),
@@ -186,6 +188,8 @@ def _bad_cases(device):
          "input is on meta but main_grad is on"),
         ("requires grad", args(main_grad=grad_mode_tensor), ValueError,
          "main_grad requires grad while grad mode is enabled"),
+        ("inference tensor", args(main_grad=inference_tensor), ValueError,
+         "main_grad is an inference tensor"),
         ("scale shape", {**args(), "scale": torch.ones(2, device=device)}, ValueError,
          "scale must be a 1-element torch.float32 tensor"),
         ("scale type", {**args(), "scale": "0.5"}, TypeError, "scale must be a Python number"),
