@@ -12,13 +12,6 @@ from __future__ import annotations
 
 import statistics
 import time
-
-try:
-    import resource
-
-    _HAS_RUSAGE = True
-except ImportError:  # Windows
-    _HAS_RUSAGE = False
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
@@ -27,6 +20,13 @@ from torch import Tensor
 
 from mbfused import ops, reference
 from mbfused._backend import available_backends, backend_for, use_backend
+
+try:
+    import resource  # page-fault counts; not on Windows
+
+    _HAS_RUSAGE = True
+except ImportError:
+    _HAS_RUSAGE = False
 
 __all__ = [
     "CASES",
