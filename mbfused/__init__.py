@@ -5,6 +5,9 @@ Fused ops (in place, mixed dtypes, one pass):
     finalize_(acc, inv_scale=1.0, *, max_norm=None, found_inf=None, norm_sq=None, out=None)
     wgrad_accumulate_(main_grad, grad_output, input, scale=1.0, *, overwrite=False)
 
+Drop-in optimizer wrapper:
+    MicroBatchOptimizer(optimizer, accumulation_steps, *, max_grad_norm=None, normalize="mean", ...)
+
 Backends: ``available_backends()``, ``use_backend(name)`` or ``MBFUSED_BACKEND``.
 Importing mbfused never initialises CUDA and never fails because a backend is missing.
 """
@@ -12,8 +15,10 @@ Importing mbfused never initialises CUDA and never fails because a backend is mi
 from mbfused._backend import available_backends, use_backend
 from mbfused._version import __version__
 from mbfused.ops import accumulate_, finalize_, wgrad_accumulate_
+from mbfused.optim import MicroBatchOptimizer
 
 __all__ = [
+    "MicroBatchOptimizer",
     "__version__",
     "accumulate_",
     "available_backends",

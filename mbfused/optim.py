@@ -10,12 +10,15 @@ is the only one.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
 from mbfused import ops, reference
 
-__all__ = ["fused_optimizer_step", "supports_fused_handoff"]
+__all__ = ["MicroBatchOptimizer", "fused_optimizer_step", "supports_fused_handoff"]
 
 
 def supports_fused_handoff(optimizer: torch.optim.Optimizer) -> bool:
@@ -86,3 +89,489 @@ def fused_optimizer_step(
         del optimizer.grad_scale
         del optimizer.found_inf
     return total_norm
+
+
+# --------------------------------------------------------------------------------------
+# MicroBatchOptimizer: the drop-in wrapper
+# --------------------------------------------------------------------------------------
+
+_NORMALIZE = ("mean", "sum", "items")
+_MODES = ("bucket", "param")
+_ACCUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _Slot:
+    """One parameter's accumulation buffer and its state in the current window."""
+
+    __slots__ = ("bucket", "buffer", "index", "last_pass_count", "param", "written")
+
+    def __init__(self, index: int, param: Tensor, buffer: Tensor, bucket: int) -> None:
+        self.index = index  # position among the wrapper's parameters (messages, state_dict)
+        self.param = param
+        self.buffer = buffer  # accum_dtype, contiguous, shaped like the parameter
+        self.bucket = bucket
+        self.written = False  # holds this window's gradient (else its contents are stale)
+        self.last_pass_count = 0  # accumulations during the window's last micro-batch
+
+
+class _Bucket:
+    """Consecutive parameters (in backward order) whose gradients are accumulated together
+    once all of them are ready, and one flat buffer behind their accumulation buffers."""
+
+    __slots__ = ("flat", "ready", "slots")
+
+    def __init__(self, slots: list[_Slot], flat: Tensor | None) -> None:
+        self.slots = slots
+        self.flat = flat
+        self.ready: set[int] = set()  # slot indices whose gradient arrived in this backward
+
+
+def _as_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class MicroBatchOptimizer:
+    """Gradient accumulation over micro-batches around any ``torch.optim`` optimizer.
+
+    Call ``step()`` after every micro-batch's ``backward()``, as in an ordinary training
+    loop. Each call adds the parameters' gradients, scaled, into fp32 accumulation
+    buffers with one fused :func:`mbfused.accumulate_` pass and frees them; every
+    ``accumulation_steps``-th call ends the window: non-finite check, unscale and clip in
+    one :func:`mbfused.finalize_` pass (or none at all, handed to a fused torch
+    optimizer), then the wrapped optimizer's ``step()``::
+
+        opt = mbfused.MicroBatchOptimizer(torch.optim.AdamW(model.parameters()), 8,
+                                          max_grad_norm=1.0)
+        for batch in loader:
+            model(batch).backward()
+            if opt.step():          # True when the parameters were updated
+                scheduler.step()    # schedulers take opt.optimizer
+            opt.zero_grad()
+
+    Args:
+        optimizer: the wrapped optimizer; its parameters must be on one device.
+        accumulation_steps: micro-batches per optimizer step (N).
+        max_grad_norm: clip the window's gradient to this total L2 norm, as
+            ``torch.nn.utils.clip_grad_norm_`` does; None: no clipping.
+        normalize: how the window's gradient is normalized. ``"mean"``: each micro-batch
+            counts 1/N (for losses that are means over a micro-batch). ``"sum"``: no
+            scaling. ``"items"``: divided by the total ``num_items`` of the window (pass
+            each micro-batch's item count, e.g. its non-padding tokens, to ``step``), for
+            losses that are sums over items: the exact mean over a window whose
+            micro-batches hold different numbers of items.
+        accum_dtype: dtype of the accumulation buffers (fp32, or bf16/fp16 to save memory).
+        mode: ``"bucket"``: buffers live in flat buckets of about ``bucket_mb`` MB, and a
+            bucket is accumulated during ``backward()`` as soon as all its gradients are
+            ready, which frees those gradients early (peak memory holds about one bucket
+            of 16-bit gradients, not all of them). ``"param"``: one buffer per parameter,
+            everything accumulated in ``step()``.
+        bucket_mb: bucket size in MB of accumulation buffer (``mode="bucket"``).
+        scaler: a ``torch.amp.GradScaler`` whose ``scale(loss)`` the loss is multiplied by:
+            the window's gradient is unscaled in the same pass, a window with inf/nan is
+            skipped, and ``scaler.update()`` is called at the end of every window.
+        process_group: data-parallel group (``torch.distributed``): at the end of a window
+            the buffers are summed over its ranks (one all-reduce per bucket, instead of one
+            per micro-batch), ``"mean"``/``"sum"`` gradients are averaged over ranks as DDP
+            does, and ``"items"`` counts are summed over ranks. Use it instead of DDP.
+
+    A window in which any gradient element is inf or nan is skipped (parameters and
+    optimizer state unchanged) with or without a scaler. Ending a window reads one flag
+    on the host (one synchronisation per window, as ``GradScaler.step`` does).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        accumulation_steps: int,
+        *,
+        max_grad_norm: float | None = None,
+        normalize: str = "mean",
+        accum_dtype: torch.dtype = torch.float32,
+        mode: str = "bucket",
+        bucket_mb: float = 32,
+        scaler: torch.amp.GradScaler | None = None,
+        process_group=None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.accumulation_steps = _as_positive_int(accumulation_steps, "accumulation_steps")
+        if max_grad_norm is not None:
+            if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
+                    or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
+                raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
+            max_grad_norm = float(max_grad_norm)
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be one of {', '.join(map(repr, _NORMALIZE))}, got {normalize!r}")
+        if accum_dtype not in _ACCUM_DTYPES:
+            raise ValueError(f"accum_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {accum_dtype}")
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
+        if (isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real)
+                or not math.isfinite(bucket_mb) or bucket_mb <= 0):
+            raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+        params = self._trainable_params(optimizer)
+
+        self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
+        self.normalize = normalize
+        self.accum_dtype = accum_dtype
+        self.mode = mode
+        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
+        self.process_group = process_group
+        self.last_grad_norm: Tensor | None = None
+        self.last_step_skipped = False
+        self._micro_step = 0
+        self._device = params[0].device if params else torch.device("cpu")
+        self._found_inf = torch.zeros(1, dtype=torch.float32, device=self._device)
+        self._norm_sq = torch.zeros(1, dtype=torch.float32, device=self._device)
+        self._items: float | Tensor = 0
+        self._buckets = self._make_buckets(params, bucket_mb * 2**20 if mode == "bucket" else 0)
+        self._slots = [slot for bucket in self._buckets for slot in bucket.slots]
+        self._slots.sort(key=lambda s: s.index)
+        self._hooks = []
+        if mode == "bucket":
+            for slot in self._slots:
+                self._hooks.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-batches accumulated in the current window (0 right after a window ends)."""
+        return self._micro_step
+
+    @property
+    def sync_gradients(self) -> bool:
+        """True when the next ``step()`` ends the window (its backward is the last one)."""
+        return self._micro_step == self.accumulation_steps - 1
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    def __repr__(self) -> str:
+        return (f"MicroBatchOptimizer({type(self.optimizer).__name__}, accumulation_steps="
+                f"{self.accumulation_steps}, max_grad_norm={self.max_grad_norm}, normalize="
+                f"{self.normalize!r}, accum_dtype={self.accum_dtype}, mode={self.mode!r}, "
+                f"micro_step={self._micro_step})")
+
+    # -- setup --------------------------------------------------------------------------
+
+    @staticmethod
+    def _trainable_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+        params, seen = [], set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                "optimizer's parameters must all be on one device, found "
+                + ", ".join(sorted(str(d) for d in devices)))
+        for i, p in enumerate(params):
+            if p.dtype not in _ACCUM_DTYPES:
+                raise ValueError(
+                    f"optimizer parameter {i} has dtype {p.dtype}; supported dtypes are "
+                    "torch.float32, torch.bfloat16 and torch.float16")
+        return params
+
+    def _make_buckets(self, params: list[Tensor], bucket_bytes: float) -> list[_Bucket]:
+        """Buckets of consecutive parameters in backward order (the reverse of
+        registration order, as DDP assumes). bucket_bytes=0: a buffer per parameter."""
+        element = torch.empty((), dtype=self.accum_dtype).element_size()
+        groups: list[list[int]] = []
+        size = 0
+        for i in reversed(range(len(params))):
+            nbytes = params[i].numel() * element
+            if not groups or bucket_bytes == 0 or size + nbytes > bucket_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += nbytes
+        buckets = []
+        for b, members in enumerate(groups):
+            if bucket_bytes == 0:
+                p = params[members[0]]
+                buffer = torch.empty(p.shape, dtype=self.accum_dtype, device=p.device)
+                buckets.append(_Bucket([_Slot(members[0], p, buffer, b)], None))
+                continue
+            flat = torch.empty(sum(params[i].numel() for i in members), dtype=self.accum_dtype,
+                               device=self._device)
+            slots, offset = [], 0
+            for i in members:
+                n = params[i].numel()
+                slots.append(_Slot(i, params[i], flat[offset:offset + n].view(params[i].shape), b))
+                offset += n
+            buckets.append(_Bucket(slots, flat))
+        return buckets
+
+    def _hook_for(self, slot: _Slot):
+        def hook(param: Tensor) -> None:
+            bucket = self._buckets[slot.bucket]
+            bucket.ready.add(slot.index)
+            if len(bucket.ready) == len(bucket.slots):
+                bucket.ready.clear()
+                with torch.no_grad():
+                    self._accumulate([s for s in bucket.slots if s.param.grad is not None])
+        return hook
+
+    # -- the step -----------------------------------------------------------------------
+
+    def _micro_scale(self) -> float:
+        return 1.0 / self.accumulation_steps if self.normalize == "mean" else 1.0
+
+    def _check_grad(self, slot: _Slot) -> Tensor:
+        grad = slot.param.grad
+        if grad.layout != torch.strided:
+            raise ValueError(f"parameter {slot.index} has a {grad.layout} gradient; "
+                             "MicroBatchOptimizer accumulates dense gradients only")
+        if grad.dtype not in _ACCUM_DTYPES:
+            raise ValueError(f"parameter {slot.index}'s gradient has dtype {grad.dtype}; supported "
+                             "dtypes are torch.float32, torch.bfloat16 and torch.float16")
+        if grad.data_ptr() == slot.buffer.data_ptr() and grad.numel() > 0:
+            raise RuntimeError(
+                f"parameter {slot.index}'s .grad is still the gradient of the last window: "
+                "call zero_grad() after every step()")
+        return grad if grad.is_contiguous() else grad.contiguous()
+
+    def _accumulate(self, slots: list[_Slot]) -> None:
+        """One fused pass per kind (first write of the window, or add) over `slots`'
+        gradients, which are then freed."""
+        if not slots:
+            return
+        grads = [self._check_grad(s) for s in slots]
+        last = self._micro_step == self.accumulation_steps - 1
+        norm_sq = self._norm_sq if last and self.process_group is None else None
+        for overwrite in (True, False):
+            chosen = [(s, g) for s, g in zip(slots, grads, strict=True) if s.written != overwrite]
+            if chosen:
+                ops.accumulate_([s.buffer for s, _ in chosen], [g for _, g in chosen],
+                                self._micro_scale(), overwrite=overwrite,
+                                found_inf=self._found_inf, norm_sq=norm_sq)
+        for s in slots:
+            s.written = True
+            s.last_pass_count += last
+            s.param.grad = None
+
+    def _check_num_items(self, num_items) -> float | Tensor:
+        if self.normalize != "items":
+            if num_items is not None:
+                raise ValueError(f"num_items is only used with normalize='items' (this optimizer "
+                                 f"uses normalize={self.normalize!r})")
+            return 0
+        if num_items is None:
+            raise ValueError("num_items is required with normalize='items': pass the micro-batch's "
+                             "item count (e.g. its non-padding tokens) to step()")
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
+                raise ValueError(f"num_items must be a number or a 1-element tensor, got shape "
+                                 f"{list(num_items.shape)}, dtype {num_items.dtype}")
+            return num_items.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+        if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or num_items < 0:
+            raise ValueError(f"num_items must be a non-negative number or a 1-element tensor, got {num_items!r}")
+        last = self._micro_step == self.accumulation_steps - 1
+        if (last and self.process_group is None and not isinstance(self._items, Tensor)
+                and self._items + num_items == 0):
+            raise ValueError("num_items: the window holds 0 items in total, its gradient is undefined")
+        return num_items
+
+    @torch.no_grad()
+    def step(self, num_items: int | float | Tensor | None = None) -> bool:
+        """Accumulates this micro-batch's gradients; ends the window on every
+        ``accumulation_steps``-th call. Returns True when the wrapped optimizer updated
+        the parameters (False mid-window and when the window was skipped for inf/nan)."""
+        items = self._check_num_items(num_items)
+        pending = [s for s in self._slots if s.param.grad is not None]
+        for s in pending:
+            self._check_grad(s)  # every gradient valid before any is consumed
+        for bucket in self._buckets:
+            bucket.ready.clear()
+        self._accumulate(pending)
+        self._items = self._items + items
+        self._micro_step += 1
+        if self._micro_step < self.accumulation_steps:
+            return False
+        try:
+            return self._end_window()
+        finally:
+            self._start_window()
+
+    def _start_window(self) -> None:
+        self._micro_step = 0
+        self._found_inf.zero_()
+        self._norm_sq.zero_()
+        self._items = 0
+        for s in self._slots:
+            s.written = False
+            s.last_pass_count = 0
+
+    def _inv_scale(self, world_size: int) -> float | Tensor:
+        inv: float | Tensor = 1.0
+        if self.normalize == "items":
+            inv = 1.0 / self._items
+        elif world_size > 1:
+            inv = 1.0 / world_size
+        if self.scaler is not None:
+            scale = self.scaler._scale
+            if scale is None:
+                raise RuntimeError("scaler has no scale yet: multiply the loss by scaler.scale(loss) "
+                                   "before backward()")
+            inv = inv * scale.double().reciprocal().float().to(self._device)
+        if isinstance(inv, Tensor):
+            return inv.reshape(1).to(torch.float32)
+        return inv
+
+    def _all_reduce(self, written: list[_Slot]) -> list[_Slot]:
+        """Sums the buffers, found_inf and the item count over the process group; returns
+        the slots written on any rank (those written on none stay without gradient)."""
+        import torch.distributed as dist
+
+        group = self.process_group
+        flags = torch.tensor([float(s.written) for s in self._slots], device=self._device)
+        items = self._items if isinstance(self._items, Tensor) else torch.tensor(float(self._items))
+        meta = torch.cat([flags, self._found_inf, items.reshape(1).to(self._device, torch.float32)])
+        dist.all_reduce(meta, group=group)
+        any_written = meta[:len(self._slots)].cpu() > 0
+        self._found_inf.copy_(meta[len(self._slots)].clamp(max=1))
+        if self.normalize == "items":
+            self._items = meta[-1]
+        for s, on_some_rank in zip(self._slots, any_written.tolist(), strict=True):
+            if on_some_rank and not s.written:
+                s.buffer.zero_()
+                s.written = True
+        for bucket in self._buckets:
+            if not any(s.written for s in bucket.slots):
+                continue
+            if bucket.flat is not None:
+                for s in bucket.slots:
+                    if not s.written:
+                        s.buffer.zero_()
+                dist.all_reduce(bucket.flat, group=group)
+            else:
+                dist.all_reduce(bucket.slots[0].buffer, group=group)
+        return [s for s in self._slots if s.written]
+
+    def _end_window(self) -> bool:
+        written = [s for s in self._slots if s.written]
+        world_size = 1
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            world_size = dist.get_world_size(self.process_group)
+            written = self._all_reduce(written)
+        inv_scale = self._inv_scale(world_size)
+        # The norm summed in the last micro-batch's pass covers every buffer only when each
+        # was accumulated exactly once in that micro-batch.
+        norm_complete = self.process_group is None and all(s.last_pass_count == 1 for s in written)
+        norm_sq = self._norm_sq if norm_complete else None
+        if not written:
+            total_norm = torch.zeros((), device=self._device)
+            skipped = bool(self._found_inf.item())
+        elif supports_fused_handoff(self.optimizer) and all(s.param.dtype == self.accum_dtype for s in written):
+            for s in written:
+                s.param.grad = s.buffer
+            total_norm = fused_optimizer_step(self.optimizer, inv_scale, max_norm=self.max_grad_norm,
+                                              found_inf=self._found_inf, norm_sq=norm_sq)
+            skipped = bool(self._found_inf.item())
+        else:
+            buffers = [s.buffer for s in written]
+            in_place = all(s.param.dtype == self.accum_dtype for s in written)
+            out = None if in_place else [torch.empty_like(s.param) for s in written]
+            total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
+                                       found_inf=self._found_inf, norm_sq=norm_sq, out=out)
+            skipped = bool(self._found_inf.item())
+            if not skipped:
+                for s, grad in zip(written, out if out is not None else buffers, strict=True):
+                    s.param.grad = grad
+                self.optimizer.step()
+        if skipped:
+            for s in written:
+                s.param.grad = None
+        if self.scaler is not None:
+            state = self.scaler._per_optimizer_states[id(self.optimizer)]
+            state["found_inf_per_device"][self._device] = self._found_inf.clone()
+            self.scaler.update()
+        self.last_grad_norm = total_norm
+        self.last_step_skipped = skipped
+        return not skipped
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's ``zero_grad``; call it after every ``step()`` as usual.
+
+        Gradients already accumulated into the window's buffers are kept. A ``.grad``
+        that is an accumulation buffer (after a window's step) is released, whatever
+        ``set_to_none`` says: zeroing it would be a wasted pass, and the next backward
+        must not add into it."""
+        for s in self._slots:
+            if s.param.grad is not None and s.param.grad.data_ptr() == s.buffer.data_ptr():
+                s.param.grad = None
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state and the window's progress, with the accumulated
+        gradients of a half-finished window (a checkpoint may be taken mid-window)."""
+        window = None
+        if self._micro_step > 0:
+            window = {
+                "written": [s.written for s in self._slots],
+                "buffers": {s.index: s.buffer.clone() for s in self._slots if s.written},
+                "found_inf": self._found_inf.clone(),
+                "items": self._items.clone() if isinstance(self._items, Tensor) else self._items,
+            }
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "accumulation_steps": self.accumulation_steps,
+            "normalize": self.normalize,
+            "micro_step": self._micro_step,
+            "window": window,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores ``state_dict()``'s result, a half-finished window included. Checked in
+        full before anything is changed."""
+        missing = {"optimizer", "accumulation_steps", "normalize", "micro_step", "window"} - set(state_dict)
+        if missing:
+            raise ValueError(f"state_dict is missing {', '.join(sorted(missing))}")
+        for key, mine in (("accumulation_steps", self.accumulation_steps), ("normalize", self.normalize)):
+            if state_dict[key] != mine:
+                raise ValueError(f"state_dict has {key}={state_dict[key]!r} but this optimizer has {mine!r}")
+        micro_step, window = state_dict["micro_step"], state_dict["window"]
+        if not 0 <= micro_step < self.accumulation_steps or (window is None) != (micro_step == 0):
+            raise ValueError(f"state_dict has micro_step={micro_step!r} and "
+                             f"{'no' if window is None else 'a'} window")
+        if window is not None:
+            if len(window["written"]) != len(self._slots):
+                raise ValueError(f"state_dict's window has {len(window['written'])} parameters, "
+                                 f"this optimizer {len(self._slots)}")
+            for index, buffer in window["buffers"].items():
+                mine = self._slots[index].buffer
+                if buffer.shape != mine.shape:
+                    raise ValueError(f"state_dict's window buffer {index} has shape {list(buffer.shape)} "
+                                     f"but parameter {index} has {list(mine.shape)}")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self._start_window()
+        self._micro_step = micro_step
+        if window is not None:
+            for s, written in zip(self._slots, window["written"], strict=True):
+                s.written = bool(written)
+            for index, buffer in window["buffers"].items():
+                self._slots[index].buffer.copy_(buffer)
+            self._found_inf.copy_(window["found_inf"])
+            items = window["items"]
+            self._items = items.to(self._device) if isinstance(items, Tensor) else items

@@ -1,0 +1,473 @@
+"""MicroBatchOptimizer against the pure-PyTorch loop it replaces (DESIGN.md section 2).
+
+The reference keeps an fp32 gradient per parameter, adds ``s_k * float32(g_k)`` after
+every micro-batch's backward, and at the end of the window divides by the window's item
+count (``"items"``), clips with ``torch.nn.utils.clip_grad_norm_``, skips the step on
+inf/nan, and steps the same optimizer on a copy of the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import mbfused
+from mbfused.optim import MicroBatchOptimizer
+
+N = 4  # micro-batches per window
+
+OPTIMIZERS = {
+    "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    "adamw-fused": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True),
+}
+
+
+class Net(torch.nn.Module):
+    """Two layers and a head used only by some micro-batches (`use_head`)."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        self.head = torch.nn.Linear(4, 1)
+        self.to(dtype)
+
+    def forward(self, x, use_head=False):
+        y = self.body(x)
+        return self.head(y) if use_head else y
+
+
+def _batches(windows=2, seed=0, dtype=torch.float32):
+    """Micro-batches of different sizes (2..7 rows), as a loader with padding removed gives."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(2, 8, (windows * N,), generator=gen).tolist()
+    return [torch.randn(n, 8, generator=gen).to(dtype) for n in sizes]
+
+
+def _loss(model, x, normalize, use_head=False):
+    out = model(x, use_head).float().square()
+    return out.sum() if normalize == "items" else out.mean()
+
+
+def _reference_run(model, optimizer, batches, *, normalize="mean", max_norm=None,
+                   use_head=lambda k: False, loss_scale=1.0):
+    """The pure-PyTorch loop; returns the total norm of every window (None if skipped)."""
+    params = [p for p in model.parameters()]
+    main = [None] * len(params)
+    items, norms = 0, []
+    for k, x in enumerate(batches):
+        (_loss(model, x, normalize, use_head(k)) * loss_scale).backward()
+        s = 1.0 / N if normalize == "mean" else 1.0
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                g = p.grad.float() * s
+                main[i] = g if main[i] is None else main[i] + g
+                p.grad = None
+        items += x.shape[0]
+        if (k + 1) % N:
+            continue
+        inv = (1.0 / items if normalize == "items" else 1.0) / loss_scale
+        grads = [None if m is None else m * inv for m in main]
+        if not all(torch.isfinite(g).all() for g in grads if g is not None):
+            norms.append(None)
+        else:
+            for p, g in zip(params, grads):
+                p.grad = None if g is None else g.to(p.dtype)
+            live = [p for p in params if p.grad is not None]
+            norms.append(torch.nn.utils.clip_grad_norm_(live, max_norm if max_norm else math.inf))
+            optimizer.step()
+        optimizer.zero_grad()
+        main, items = [None] * len(params), 0
+    return norms
+
+
+def _wrapped_run(model, opt, batches, *, normalize="mean", use_head=lambda k: False,
+                 scaler=None):
+    """The same loop through MicroBatchOptimizer; returns step()'s results and the norms."""
+    stepped, norms = [], []
+    for k, x in enumerate(batches):
+        loss = _loss(model, x, normalize, use_head(k))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        stepped.append(opt.step(num_items=x.shape[0] if normalize == "items" else None))
+        if stepped[-1] or opt.micro_step == 0:
+            norms.append(None if opt.last_step_skipped else opt.last_grad_norm)
+        opt.zero_grad()
+    return stepped, norms
+
+
+def _assert_same_params(a, b, **tol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+@pytest.mark.parametrize("normalize", ["mean", "sum", "items"])
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+@pytest.mark.parametrize("max_norm", [None, 0.05])
+def test_matches_the_pure_pytorch_loop(kind, normalize, mode, max_norm):
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    batches = _batches()
+    ref_norms = _reference_run(ref, OPTIMIZERS[kind](ref.parameters()), batches,
+                               normalize=normalize, max_norm=max_norm)
+    opt = MicroBatchOptimizer(OPTIMIZERS[kind](model.parameters()), N, max_grad_norm=max_norm,
+                              normalize=normalize, mode=mode, bucket_mb=0.002)
+    stepped, norms = _wrapped_run(model, opt, batches, normalize=normalize)
+    assert stepped == [False, False, False, True] * 2
+    _assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(norms, ref_norms, strict=True):
+        torch.testing.assert_close(mine, theirs.float(), rtol=1e-5, atol=0)
+    if max_norm is not None:
+        assert all(n > max_norm for n in ref_norms), "the case must actually clip"
+
+
+def test_window_progress_is_visible():
+    model = Net()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 3)
+    seen = []
+    for x in _batches(windows=2)[:6]:
+        seen.append((opt.micro_step, opt.sync_gradients))
+        model(x).sum().backward()
+        seen.append(opt.step())
+        opt.zero_grad()
+    assert seen == [(0, False), False, (1, False), False, (2, True), True,
+                    (0, False), False, (1, False), False, (2, True), True]
+    assert opt.accumulation_steps == 3
+    assert opt.param_groups is opt.optimizer.param_groups
+
+
+def test_bucket_mode_frees_gradients_during_backward():
+    """Buckets are accumulated as backward produces them: no 16-bit gradient outlives its
+    bucket. In "param" mode the gradients live until step(). A bucket that holds a
+    parameter without a gradient in this backward (the head) waits for step()."""
+    for mode, bucket_mb, freed in (("bucket", 1e-6, True), ("param", 32, False), ("bucket", 32, False)):
+        model = Net()
+        opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode=mode,
+                                  bucket_mb=bucket_mb)
+        _loss(model, _batches()[0], "mean").backward()
+        body = list(model.body.parameters())
+        assert all((p.grad is None) == freed for p in body), mode
+        opt.step()
+        assert all(p.grad is None for p in body), mode
+        assert len(opt._buckets) == (6 if bucket_mb < 1 or mode == "param" else 1)
+
+
+def test_parameters_used_in_some_micro_batches_only():
+    """The head gets gradients in micro-batches 1 and 2 of the first window only: its
+    buffer starts at its first gradient, and in the second window it gets no gradient,
+    so the optimizer leaves it alone (as torch does for .grad None)."""
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    batches = _batches()
+    use_head = lambda k: k in (1, 2)  # noqa: E731
+    _reference_run(ref, OPTIMIZERS["sgd"](ref.parameters()), batches, use_head=use_head, max_norm=0.05)
+    head_before = model.head.weight.detach().clone()
+    for mode in ("bucket", "param"):
+        m = copy.deepcopy(model)
+        opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](m.parameters()), N, mode=mode, max_grad_norm=0.05)
+        _wrapped_run(m, opt, batches, use_head=use_head)
+        _assert_same_params(m, ref, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(m.head.weight, head_before)
+
+
+def test_a_window_with_inf_or_nan_is_skipped():
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    batches = _batches(windows=3)
+    batches[5] = batches[5].clone()
+    batches[5][1, 3] = float("nan")  # second window, second micro-batch
+    optimizer = OPTIMIZERS["adamw"](model.parameters())
+    opt = MicroBatchOptimizer(optimizer, N, max_grad_norm=1.0)
+    stepped, _ = _wrapped_run(model, opt, batches[:4])
+    assert stepped[-1] and not opt.last_step_skipped
+    after_first = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    stepped, _ = _wrapped_run(model, opt, batches[4:8])
+    assert stepped == [False] * 4 and opt.last_step_skipped
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, after_first[0][name]), name
+    assert optimizer.state_dict()["state"][0]["step"] == after_first[1]["state"][0]["step"]
+    assert all(p.grad is None for p in model.parameters())
+    stepped, _ = _wrapped_run(model, opt, batches[8:])
+    assert stepped[-1] and not opt.last_step_skipped, "found_inf is reset for the next window"
+    ref_batches = batches[:4] + batches[8:]
+    _reference_run(ref, OPTIMIZERS["adamw"](ref.parameters()), ref_batches, max_norm=1.0)
+    _assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+@pytest.mark.parametrize("normalize", ["mean", "items"])
+def test_a_checkpoint_mid_window_resumes_exactly(mode, normalize):
+    torch.manual_seed(0)
+    model = Net()
+    batches = _batches()
+    whole = copy.deepcopy(model)
+    opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](whole.parameters()), N, normalize=normalize,
+                              mode=mode, max_grad_norm=0.05)
+    _wrapped_run(whole, opt, batches, normalize=normalize)
+
+    first = copy.deepcopy(model)
+    opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](first.parameters()), N, normalize=normalize,
+                              mode=mode, max_grad_norm=0.05)
+    _wrapped_run(first, opt, batches[:6], normalize=normalize)  # 1.5 windows
+    assert opt.micro_step == 2
+    saved = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved)
+
+    resumed = Net()
+    resumed.load_state_dict(checkpoint["model"])
+    opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](resumed.parameters()), N, normalize=normalize,
+                              mode=mode, max_grad_norm=0.05)
+    opt.load_state_dict(checkpoint["opt"])
+    assert opt.micro_step == 2
+    stepped, _ = _wrapped_run(resumed, opt, batches[6:], normalize=normalize)
+    assert stepped == [False, True]
+    _assert_same_params(resumed, whole, rtol=0, atol=0)
+
+
+def test_load_state_dict_checks_before_changing_anything():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
+    _wrapped_run(model, opt, _batches()[:2])
+    sd = opt.state_dict()
+    other = MicroBatchOptimizer(OPTIMIZERS["sgd"](Net().parameters()), N + 1)
+    before = other.state_dict()
+    with pytest.raises(ValueError, match="accumulation_steps=4 but this optimizer has 5"):
+        other.load_state_dict(sd)
+    assert other.state_dict()["micro_step"] == before["micro_step"] == 0
+    bad = dict(sd, window=dict(sd["window"], buffers={0: torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"window buffer 0 has shape \[3\]"):
+        opt.load_state_dict(bad)
+    assert opt.micro_step == 2 and torch.equal(opt._slots[0].buffer, sd["window"]["buffers"][0])
+    with pytest.raises(ValueError, match="missing window"):
+        opt.load_state_dict({k: v for k, v in sd.items() if k != "window"})
+
+
+def test_grad_scaler_unscales_skips_and_updates():
+    """fp16-style loss scaling: the scale is removed in the end-of-window pass, a window
+    whose scaled gradients overflow is skipped and the scale backs off."""
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    batches = _batches()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](model.parameters()), N, max_grad_norm=0.05,
+                              scaler=scaler)
+    _wrapped_run(model, opt, batches[:4], scaler=scaler)
+    assert not opt.last_step_skipped and scaler.get_scale() == 2.0**11  # grew after a good window
+    _reference_run(ref, OPTIMIZERS["adamw"](ref.parameters()), batches[:4], max_norm=0.05,
+                   loss_scale=2.0**10)
+    _assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
+
+    before = copy.deepcopy(model.state_dict())
+    batches[6] = batches[6].clone()
+    batches[6][0, 0] = float("inf")
+    stepped, _ = _wrapped_run(model, opt, batches[4:], scaler=scaler)
+    assert stepped == [False] * 4 and opt.last_step_skipped
+    assert scaler.get_scale() == 2.0**10  # backed off
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_sixteen_bit_parameters_get_sixteen_bit_gradients():
+    """bf16 parameters, fp32 buffers: the optimizer sees the fp32 sum cast once to bf16."""
+    torch.manual_seed(0)
+    model = Net(torch.bfloat16)
+    ref = copy.deepcopy(model)
+    batches = _batches(dtype=torch.bfloat16)
+    _reference_run(ref, OPTIMIZERS["sgd"](ref.parameters()), batches, max_norm=0.05)
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N, max_grad_norm=0.05)
+    seen = []
+    orig_step = opt.optimizer.step
+    opt.optimizer.step = lambda: (seen.append({p.grad.dtype for p in model.body.parameters()}), orig_step())
+    _wrapped_run(model, opt, batches)
+    assert seen == [{torch.bfloat16}] * 2
+    _assert_same_params(model, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("accum_dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_buffers(accum_dtype):
+    """Buffers in 16 bits: each micro-batch's sum is rounded once to the buffer's dtype."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N, accum_dtype=accum_dtype)
+    assert all(s.buffer.dtype == accum_dtype for s in opt._slots)
+    batches = _batches(windows=1)
+    expected = [torch.zeros_like(p, dtype=accum_dtype) for p in model.body.parameters()]
+    probe = copy.deepcopy(model)
+    for x in batches:
+        probe.zero_grad()
+        _loss(probe, x, "mean").backward()
+        for e, p in zip(expected, probe.body.parameters()):
+            e.copy_((e.float() + p.grad.float() / N).to(accum_dtype))
+    seen = []
+    opt.optimizer.step = lambda: seen.append([p.grad.clone() for p in model.body.parameters()])
+    _wrapped_run(model, opt, batches)
+    for got, want in zip(seen[0], expected, strict=True):
+        torch.testing.assert_close(got.to(accum_dtype), want, rtol=0, atol=0)
+
+
+def test_zero_grad_keeps_no_alias_to_the_buffers():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 1, mode="param")
+    _loss(model, _batches()[0], "mean").backward()
+    assert opt.step()
+    assert model.body[0].weight.grad is not None  # the window's gradient, after the step
+    opt.zero_grad(set_to_none=False)
+    assert model.body[0].weight.grad is None, "an accumulation buffer is released, not zeroed"
+    _loss(model, _batches()[1], "mean").backward()
+    assert opt.step()
+    _loss(model, _batches()[2], "mean").backward()  # no zero_grad: backward adds into the buffer
+    with pytest.raises(RuntimeError, match="still the gradient of the last window: call zero_grad"):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"accumulation_steps": 0}, ValueError, "accumulation_steps must be a positive int"),
+        ({"accumulation_steps": 2.0}, ValueError, "accumulation_steps must be a positive int"),
+        ({"accumulation_steps": True}, ValueError, "accumulation_steps must be a positive int"),
+        ({"max_grad_norm": 0.0}, ValueError, "max_grad_norm must be a positive finite"),
+        ({"max_grad_norm": float("inf")}, ValueError, "max_grad_norm must be a positive finite"),
+        ({"normalize": "avg"}, ValueError, "normalize must be one of 'mean', 'sum', 'items'"),
+        ({"accum_dtype": torch.float64}, ValueError, "accum_dtype must be"),
+        ({"mode": "flat"}, ValueError, "mode must be one of 'bucket', 'param'"),
+        ({"bucket_mb": 0}, ValueError, "bucket_mb must be a positive number"),
+        ({"scaler": object()}, TypeError, "scaler must be a torch.amp.GradScaler"),
+        ({"optimizer": object()}, TypeError, "optimizer must be a torch.optim.Optimizer"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, message):
+    model = Net()
+    args = {"optimizer": OPTIMIZERS["sgd"](model.parameters()), "accumulation_steps": N, **kwargs}
+    with pytest.raises(error, match=message):
+        MicroBatchOptimizer(args.pop("optimizer"), args.pop("accumulation_steps"), **args)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
+               if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
+
+
+def test_parameters_must_share_a_device_and_dtype():
+    on_cpu = torch.nn.Parameter(torch.zeros(3))
+    on_meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match="one device, found cpu, meta"):
+        MicroBatchOptimizer(torch.optim.SGD([on_cpu, on_meta], lr=0.1), N)
+    double = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"parameter 0 has dtype torch\.float64"):
+        MicroBatchOptimizer(torch.optim.SGD([double], lr=0.1), N)
+
+
+def test_bad_step_arguments_change_nothing():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2, normalize="items", mode="param")
+    x = _batches()[0]
+    _loss(model, x, "items").backward()
+    grads = [p.grad.clone() for p in model.body.parameters()]
+    for bad, message in ((None, "num_items is required"), (-1, "non-negative"), (True, "non-negative"),
+                         (torch.ones(2), "1-element tensor")):
+        with pytest.raises(ValueError, match=message):
+            opt.step(num_items=bad)
+        assert opt.micro_step == 0
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.body.parameters(), grads, strict=True))
+    assert not opt.step(num_items=0)
+    _loss(model, x, "items").backward()
+    with pytest.raises(ValueError, match="0 items in total"):
+        opt.step(num_items=0)
+    assert opt.micro_step == 1
+    mean = MicroBatchOptimizer(OPTIMIZERS["sgd"](Net().parameters()), 2)
+    with pytest.raises(ValueError, match="num_items is only used with normalize='items'"):
+        mean.step(num_items=3)
+
+
+def test_num_items_as_a_tensor():
+    """Counts as tensors (computed on the device from the batch) give the same result."""
+    torch.manual_seed(0)
+    model = Net()
+    twin = copy.deepcopy(model)
+    batches = _batches()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N, normalize="items")
+    _wrapped_run(model, opt, batches, normalize="items")
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](twin.parameters()), N, normalize="items")
+    for x in batches:
+        _loss(twin, x, "items").backward()
+        opt.step(num_items=torch.tensor(x.shape[0]))
+        opt.zero_grad()
+    _assert_same_params(twin, model, rtol=0, atol=0)
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = MicroBatchOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1), 2, mode="param")
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match=r"parameter 0 has a torch\.sparse_coo gradient"):
+        opt.step()
+    assert emb.weight.grad is not None and opt.micro_step == 0
+
+
+def _data_parallel_worker(rank, world, path, normalize, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](model.parameters()), N, normalize=normalize,
+                                  max_grad_norm=0.05, process_group=dist.group.WORLD,
+                                  bucket_mb=0.002)
+        batches = _batches(seed=1)[rank::world] * world  # rank r: its own half, twice
+        use_head = lambda k: rank == 1 and k == 2  # noqa: E731  (only rank 1 touches the head)
+        _wrapped_run(model, opt, batches[:N], normalize=normalize, use_head=use_head)
+        results[rank] = {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("normalize", ["mean", "items"])
+def test_data_parallel_window_equals_one_process(tmp_path, normalize):
+    """Two gloo ranks, each with its own micro-batches: one all-reduce per bucket at the
+    end of the window gives every rank the parameters a single process gets from the
+    ranks' micro-batches with DDP's averaging (or the global item count)."""
+    mp = torch.multiprocessing.get_context("spawn")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(
+            _data_parallel_worker, args=(2, tmp_path / "store", normalize, results), nprocs=2,
+            start_method="spawn")
+        results = dict(results)
+
+    torch.manual_seed(0)
+    ref = Net()
+    batches = _batches(seed=1)
+    per_rank = [batches[r::2][:N] for r in range(2)]
+    params = list(ref.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    items = 0
+    for r, rank_batches in enumerate(per_rank):
+        for k, x in enumerate(rank_batches):
+            ref.zero_grad()
+            _loss(ref, x, normalize, use_head=(r == 1 and k == 2)).backward()
+            for t, p in zip(total, params):
+                if p.grad is not None:
+                    t += p.grad / (N * 2 if normalize == "mean" else 1)
+            items += x.shape[0]
+    for p, t in zip(params, total):
+        p.grad = t / items if normalize == "items" else t
+    torch.nn.utils.clip_grad_norm_(params, 0.05)
+    OPTIMIZERS["adamw"](params).step()
+    for rank in range(2):
+        for name, value in ref.state_dict().items():
+            torch.testing.assert_close(results[rank][name], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+
+
+def test_exported_from_the_package():
+    assert mbfused.MicroBatchOptimizer is MicroBatchOptimizer
+    assert "MicroBatchOptimizer" in mbfused.__all__
