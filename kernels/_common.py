@@ -11,8 +11,10 @@ there are the ones tested here.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -36,6 +38,14 @@ CONFIGS = (
         for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))
     ]
 )
+
+# Kernels that sum squares run this one config, never a tuned one: the order of a chunk's
+# fp32 sum depends on BLOCK and num_warps, so a config picked by timing could give two
+# processes, or the ranks of a data-parallel job, norms that differ in the last bits, and
+# then clip coefficients that let replicas drift apart.
+NORM_CONFIG = CONFIGS[0] if INTERPRETING else triton.Config({"BLOCK": 2048}, num_warps=8)
+NORM_LAUNCH = {**NORM_CONFIG.kwargs, "num_warps": NORM_CONFIG.num_warps,
+               "num_stages": NORM_CONFIG.num_stages}
 
 # Autotuning runs each config many times on the arguments it is given, and a kernel that
 # updates memory in place through its pointer tables cannot have it restored (no
@@ -61,6 +71,40 @@ def check_device(device: torch.device) -> None:
         # The interpreter would dereference device addresses from the tables on the host.
         raise RuntimeError(
             f"under TRITON_INTERPRET=1 the triton backend runs CPU tensors only, got {device}")
+
+
+def on_tensors_device(entry: Callable) -> Callable:
+    """Runs a kernel entry point with its tensors' CUDA device current.
+
+    Triton launches on the current device and its current stream, and the op is a Python
+    implementation, so no dispatcher guard switches devices for it: tensors on cuda:1
+    while cuda:0 is current would otherwise be read by kernels running on GPU 0. The
+    first argument is the tensor, or the list of tensors, that fixes the device.
+    """
+    @functools.wraps(entry)
+    def guarded(first, *args, **kwargs):
+        tensor = first[0] if isinstance(first, Sequence) and len(first) else first
+        if isinstance(tensor, Tensor) and tensor.device.type == "cuda":
+            context = torch.cuda.device(tensor.device)
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            return entry(first, *args, **kwargs)
+    return guarded
+
+
+@contextlib.contextmanager
+def tuning_once(tuned: set, key: tuple):
+    """Marks `key` tuned for the scratch run inside (which re-enters the entry point
+    with the same key and must not tune again), and unmarks it if that run fails: a key
+    left marked without a cache entry would make the autotuner benchmark the next real
+    call, launching an in-place kernel on the caller's tensors many times."""
+    tuned.add(key)
+    try:
+        yield
+    except BaseException:
+        tuned.discard(key)
+        raise
 
 
 @triton.jit

@@ -6,7 +6,8 @@ block map of ``_common.plan``: one chunk of ``CHUNK`` elements of one tensor per
 
 ``norm_sq`` is reduced without float atomics: every block writes the fp32 sum of its
 squares to a partials buffer, then ``sum_partials_kernel`` adds them in fp64 in a fixed
-order, so two runs give bit-identical norms. Nothing here synchronises with the host,
+order, so two runs give bit-identical norms; calls with ``norm_sq`` run one fixed config
+(``NORM_CONFIG``), so that holds across processes too. Nothing here synchronises with the host,
 except autotuning on a GPU: once per tuning key, on scratch tensors (``_tune_on_scratch``).
 
 Arguments are validated by the caller (mbfused.ops runs mbfused._checks first).
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from ._common import (
     CHUNK,
+    NORM_LAUNCH,
     SUM_PARTIALS_BLOCK,
     TL_DTYPES,
     Group,
@@ -31,9 +33,11 @@ from ._common import (
     block_chunk,
     check_device,
     from_fp32,
+    on_tensors_device,
     plan,
     sum_partials,
     to_fp32,
+    tuning_once,
 )
 
 # Module attributes of their own, read at call time: a test swaps them for small values.
@@ -131,31 +135,32 @@ _tuned: set[tuple] = set()
 
 
 def _tune_on_scratch(group: Group, scale: float | Tensor, overwrite: bool,
-                     found_inf: Tensor | None, norm_sq: Tensor | None, device: torch.device) -> None:
+                     found_inf: Tensor | None, device: torch.device) -> None:
     """Runs the autotuner for `group` on scratch tensors, once per tuning key.
 
     The scratch call passes the same kinds of arguments (None or tensor) as the real one,
-    so it lands on the autotuner's cache entry that the real call then reads.
+    so it lands on the autotuner's cache entry that the real call then reads. Calls that
+    sum squares are not tuned (NORM_CONFIG).
     """
     if len(_CONFIGS) == 1:
         return
     key = (group.dst_dtype, group.src_dtype, group.aligned, isinstance(scale, Tensor),
-           found_inf is not None, norm_sq is not None, device)
+           found_inf is not None, device)
     if key in _tuned:
         return
-    _tuned.add(key)
-    offset = 0 if group.aligned else 1  # one element off a 16-byte boundary
-    acc = torch.zeros(_TUNING_NUMEL + offset, dtype=group.dst_dtype, device=device)[offset:]
-    grad = torch.zeros(_TUNING_NUMEL + offset, dtype=group.src_dtype, device=device)[offset:]
-    accumulate_(
-        [acc], [grad],
-        torch.ones(1, device=device) if isinstance(scale, Tensor) else 1.0,
-        overwrite=overwrite,
-        found_inf=None if found_inf is None else torch.zeros(1, device=device),
-        norm_sq=None if norm_sq is None else torch.zeros(1, device=device),
-    )
+    with tuning_once(_tuned, key):
+        offset = 0 if group.aligned else 1  # one element off a 16-byte boundary
+        acc = torch.zeros(_TUNING_NUMEL + offset, dtype=group.dst_dtype, device=device)[offset:]
+        grad = torch.zeros(_TUNING_NUMEL + offset, dtype=group.src_dtype, device=device)[offset:]
+        accumulate_(
+            [acc], [grad],
+            torch.ones(1, device=device) if isinstance(scale, Tensor) else 1.0,
+            overwrite=overwrite,
+            found_inf=None if found_inf is None else torch.zeros(1, device=device),
+        )
 
 
+@on_tensors_device
 def accumulate_(
     acc: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -180,10 +185,14 @@ def accumulate_(
         return
     partials = None if norm_sq is None else torch.empty(launches.blocks, device=device)
     scale_ptr, scale_value = (scale, 1.0) if isinstance(scale, Tensor) else (None, float(scale))
+    # Summing squares: the one fixed config (NORM_CONFIG), so the norm's bits never
+    # depend on a timing; else the tuned one.
+    kernel, options = (accumulate_kernel.fn, NORM_LAUNCH) if partials is not None else (accumulate_kernel, {})
     for group in launches.groups:
-        _tune_on_scratch(group, scale, overwrite, found_inf, norm_sq, device)
+        if partials is None:
+            _tune_on_scratch(group, scale, overwrite, found_inf, device)
         blocks = slice(group.first, group.first + group.count)
-        accumulate_kernel[(group.count,)](
+        kernel[(group.count,)](
             launches.dst_ptrs, launches.src_ptrs, launches.numels, launches.first_blocks,
             launches.block_tensors[blocks],
             scale_ptr, found_inf, None if partials is None else partials[blocks],
@@ -191,7 +200,7 @@ def accumulate_(
             ACC_DTYPE=TL_DTYPES[group.dst_dtype], GRAD_DTYPE=TL_DTYPES[group.src_dtype],
             ALIGNED=group.aligned, OVERWRITE=overwrite, CHECK_FINITE=found_inf is not None,
             NORM=norm_sq is not None, CHUNK=CHUNK,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **options,
         )
     if partials is not None:
         sum_partials_kernel[(1,)](partials, norm_sq, launches.blocks, BLOCK=SUM_PARTIALS_BLOCK)

@@ -11,10 +11,10 @@ As in the ``cuda`` backend (csrc/cuda/finalize_cuda.cu), three steps on one stre
    reads the coefficient and the skip flag from device memory and writes nothing when
    found_inf is set (or, in place, when the coefficient is exactly 1).
 
-The tensors are read through the pointer tables of ``_common.plan``. Autotuning (GPU
-only) runs once per tuning key: the norm kernel on the caller's tensors (it writes only
-its partials), the scaling kernel on scratch tensors (``_tune_on_scratch``); that first
-call synchronises with the host, later ones never do.
+The tensors are read through the pointer tables of ``_common.plan``. The norm kernel is
+not tuned: it runs ``NORM_CONFIG``, so the norm's bits are the same in every process.
+Autotuning of the scaling kernel (GPU only) runs once per tuning key on scratch tensors
+(``_tune_on_scratch``); that first call synchronises with the host, later ones never do.
 
 Arguments are validated by the caller (mbfused.ops runs mbfused._checks first).
 """
@@ -31,6 +31,7 @@ from torch import Tensor
 from ._common import (
     CHUNK,
     CONFIGS,
+    NORM_LAUNCH,
     SUM_PARTIALS_BLOCK,
     TL_DTYPES,
     TUNING_NUMEL,
@@ -41,9 +42,11 @@ from ._common import (
     block_chunk,
     check_device,
     from_fp32,
+    on_tensors_device,
     plan,
     sum_partials,
     to_fp32,
+    tuning_once,
 )
 
 __all__ = ["finalize_"]
@@ -61,7 +64,7 @@ def _squares_tile(src_ptr, offsets, mask, squares, DTYPE: tl.constexpr):
 
 # The tables and per-block buffers are read and written one scalar per program: their
 # alignment buys nothing, and specialising on it would compile needless variants.
-@triton.autotune(configs=CONFIGS, key=["DTYPE", "ALIGNED"], do_bench=benchmark)
+# Not autotuned: it runs NORM_CONFIG, so the norm's bits never depend on a timing.
 @triton.jit(do_not_specialize_on_alignment=[
     "src_ptrs", "numels", "first_blocks", "block_tensors", "partials_ptr"])
 def sum_squares_kernel(
@@ -180,13 +183,13 @@ def _tune_on_scratch(group: Group, in_place: bool, device: torch.device) -> None
     key = (group.dst_dtype, group.src_dtype, group.aligned, in_place, device)
     if key in _tuned:
         return
-    _tuned.add(key)
-    offset = 0 if group.aligned else 1  # one element off a 16-byte boundary
-    acc = torch.zeros(TUNING_NUMEL + offset, dtype=group.src_dtype, device=device)[offset:]
-    out = None
-    if not in_place:
-        out = [torch.empty(TUNING_NUMEL + offset, dtype=group.dst_dtype, device=device)[offset:]]
-    finalize_([acc], 0.5, norm_sq=torch.zeros(1, device=device), out=out)
+    with tuning_once(_tuned, key):
+        offset = 0 if group.aligned else 1  # one element off a 16-byte boundary
+        acc = torch.zeros(TUNING_NUMEL + offset, dtype=group.src_dtype, device=device)[offset:]
+        out = None
+        if not in_place:
+            out = [torch.empty(TUNING_NUMEL + offset, dtype=group.dst_dtype, device=device)[offset:]]
+        finalize_([acc], 0.5, norm_sq=torch.zeros(1, device=device), out=out)
 
 
 def _sum_squares(launches: LaunchPlan, device: torch.device) -> Tensor:
@@ -198,11 +201,12 @@ def _sum_squares(launches: LaunchPlan, device: torch.device) -> Tensor:
             launches.src_ptrs, launches.numels, launches.first_blocks,
             launches.block_tensors[blocks], partials[blocks],
             DTYPE=TL_DTYPES[group.src_dtype], ALIGNED=group.aligned, CHUNK=CHUNK,
-            enable_fp_fusion=False,
+            enable_fp_fusion=False, **NORM_LAUNCH,
         )
     return partials
 
 
+@on_tensors_device
 def finalize_(
     acc: Sequence[Tensor],
     inv_scale: float | Tensor = 1.0,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRETING, TL_DTYPES, benchmark, check_device, to_fp32
+from ._common import INTERPRETING, TL_DTYPES, benchmark, check_device, on_tensors_device, to_fp32
 
 __all__ = ["wgrad_accumulate_"]
 
@@ -107,6 +107,7 @@ def _words(t: Tensor) -> Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
+@on_tensors_device
 def wgrad_accumulate_(
     main_grad: Tensor,
     grad_output: Tensor,

@@ -161,3 +161,23 @@ def test_auto_picks_cuda_for_cuda_tensors():
 
     expected = next(b for b in ("cuda", "triton", "torch") if mbfused.available_backends()[b] is None)
     assert backend_for(torch.device("cuda")) == expected
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_tensors_on_a_device_that_is_not_current(name):
+    """Every op runs on its tensors' device, whichever device is current."""
+    if mbfused.available_backends()[name] is not None:
+        pytest.skip(f"{name} backend not usable")
+    grads = make_grads([(70_000,), (5,)], [torch.bfloat16, torch.float16], device="cuda:1")
+    acc = make_grads([(70_000,), (5,)], [torch.float32, torch.bfloat16], device="cuda:1", seed=1)
+    with torch.cuda.device(0):
+        (ours, state), (theirs, ref_state) = run_both(
+            name, acc, grads, 0.5, found_inf=torch.zeros(1, device="cuda:1"),
+            norm_sq=torch.zeros(1, device="cuda:1"))
+        with mbfused.use_backend(name):
+            norm = mbfused.finalize_(ours, 0.5, max_norm=1.0)
+        ref_norm = reference.finalize_(theirs, 0.5, max_norm=1.0)
+    assert_same(ours, theirs)
+    torch.testing.assert_close(state["norm_sq"], ref_state["norm_sq"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)

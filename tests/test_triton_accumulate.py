@@ -318,11 +318,66 @@ def test_autotuning_never_runs_on_the_callers_tensors(device, monkeypatch):
     acc = make_grads([(7000,), (5,)], [torch.float32, torch.bfloat16], device, seed=3)
     for scale in (0.5, torch.tensor([0.25], device=device)):
         (ours, state), (theirs, ref_state) = run_both(
-            "triton", acc, grads, scale, found_inf=_zeros(device), norm_sq=_zeros(device))
+            "triton", acc, grads, scale, found_inf=_zeros(device))
         assert_same(ours, theirs)
         assert state["found_inf"].item() == 0.0
-        _assert_norm_close(state["norm_sq"], ref_state["norm_sq"])
     assert len(benchmarked) == 2 * 2 * len(configs)  # 2 dtype groups x 2 kinds of scale
+    # Calls that sum squares run NORM_CONFIG and never tune.
+    (ours, state), (theirs, ref_state) = run_both("triton", acc, grads, 0.5, norm_sq=_zeros(device))
+    assert_same(ours, theirs)
+    _assert_norm_close(state["norm_sq"], ref_state["norm_sq"])
+    assert len(benchmarked) == 2 * 2 * len(configs)
+
+
+def test_a_failed_tuning_run_is_retried_not_skipped(device, monkeypatch):
+    """If the scratch run fails (e.g. out of memory), its key must not stay marked as
+    tuned: the next call would let the autotuner benchmark the caller's tensors."""
+    configs = [triton.Config({"BLOCK": 1024}, num_warps=4), triton.Config({"BLOCK": 2048}, num_warps=4)]
+    kernel = triton_accumulate.accumulate_kernel
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setitem(kernel.__dict__, "do_bench", lambda call, quantiles: [1.0] * len(quantiles))
+    monkeypatch.setattr(triton_accumulate, "_CONFIGS", configs)
+    monkeypatch.setattr(triton_accumulate, "_tuned", set())
+    monkeypatch.setattr(triton_accumulate, "_TUNING_NUMEL", 5000)
+    real_zeros = torch.zeros
+    failures = [RuntimeError("CUDA out of memory (simulated)")]
+
+    def zeros_that_fail_once(*args, **kwargs):
+        if failures and args and args[0] == 5000:
+            raise failures.pop()
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros_that_fail_once)
+    acc = [real_zeros(7000, device=device)]
+    grads = make_grads([(7000,)], [torch.bfloat16], device)
+    with mbfused.use_backend("triton"), pytest.raises(RuntimeError, match="simulated"):
+        mbfused.accumulate_(acc, grads)
+    assert torch.equal(acc[0], real_zeros(7000, device=device)), "nothing written"
+    assert triton_accumulate._tuned == set()
+    with mbfused.use_backend("triton"):
+        mbfused.accumulate_(acc, grads)
+    assert len(triton_accumulate._tuned) == 1
+    assert_same(acc, [g.float() for g in grads])
+
+
+def test_the_norm_does_not_depend_on_the_tuned_config(device, monkeypatch):
+    """Whatever config timing would pick, a call with norm_sq gives the same bits
+    (NORM_CONFIG), so processes and data-parallel ranks agree on the norm."""
+    kernel = triton_accumulate.accumulate_kernel
+    # Several lists: one list's sums may agree by chance (about 3 in 4 do).
+    lists = [make_grads([(65_536,), (333,)], [torch.bfloat16, torch.float16], device, seed=seed)
+             for seed in range(8)]
+    sums = {}
+    for block in (1024, 8192):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK": block}, num_warps=4)])
+        monkeypatch.setattr(kernel, "cache", {})
+        sums[block] = torch.cat([_zeros(device) for _ in lists])
+        for grads, norm_sq in zip(lists, sums[block].split(1)):
+            with mbfused.use_backend("triton"):
+                mbfused.accumulate_([torch.zeros_like(g, dtype=torch.float32) for g in grads], grads,
+                                    norm_sq=norm_sq)
+    assert torch.equal(sums[1024], sums[8192])
 
 
 @pytest.mark.gpu
