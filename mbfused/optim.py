@@ -10,8 +10,11 @@ is the only one.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import warnings
+import weakref
 
 import torch
 from torch import Tensor
@@ -126,6 +129,24 @@ class _Bucket:
         self.ready: set[int] = set()  # slot indices whose gradient arrived in this backward
 
 
+# Each parameter's current wrapper, so that a second wrapper of the same parameters
+# closes the first instead of racing it for the gradients: id(param) -> (weak param,
+# weak wrapper). Keyed by id: a WeakKeyDictionary would compare tensors with ==.
+_MANAGER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _forget_manager(key: int, _dead_param: weakref.ref) -> None:
+    entry = _MANAGER.get(key)
+    if entry is not None and entry[0]() is None:
+        del _MANAGER[key]
+
+
+def _bucket_hook(wrapper: weakref.ref, slot: _Slot, param: Tensor) -> None:
+    opt = wrapper()
+    if opt is not None:
+        opt._gradient_ready(slot)
+
+
 def _as_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -232,10 +253,36 @@ class MicroBatchOptimizer:
         self._buckets = self._make_buckets(params, bucket_mb * 2**20 if mode == "bucket" else 0)
         self._slots = [slot for bucket in self._buckets for slot in bucket.slots]
         self._slots.sort(key=lambda s: s.index)
+        self._closed = False
+        self._take_over(params)
         self._hooks = []
         if mode == "bucket":
+            this = weakref.ref(self)  # hooks must not keep a dropped wrapper alive
             for slot in self._slots:
-                self._hooks.append(slot.param.register_post_accumulate_grad_hook(self._hook_for(slot)))
+                self._hooks.append(slot.param.register_post_accumulate_grad_hook(
+                    functools.partial(_bucket_hook, this, slot)))
+
+    def _take_over(self, params: list[Tensor]) -> None:
+        """Becomes the one wrapper that consumes these parameters' gradients. Another
+        live wrapper of any of them (say, of a notebook cell run twice) is closed: both
+        would take the same gradients, each leaving the other none."""
+        for p in params:
+            param_ref, wrapper_ref = _MANAGER.get(id(p), (None, None))
+            other = wrapper_ref() if param_ref is not None and param_ref() is p else None
+            if other is not None and other is not self and not other._closed:
+                warnings.warn("another MicroBatchOptimizer managed these parameters; it is closed "
+                              "now and this one takes over", stacklevel=3)
+                other.close()
+            key = id(p)
+            _MANAGER[key] = (weakref.ref(p, functools.partial(_forget_manager, key)), weakref.ref(self))
+
+    def close(self) -> None:
+        """Stops consuming gradients: removes the backward hooks. A closed wrapper's
+        ``step()`` raises; ``state_dict()`` still works."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._closed = True
 
     # -- properties ---------------------------------------------------------------------
 
@@ -319,15 +366,15 @@ class MicroBatchOptimizer:
             buckets.append(_Bucket(slots, flat))
         return buckets
 
-    def _hook_for(self, slot: _Slot):
-        def hook(param: Tensor) -> None:
-            bucket = self._buckets[slot.bucket]
-            bucket.ready.add(slot.index)
-            if len(bucket.ready) == len(bucket.slots):
-                bucket.ready.clear()
-                with torch.no_grad():
-                    self._accumulate([s for s in bucket.slots if s.param.grad is not None])
-        return hook
+    def _gradient_ready(self, slot: _Slot) -> None:
+        """Backward hook (``mode="bucket"``): accumulates the slot's bucket once every
+        gradient of the bucket has arrived in this backward."""
+        bucket = self._buckets[slot.bucket]
+        bucket.ready.add(slot.index)
+        if len(bucket.ready) == len(bucket.slots):
+            bucket.ready.clear()
+            with torch.no_grad():
+                self._accumulate([s for s in bucket.slots if s.param.grad is not None])
 
     # -- the step -----------------------------------------------------------------------
 
@@ -394,6 +441,9 @@ class MicroBatchOptimizer:
         """Accumulates this micro-batch's gradients; ends the window on every
         ``accumulation_steps``-th call. Returns True when the wrapped optimizer updated
         the parameters (False mid-window and when the window was skipped for inf/nan)."""
+        if self._closed:
+            raise RuntimeError("this MicroBatchOptimizer is closed (another one manages its "
+                               "parameters, or close() was called)")
         items = self._check_num_items(num_items)
         pending = [s for s in self._slots if s.param.grad is not None]
         for s in pending:

@@ -9,6 +9,7 @@ inf/nan, and steps the same optimizer on a copy of the same model.
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
 
@@ -466,6 +467,31 @@ def test_data_parallel_window_equals_one_process(tmp_path, normalize):
         for name, value in ref.state_dict().items():
             torch.testing.assert_close(results[rank][name], value, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+
+
+def test_a_second_wrapper_of_the_same_parameters_takes_over():
+    """Two wrappers would race for the same gradients (a notebook cell run twice): the
+    new one closes the old one, whose step() then says so."""
+    model = Net()
+    first = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
+    with pytest.warns(UserWarning, match="takes over"):
+        second = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
+    _loss(model, _batches()[0], "mean").backward()
+    assert not second.step()
+    assert all(s.written for s in second._slots if s.param is not model.head.weight
+               and s.param is not model.head.bias)
+    assert not any(s.written for s in first._slots)
+    with pytest.raises(RuntimeError, match="closed"):
+        first.step()
+
+
+def test_a_dropped_wrapper_stops_consuming_gradients():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N, bucket_mb=1e-6)
+    del opt
+    gc.collect()
+    _loss(model, _batches()[0], "mean").backward()
+    assert all(p.grad is not None for p in model.body.parameters())
 
 
 def test_exported_from_the_package():
