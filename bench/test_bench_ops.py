@@ -21,7 +21,8 @@ from mbfused import benchmarks
 PATHS = {
     "accumulate_": ["mbfused", "per_param_add", "per_param_add_float", "foreach_add"],
     "finalize_": ["mbfused norm_sq given", "mbfused", "unscale_+clip_grad_norm_"],
-    "window": ["mbfused", "per_param_add", "per_param_add_float", "foreach_add"],
+    "window": ["mbfused", "mbfused MicroBatchOptimizer", "per_param_add", "per_param_add_float",
+               "foreach_add"],
     "wgrad": ["mbfused", "wgrad bf16 + add_", "wgrad fp32 + add_"],
 }
 _ROOFLINE_GBS: dict = {}

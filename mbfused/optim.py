@@ -106,15 +106,18 @@ _ACCUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class _Slot:
     """One parameter's accumulation buffer and its state in the current window."""
 
-    __slots__ = ("bucket", "buffer", "index", "last_pass_count", "param", "written")
+    __slots__ = ("bucket", "buffer", "buffer_address", "index", "last_grad", "last_pass_count",
+                 "param", "written")
 
     def __init__(self, index: int, param: Tensor, buffer: Tensor, bucket: int) -> None:
         self.index = index  # position among the wrapper's parameters (messages, state_dict)
         self.param = param
         self.buffer = buffer  # accum_dtype, contiguous, shaped like the parameter
+        self.buffer_address = buffer.data_ptr() if buffer.numel() else 0
         self.bucket = bucket
         self.written = False  # holds this window's gradient (else its contents are stale)
         self.last_pass_count = 0  # accumulations during the window's last micro-batch
+        self.last_grad: Tensor | None = None  # the last micro-batch's gradient ("param" mode)
 
 
 class _Bucket:
@@ -373,45 +376,59 @@ class MicroBatchOptimizer:
         bucket.ready.add(slot.index)
         if len(bucket.ready) == len(bucket.slots):
             bucket.ready.clear()
+            slots = [s for s in bucket.slots if s.param.grad is not None]
             with torch.no_grad():
-                self._accumulate([s for s in bucket.slots if s.param.grad is not None])
+                self._accumulate(slots, self._ready_grads(slots))
 
     # -- the step -----------------------------------------------------------------------
 
     def _micro_scale(self) -> float:
         return 1.0 / self.accumulation_steps if self.normalize == "mean" else 1.0
 
-    def _check_grad(self, slot: _Slot) -> Tensor:
-        grad = slot.param.grad
-        if grad.layout != torch.strided:
-            raise ValueError(f"parameter {slot.index} has a {grad.layout} gradient; "
-                             "MicroBatchOptimizer accumulates dense gradients only")
-        if grad.dtype not in _ACCUM_DTYPES:
-            raise ValueError(f"parameter {slot.index}'s gradient has dtype {grad.dtype}; supported "
-                             "dtypes are torch.float32, torch.bfloat16 and torch.float16")
-        if grad.data_ptr() == slot.buffer.data_ptr() and grad.numel() > 0:
-            raise RuntimeError(
-                f"parameter {slot.index}'s .grad is still the gradient of the last window: "
-                "call zero_grad() after every step()")
-        return grad if grad.is_contiguous() else grad.contiguous()
+    def _ready_grads(self, slots: list[_Slot]) -> list[Tensor]:
+        """The slots' gradients, each checked (once per step: this runs per parameter)."""
+        grads = [slot.param.grad for slot in slots]
+        for i, (slot, grad) in enumerate(zip(slots, grads, strict=True)):
+            if grad.layout != torch.strided:
+                raise ValueError(f"parameter {slot.index} has a {grad.layout} gradient; "
+                                 "MicroBatchOptimizer accumulates dense gradients only")
+            if grad.dtype not in _ACCUM_DTYPES:
+                raise ValueError(f"parameter {slot.index}'s gradient has dtype {grad.dtype}; supported "
+                                 "dtypes are torch.float32, torch.bfloat16 and torch.float16")
+            if grad.data_ptr() == slot.buffer_address and slot.buffer_address:
+                raise RuntimeError(
+                    f"parameter {slot.index}'s .grad is still the gradient of the last window: "
+                    "call zero_grad() after every step()")
+            if not grad.is_contiguous():
+                grads[i] = grad.contiguous()
+        return grads
 
-    def _accumulate(self, slots: list[_Slot]) -> None:
-        """One fused pass per kind (first write of the window, or add) over `slots`'
-        gradients, which are then freed."""
+    def _accumulate(self, slots: list[_Slot], grads: list[Tensor]) -> None:
+        """One fused pass per kind (first write of the window, or add) of checked `grads`
+        into the `slots`' buffers; the parameters' .grad are then released."""
         if not slots:
             return
-        grads = [self._check_grad(s) for s in slots]
         last = self._micro_step == self.accumulation_steps - 1
         norm_sq = self._norm_sq if last and self.process_group is None else None
-        for overwrite in (True, False):
-            chosen = [(s, g) for s, g in zip(slots, grads, strict=True) if s.written != overwrite]
-            if chosen:
-                ops.accumulate_([s.buffer for s, _ in chosen], [g for _, g in chosen],
-                                self._micro_scale(), overwrite=overwrite,
-                                found_inf=self._found_inf, norm_sq=norm_sq)
-        for s in slots:
+        # Buffers not yet written in this window are overwritten: one call when all
+        # slots are of one kind (the usual case), two otherwise.
+        fresh = [not s.written for s in slots]
+        if all(fresh) or not any(fresh):
+            calls = [(fresh[0], slots, grads)]
+        else:
+            calls = [(kind, [s for s, f in zip(slots, fresh, strict=True) if f == kind],
+                      [g for g, f in zip(grads, fresh, strict=True) if f == kind]) for kind in (True, False)]
+        for overwrite, call_slots, call_grads in calls:
+            ops.accumulate_([s.buffer for s in call_slots], call_grads, self._micro_scale(),
+                            overwrite=overwrite, found_inf=self._found_inf, norm_sq=norm_sq)
+        # In "param" mode the last micro-batch's gradients are kept as the storage the
+        # window's gradient is written into for parameters of another dtype than the
+        # buffers (no allocation at the end of the window); "bucket" mode frees them.
+        keep = last and self.mode == "param"
+        for s, grad in zip(slots, grads, strict=True):
             s.written = True
             s.last_pass_count += last
+            s.last_grad = grad if keep and grad.dtype == s.param.dtype else None
             s.param.grad = None
 
     def _check_num_items(self, num_items) -> float | Tensor:
@@ -446,11 +463,11 @@ class MicroBatchOptimizer:
                                "parameters, or close() was called)")
         items = self._check_num_items(num_items)
         pending = [s for s in self._slots if s.param.grad is not None]
-        for s in pending:
-            self._check_grad(s)  # every gradient valid before any is consumed
-        for bucket in self._buckets:
-            bucket.ready.clear()
-        self._accumulate(pending)
+        grads = self._ready_grads(pending)  # every gradient valid before any is consumed
+        if self.mode == "bucket":
+            for bucket in self._buckets:
+                bucket.ready.clear()  # buckets left incomplete by this backward
+        self._accumulate(pending, grads)
         self._items = self._items + items
         self._micro_step += 1
         if self._micro_step < self.accumulation_steps:
@@ -468,6 +485,7 @@ class MicroBatchOptimizer:
         for s in self._slots:
             s.written = False
             s.last_pass_count = 0
+            s.last_grad = None
 
     def _inv_scale(self, world_size: int) -> float | Tensor:
         inv: float | Tensor = 1.0
@@ -540,7 +558,10 @@ class MicroBatchOptimizer:
         else:
             buffers = [s.buffer for s in written]
             in_place = all(s.param.dtype == self.accum_dtype for s in written)
-            out = None if in_place else [torch.empty_like(s.param) for s in written]
+            out = None if in_place else [
+                s.last_grad if s.last_grad is not None and s.param.dtype != self.accum_dtype
+                else torch.empty_like(s.param, memory_format=torch.contiguous_format)
+                for s in written]
             total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
                                        found_inf=self._found_inf, norm_sq=norm_sq, out=out)
             skipped = bool(self._found_inf.item())
