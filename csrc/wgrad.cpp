@@ -65,11 +65,13 @@ void gemm_cuda(const at::Tensor& main_grad, const at::Tensor& a, const at::Tenso
   }
   // A scale on the device cannot be a GEMM alpha without a host sync: one fp32 product,
   // then one fused pass main_grad (+)= product * scale.
+  // 0-d: a 1-element scale of any shape ([1], [1, 1, 1]) must not broadcast main_grad's.
   const at::Tensor product = direct ? at::mm(lhs, rhs, at::kFloat) : at::mm(lhs, rhs);
+  const at::Tensor s = scale_tensor->reshape({});
   if (overwrite) {
-    at::mul_out(out, product, *scale_tensor);
+    at::mul_out(out, product, s);
   } else {
-    out.addcmul_(product, *scale_tensor);
+    out.addcmul_(product, s);
   }
 }
 

@@ -124,12 +124,15 @@ def test_overwrite_discards_nan_in_main_grad(target):
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
-def test_scale_as_tensor_equals_scale_as_float(target, overwrite):
+@pytest.mark.parametrize("scale_shape", [(1,), (), (1, 1, 1)], ids=str)
+def test_scale_as_tensor_equals_scale_as_float(target, overwrite, scale_shape):
     main_grad, go, x = make_inputs(20, 30, (45,), torch.bfloat16, torch.bfloat16, target[1])
     with_float = run(target, main_grad, go, x, 0.125, overwrite=overwrite)
-    with_tensor = run(target, main_grad, go, x, torch.tensor([0.125], device=target[1]),
+    with_tensor = run(target, main_grad, go, x, torch.full(scale_shape, 0.125, device=target[1]),
                       overwrite=overwrite)
-    # 0.125 is a power of two: scaling is exact, so both forms give the same bits.
+    # 0.125 is a power of two: scaling is exact, so both forms give the same bits; a
+    # 1-element scale of any shape leaves main_grad's shape alone.
+    assert with_tensor.shape == main_grad.shape
     torch.testing.assert_close(with_tensor, with_float, rtol=0, atol=0)
 
 

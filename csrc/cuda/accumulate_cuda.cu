@@ -20,9 +20,12 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(
   const float scale = scale_ptr != nullptr ? *scale_ptr : scale_value;
   constexpr int kVec = kVecWidth<Acc, Grad>;
   bool nonfinite = false;
-  float norm_sq = 0.0f;
+  // fp32 within a chunk (at most 128 terms per thread), fp64 across the block's chunks,
+  // however many chunks a block takes on a GPU with few SMs.
+  double block_norm_sq = 0.0;
   const int64_t chunks = total_chunks(table);
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    float norm_sq = 0.0f;
     const ChunkWork work = chunk_work(table, chunk);
     Acc* acc = static_cast<Acc*>(table.dst[work.slot]) + work.start;
     const Grad* grad = static_cast<const Grad*>(table.src[work.slot]) + work.start;
@@ -46,13 +49,14 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(
       acc[i] = a;
       norm_sq += stored * stored;
     }
+    block_norm_sq += norm_sq;
   }
 
   if (found_inf != nullptr && __syncthreads_or(nonfinite) && threadIdx.x == 0) {
     *found_inf = 1.0f;  // racy but safe: every writer writes the same value
   }
   if (block_norms != nullptr) {
-    const float block_total = block_sum(norm_sq);
+    const float block_total = block_sum(static_cast<float>(block_norm_sq));
     if (threadIdx.x == 0) {
       block_norms[blockIdx.x] = block_total;
     }

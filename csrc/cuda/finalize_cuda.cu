@@ -20,9 +20,12 @@ enum Scratch : int { kCoef = 0, kSkip = 1, kSumSq = 2, kScratchSize = 3 };
 template <typename Src>
 __global__ void __launch_bounds__(kThreads) sum_squares_kernel(TensorTable table, float* block_sums) {
   constexpr int kVec = kVecWidth<Src, Src>;
-  float sum = 0.0f;
+  // fp32 within a chunk (at most 128 terms per thread), fp64 across the block's chunks,
+  // however many chunks a block takes on a GPU with few SMs.
+  double total = 0.0;
   const int64_t chunks = total_chunks(table);
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
+    float sum = 0.0f;
     const ChunkWork work = chunk_work(table, chunk);
     const Src* src = static_cast<const Src*>(table.src[work.slot]) + work.start;
     int64_t vector_end = 0;
@@ -41,8 +44,9 @@ __global__ void __launch_bounds__(kThreads) sum_squares_kernel(TensorTable table
       const float value = to_float(src[i]);
       sum += value * value;
     }
+    total += sum;
   }
-  const float block_total = block_sum(sum);
+  const float block_total = block_sum(static_cast<float>(total));
   if (threadIdx.x == 0) {
     block_sums[blockIdx.x] = block_total;
   }

@@ -1,5 +1,7 @@
 #include "cuda/multi_tensor.cuh"
 
+#include <atomic>
+
 namespace mbfused::cuda {
 namespace {
 
@@ -49,14 +51,19 @@ DtypeGroups group_by_dtypes(at::TensorList a, at::TensorList b) {
 }
 
 int grid_size(int64_t chunks) {
-  // One cached SM count per device: cudaDeviceGetAttribute is cheap but not free.
-  static int sm_count[64] = {};
+  // One cached SM count per device (cudaDeviceGetAttribute is cheap but not free);
+  // atomic, as threads driving different devices may fill it at once.
+  static std::atomic<int> sm_count[64] = {};
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 64 && sm_count[device] == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count[device], cudaDevAttrMultiProcessorCount, device));
+  int sms = device < 64 ? sm_count[device].load(std::memory_order_relaxed) : 0;
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    if (device < 64) {
+      sm_count[device].store(sms, std::memory_order_relaxed);
+    }
   }
-  const int64_t fill = static_cast<int64_t>(kBlocksPerSm) * (device < 64 ? sm_count[device] : 132);
+  const int64_t fill = static_cast<int64_t>(kBlocksPerSm) * sms;
   return static_cast<int>(chunks < fill ? chunks : fill);
 }
 
