@@ -8,15 +8,17 @@ Fused ops (in place, mixed dtypes, one pass):
 Drop-in optimizer wrapper:
     MicroBatchOptimizer(optimizer, accumulation_steps, *, max_grad_norm=None, normalize="mean", ...)
 
-Autograd: scale_grad(x, scale), the identity whose backward multiplies by scale.
+Autograd: nn.Linear (weight gradient accumulated in fp32 by wgrad_accumulate_),
+convert_linears(model), scale_grad(x, scale) (identity; backward multiplies by scale).
 
 Backends: ``available_backends()``, ``use_backend(name)`` or ``MBFUSED_BACKEND``.
 Importing mbfused never initialises CUDA and never fails because a backend is missing.
 """
 
+from mbfused import nn
 from mbfused._backend import available_backends, use_backend
 from mbfused._version import __version__
-from mbfused.nn import scale_grad
+from mbfused.nn import convert_linears, scale_grad
 from mbfused.ops import accumulate_, finalize_, wgrad_accumulate_
 from mbfused.optim import MicroBatchOptimizer
 
@@ -25,7 +27,9 @@ __all__ = [
     "__version__",
     "accumulate_",
     "available_backends",
+    "convert_linears",
     "finalize_",
+    "nn",
     "scale_grad",
     "use_backend",
     "wgrad_accumulate_",

@@ -1,9 +1,16 @@
-"""Autograd helpers for gradient accumulation.
+"""Autograd pieces for gradient accumulation.
 
-``scale_grad(x, scale)``: the identity in the forward pass; the backward pass multiplies
-the incoming gradient by ``scale``. It puts the per-micro-batch factor of a window (1/N,
-or an item-count normalisation) into the backward graph without changing the value a
-loss reports, and without an extra pass over the parameters' gradients.
+- ``Linear``: ``torch.nn.Linear`` whose weight gradient is accumulated in fp32 by
+  :func:`mbfused.wgrad_accumulate_` (Megatron's gradient-accumulation fusion): into the
+  accumulation buffer of a :class:`mbfused.MicroBatchOptimizer`, or into
+  ``weight.main_grad`` when the weight has one. The weight gradient is then never
+  materialised, in 16 bits or otherwise.
+- ``convert_linears(model)``: turns every ``torch.nn.Linear`` of a model into ``Linear``
+  in place (same parameters, hooks and devices).
+- ``scale_grad(x, scale)``: the identity in the forward pass; the backward pass multiplies
+  the incoming gradient by ``scale``. It puts the per-micro-batch factor of a window (1/N,
+  or an item-count normalisation) into the backward graph without changing the value a
+  loss reports, and without an extra pass over the parameters' gradients.
 """
 
 from __future__ import annotations
@@ -11,9 +18,82 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["scale_grad"]
+from mbfused import ops, optim
+
+__all__ = ["Linear", "convert_linears", "scale_grad"]
+
+class _LinearFunction(torch.autograd.Function):
+    """F.linear whose weight gradient goes to the weight's MicroBatchOptimizer or
+    main_grad when it has one. Backward works in grad_output's dtype, as torch's linear
+    does under autocast."""
+
+    @staticmethod
+    def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        input, weight = ctx.saved_tensors
+        dtype = grad_output.dtype
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.matmul(weight.to(dtype)).to(input.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
+        if ctx.needs_input_grad[1]:
+            manager = optim.manager_of(weight)
+            main_grad = getattr(weight, "main_grad", None)
+            if manager is not None and manager._accumulate_wgrad(weight, grad_output, input):
+                pass
+            elif main_grad is not None:
+                ops.wgrad_accumulate_(main_grad, grad_output, input)
+            else:
+                go = grad_output.reshape(-1, grad_output.shape[-1])
+                x = input.reshape(-1, input.shape[-1]).to(dtype)
+                grad_weight = go.t().mm(x).to(weight.dtype)
+        return grad_input, grad_weight, grad_bias
+
+
+class Linear(torch.nn.Linear):
+    """``torch.nn.Linear`` whose weight gradient is accumulated in fp32, in place.
+
+    The forward pass is ``torch.nn.Linear``'s. In the backward pass the weight gradient
+    ``grad_output^T @ input`` (leading dimensions are tokens) goes, in this order of
+    preference:
+
+    1. to the accumulation buffer of the :class:`mbfused.MicroBatchOptimizer` (fp32
+       buffers) that manages the weight, scaled and first-written as the window needs;
+    2. into ``weight.main_grad`` (an fp32 tensor shaped like the weight, Megatron's
+       convention), added with :func:`mbfused.wgrad_accumulate_`;
+    3. else to ``weight.grad``, exactly as ``torch.nn.Linear`` does.
+
+    In cases 1 and 2 ``weight.grad`` stays None: no 16-bit weight gradient is rounded
+    and stored next to the fp32 one. The input and bias gradients are torch's.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _LinearFunction.apply(input, self.weight, self.bias)
+
+
+def convert_linears(model: torch.nn.Module) -> torch.nn.Module:
+    """Makes every ``torch.nn.Linear`` in `model` (the model itself included) a
+    :class:`Linear`, in place, and returns `model`.
+
+    The modules keep their parameters (the same objects, so optimizers built before
+    stay valid), buffers, hooks and devices. Subclasses of ``torch.nn.Linear`` are left
+    alone: their forward may do more than ``F.linear``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = Linear
+    return model
 
 
 def _check_scale(scale) -> None:

@@ -144,6 +144,15 @@ def _forget_manager(key: int, _dead_param: weakref.ref) -> None:
         del _MANAGER[key]
 
 
+def manager_of(param: Tensor) -> MicroBatchOptimizer | None:
+    """The live MicroBatchOptimizer that consumes `param`'s gradients, if any."""
+    param_ref, wrapper_ref = _MANAGER.get(id(param), (None, None))
+    if param_ref is None or param_ref() is not param:
+        return None
+    wrapper = wrapper_ref()
+    return None if wrapper is None or wrapper._closed else wrapper
+
+
 def _bucket_hook(wrapper: weakref.ref, slot: _Slot, param: Tensor) -> None:
     opt = wrapper()
     if opt is not None:
@@ -253,6 +262,7 @@ class MicroBatchOptimizer:
         self._found_inf = torch.zeros(1, dtype=torch.float32, device=self._device)
         self._norm_sq = torch.zeros(1, dtype=torch.float32, device=self._device)
         self._items: float | Tensor = 0
+        self._unchecked_written = False  # a buffer got a gradient that was not checked for inf/nan
         self._buckets = self._make_buckets(params, bucket_mb * 2**20 if mode == "bucket" else 0)
         self._slots = [slot for bucket in self._buckets for slot in bucket.slots]
         self._slots.sort(key=lambda s: s.index)
@@ -264,15 +274,18 @@ class MicroBatchOptimizer:
             for slot in self._slots:
                 self._hooks.append(slot.param.register_post_accumulate_grad_hook(
                     functools.partial(_bucket_hook, this, slot)))
+        # Matrices whose gradient mbfused.nn.Linear may hand over (wgrad_accumulate_ writes
+        # fp32 buffers only).
+        self._wgrad_slots = ({id(s.param): s for s in self._slots if s.param.dim() == 2}
+                             if accum_dtype == torch.float32 else {})
 
     def _take_over(self, params: list[Tensor]) -> None:
         """Becomes the one wrapper that consumes these parameters' gradients. Another
         live wrapper of any of them (say, of a notebook cell run twice) is closed: both
         would take the same gradients, each leaving the other none."""
         for p in params:
-            param_ref, wrapper_ref = _MANAGER.get(id(p), (None, None))
-            other = wrapper_ref() if param_ref is not None and param_ref() is p else None
-            if other is not None and other is not self and not other._closed:
+            other = manager_of(p)
+            if other is not None and other is not self:
                 warnings.warn("another MicroBatchOptimizer managed these parameters; it is closed "
                               "now and this one takes over", stacklevel=3)
                 other.close()
@@ -368,6 +381,24 @@ class MicroBatchOptimizer:
                 offset += n
             buckets.append(_Bucket(slots, flat))
         return buckets
+
+    def _accumulate_wgrad(self, weight: Tensor, grad_output: Tensor, input: Tensor) -> bool:
+        """Called by mbfused.nn.Linear's backward: accumulates the weight gradient
+        ``grad_output^T @ input`` straight into the weight's buffer with one
+        wgrad_accumulate_ (it is never materialised). False when this wrapper does not
+        take it (closed, or a buffer that is not fp32); the layer then falls back."""
+        slot = self._wgrad_slots.get(id(weight))
+        if self._closed or slot is None or slot.param is not weight:
+            return False
+        with torch.no_grad():
+            ops.wgrad_accumulate_(slot.buffer, grad_output, input, self._micro_scale(),
+                                  overwrite=not slot.written)
+        slot.written = True
+        # wgrad_accumulate_ has no inf/nan check: the window's norm decides (_end_window).
+        self._unchecked_written = True
+        if self.mode == "bucket":
+            self._gradient_ready(slot)
+        return True
 
     def _gradient_ready(self, slot: _Slot) -> None:
         """Backward hook (``mode="bucket"``): accumulates the slot's bucket once every
@@ -482,6 +513,7 @@ class MicroBatchOptimizer:
         self._found_inf.zero_()
         self._norm_sq.zero_()
         self._items = 0
+        self._unchecked_written = False
         for s in self._slots:
             s.written = False
             s.last_pass_count = 0
@@ -549,7 +581,8 @@ class MicroBatchOptimizer:
         if not written:
             total_norm = torch.zeros((), device=self._device)
             skipped = bool(self._found_inf.item())
-        elif supports_fused_handoff(self.optimizer) and all(s.param.dtype == self.accum_dtype for s in written):
+        elif (supports_fused_handoff(self.optimizer) and not self._unchecked_written
+              and all(s.param.dtype == self.accum_dtype for s in written)):
             for s in written:
                 s.param.grad = s.buffer
             total_norm = fused_optimizer_step(self.optimizer, inv_scale, max_norm=self.max_grad_norm,
@@ -564,6 +597,12 @@ class MicroBatchOptimizer:
                 for s in written]
             total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
                                        found_inf=self._found_inf, norm_sq=norm_sq, out=out)
+            if self._unchecked_written:
+                # Weight gradients from wgrad_accumulate_ were not checked: an inf or nan
+                # among them makes the window's norm non-finite (norm_sq is None here, so
+                # finalize_ summed every buffer).
+                self._found_inf.copy_(torch.maximum(self._found_inf,
+                                                    (~torch.isfinite(total_norm)).float().reshape(1)))
             skipped = bool(self._found_inf.item())
             if not skipped:
                 for s, grad in zip(written, out if out is not None else buffers, strict=True):
@@ -604,6 +643,7 @@ class MicroBatchOptimizer:
                 "buffers": {s.index: s.buffer.clone() for s in self._slots if s.written},
                 "found_inf": self._found_inf.clone(),
                 "items": self._items.clone() if isinstance(self._items, Tensor) else self._items,
+                "unchecked": self._unchecked_written,
             }
         return {
             "optimizer": self.optimizer.state_dict(),
@@ -644,5 +684,6 @@ class MicroBatchOptimizer:
             for index, buffer in window["buffers"].items():
                 self._slots[index].buffer.copy_(buffer)
             self._found_inf.copy_(window["found_inf"])
+            self._unchecked_written = bool(window.get("unchecked", False))
             items = window["items"]
             self._items = items.to(self._device) if isinstance(items, Tensor) else items

@@ -1,0 +1,194 @@
+"""mbfused.nn.Linear and convert_linears: the weight gradient accumulated in fp32 by
+wgrad_accumulate_, on its own (weight.main_grad) and under MicroBatchOptimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mbfused
+from mbfused.nn import Linear, convert_linears
+
+N = 4
+
+
+def _mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 4),
+                               torch.nn.LayerNorm(4)).to(dtype)
+
+
+def _batches(dtype=torch.float32, count=2 * N, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(3, 5, 8, generator=gen).to(dtype) for _ in range(count)]  # [batch, tokens, in]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_main_grad_it_is_torch_linear(dtype):
+    plain = _mlp(dtype)
+    ours = convert_linears(copy.deepcopy(plain))
+    x = _batches(dtype)[0]
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [plain(xs[0]), ours(xs[1])]
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    upstream = torch.randn_like(outs[0])
+    for out in outs:
+        out.backward(upstream)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name, rtol=0, atol=0)
+
+
+def test_under_autocast_it_matches_torch_linear():
+    plain = _mlp()
+    ours = convert_linears(copy.deepcopy(plain))
+    x = _batches()[0]
+    grads = []
+    for model in (plain, ours):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_main_grad_gets_the_exact_fp32_sum_and_grad_stays_none():
+    model = convert_linears(_mlp(torch.bfloat16))
+    first = model[0]
+    first.weight.main_grad = torch.zeros(first.weight.shape)
+    exact = torch.zeros(first.weight.shape, dtype=torch.float64)
+    captured = {}
+    first.register_full_backward_hook(lambda m, gin, gout: captured.update(go=gout[0]))
+    for x in _batches(torch.bfloat16, count=3):
+        out = model(x)
+        out.backward(torch.randn_like(out))
+        go = captured["go"].reshape(-1, 32).double()
+        exact += go.t() @ x.reshape(-1, 8).double()
+    assert first.weight.grad is None
+    assert first.bias.grad is not None  # biases keep torch's gradient
+    error = (first.weight.main_grad.double() - exact).abs().max().item()
+    assert error <= 1e-5 * exact.abs().max().item()
+
+
+def test_convert_linears_keeps_parameters_and_skips_subclasses():
+    class Custom(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.Linear(4, 2)),
+                                Custom(2, 2))
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert convert_linears(model) is model
+    assert type(model[0]) is Linear and type(model[1][0]) is Linear and type(model[2]) is Custom
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert optimizer.param_groups[0]["params"][0] is model[0].weight
+    assert isinstance(model[0], torch.nn.Linear)
+    single = torch.nn.Linear(3, 3)
+    assert type(convert_linears(single)) is Linear
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
+        convert_linears([single])
+
+
+def _reference_window_run(model, optimizer, batches, max_norm):
+    params = list(model.parameters())
+    main = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for k, x in enumerate(batches):
+        model(x).float().square().mean().backward()
+        for m, p in zip(main, params):
+            m += p.grad.float() / N
+            p.grad = None
+        if (k + 1) % N == 0:
+            for m, p in zip(main, params):
+                p.grad = m.to(p.dtype)
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            main = [torch.zeros_like(m) for m in main]
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_under_micro_batch_optimizer_it_matches_the_pure_loop(mode, fused):
+    """fp32 model: the weight gradients skip .grad and land in the wrapper's buffers."""
+    plain = _mlp()
+    ours = convert_linears(copy.deepcopy(plain))
+    batches = _batches()
+    _reference_window_run(plain, torch.optim.AdamW(plain.parameters(), lr=1e-2, fused=fused),
+                          batches, max_norm=0.1)
+    opt = mbfused.MicroBatchOptimizer(torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=fused), N,
+                                      max_grad_norm=0.1, mode=mode, bucket_mb=1e-6)
+    seen_weight_grads = []
+    for x in batches:
+        ours(x).float().square().mean().backward()
+        seen_weight_grads.append(ours[0].weight.grad)
+        opt.step()
+        opt.zero_grad()
+    assert all(g is None for g in seen_weight_grads), "the weight gradient is never materialised"
+    assert opt.last_grad_norm > 0.1, "the case must clip"
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_model_under_the_wrapper_is_closer_to_exact():
+    """bf16 parameters: the wrapper's weight gradient is the fp32 sum of exact products,
+    where the pure loop first rounds every micro-batch's weight gradient to bf16."""
+    model = convert_linears(_mlp(torch.bfloat16))
+    batches = _batches(torch.bfloat16, count=N)
+    opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), N)
+    exact = torch.zeros(model[2].weight.shape, dtype=torch.float64)
+    rounded = torch.zeros(model[2].weight.shape, dtype=torch.float32)
+    probe = copy.deepcopy(model)
+    probe[2].__class__ = torch.nn.Linear  # the pure path: a bf16 weight gradient per micro-batch
+    captured, seen = {}, {}
+    probe[2].register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
+    probe[2].register_full_backward_hook(lambda m, gin, gout: captured.update(go=gout[0]))
+    opt.optimizer.step = lambda: seen.update(buffer=opt._slots[2].buffer.clone())
+    for x in batches:
+        probe(x).float().square().mean().backward()
+        exact += (captured["go"].reshape(-1, 4).double().t() @ captured["x"].reshape(-1, 32).double()) / N
+        rounded += probe[2].weight.grad.float() / N
+        probe.zero_grad()
+        model(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    ours_error = (seen["buffer"].double() - exact).abs().max().item()
+    pure_error = (rounded.double() - exact).abs().max().item()
+    assert ours_error <= 1e-5 * exact.abs().max().item()
+    assert ours_error * 100 < pure_error
+
+
+def test_an_inf_in_a_weight_gradient_skips_the_window():
+    """Only the weight gradient is non-finite (an inf input whose output gets a zero
+    gradient: 0 * inf = nan in grad_output^T @ input, every other gradient finite), so
+    only the end-of-window norm check can catch it: wgrad_accumulate_ has no found_inf."""
+    model = convert_linears(torch.nn.Linear(8, 4))
+    before = copy.deepcopy(model.state_dict())
+    opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    batches = _batches(count=N)
+    batches[2] = batches[2].clone()
+    batches[2][0, 0, 0] = float("inf")
+    for x in batches:
+        (model(x) * 0).sum().backward()
+        stepped = opt.step()
+        opt.zero_grad()
+    assert not stepped and opt.last_step_skipped
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for x in _batches(count=N, seed=2):
+        model(x).square().mean().backward()
+        stepped = opt.step()
+        opt.zero_grad()
+    assert stepped and not opt.last_step_skipped
+
+
+def test_a_closed_wrapper_leaves_the_gradient_to_torch():
+    model = convert_linears(_mlp())
+    opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    opt.close()
+    model(_batches()[0]).sum().backward()
+    assert model[0].weight.grad is not None
