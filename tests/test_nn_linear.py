@@ -192,3 +192,20 @@ def test_a_closed_wrapper_leaves_the_gradient_to_torch():
     opt.close()
     model(_batches()[0]).sum().backward()
     assert model[0].weight.grad is not None
+
+
+def test_a_compiled_model_under_the_wrapper_equals_eager():
+    base = _mlp()
+    results = []
+    for compiled in (False, True):
+        model = convert_linears(copy.deepcopy(base))
+        opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, max_grad_norm=0.5)
+        forward = torch.compile(model) if compiled else model
+        for x in _batches(count=4):
+            forward(x).square().sum().backward()
+            assert model[0].weight.grad is None
+            opt.step()
+            opt.zero_grad()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
