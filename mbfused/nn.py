@@ -25,6 +25,16 @@ from mbfused import ops, optim
 
 __all__ = ["Linear", "convert_linears", "scale_grad"]
 
+def _weight_gradient_wanted(weight: Tensor) -> bool:
+    """Whether this backward pass accumulates into `weight` (False under
+    ``torch.autograd.grad(out, inputs)`` or ``backward(inputs=...)`` without it): a
+    gradient written straight into a buffer must obey the same choice."""
+    if not weight.is_leaf:
+        return True
+    node = torch.autograd.graph.get_gradient_edge(weight).node
+    return bool(torch._C._will_engine_execute_node(node))
+
+
 class _LinearFunction(torch.autograd.Function):
     """F.linear whose weight gradient goes to the weight's MicroBatchOptimizer or
     main_grad when it has one. Backward works in grad_output's dtype, as torch's linear
@@ -48,7 +58,9 @@ class _LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             manager = optim.manager_of(weight)
             main_grad = getattr(weight, "main_grad", None)
-            if manager is not None and manager._accumulate_wgrad(weight, grad_output, input):
+            if (manager is not None or main_grad is not None) and not _weight_gradient_wanted(weight):
+                pass  # torch.autograd.grad(out, x) or backward(inputs=...) without the weight
+            elif manager is not None and manager._accumulate_wgrad(weight, grad_output, input):
                 pass
             elif main_grad is not None:
                 ops.wgrad_accumulate_(main_grad, grad_output, input)
@@ -119,11 +131,15 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         scale = ctx.scale
-        if isinstance(scale, Tensor):
-            # In the gradient's dtype, as a Python number would be; 0-d, so a scale of
-            # shape [1, 1, 1] never broadcasts the gradient to more dimensions.
-            scale = scale.to(device=grad.device, dtype=grad.dtype)
-        return grad * scale, None
+        if not isinstance(scale, Tensor):
+            return grad * scale, None
+        # The product in fp32 (fp64 for fp64), rounded once to the gradient's dtype: what
+        # torch does with a Python-number scale. (grad * scale would round a device scale
+        # to bf16/fp16 first.)
+        # 0-d, so a scale of shape [1, 1, 1] never broadcasts the gradient.
+        opmath = torch.promote_types(grad.dtype, torch.float32)
+        scale = scale.to(device=grad.device, dtype=opmath)
+        return (grad.to(opmath) * scale).to(grad.dtype), None
 
 
 def scale_grad(x: Tensor, scale: float | Tensor) -> Tensor:

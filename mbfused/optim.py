@@ -153,10 +153,17 @@ def manager_of(param: Tensor) -> MicroBatchOptimizer | None:
     return None if wrapper is None or wrapper._closed else wrapper
 
 
-def _bucket_hook(wrapper: weakref.ref, slot: _Slot, param: Tensor) -> None:
+def _bucket_hook(wrapper: weakref.ref, index: int, param: Tensor) -> None:
+    # Only a weak reference and an index: a hook must not keep the wrapper's buffers alive.
     opt = wrapper()
     if opt is not None:
-        opt._gradient_ready(slot)
+        opt._gradient_ready(opt._slots[index])
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def _as_positive_int(value, name: str) -> int:
@@ -247,6 +254,9 @@ class MicroBatchOptimizer:
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
         params = self._trainable_params(optimizer)
+        # Parameters frozen now: one that gets a gradient later would bypass the window.
+        self._untracked = [p for group in optimizer.param_groups for p in group["params"]
+                           if not p.requires_grad]
 
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
@@ -268,12 +278,14 @@ class MicroBatchOptimizer:
         self._slots.sort(key=lambda s: s.index)
         self._closed = False
         self._take_over(params)
-        self._hooks = []
+        self._hooks: list = []
         if mode == "bucket":
             this = weakref.ref(self)  # hooks must not keep a dropped wrapper alive
             for slot in self._slots:
                 self._hooks.append(slot.param.register_post_accumulate_grad_hook(
-                    functools.partial(_bucket_hook, this, slot)))
+                    functools.partial(_bucket_hook, this, slot.index)))
+            # A wrapper dropped without close() takes its hooks with it.
+            weakref.finalize(self, _remove_handles, self._hooks)
         # Matrices whose gradient mbfused.nn.Linear may hand over (wgrad_accumulate_ writes
         # fp32 buffers only).
         self._wgrad_slots = ({id(s.param): s for s in self._slots if s.param.dim() == 2}
@@ -295,9 +307,7 @@ class MicroBatchOptimizer:
     def close(self) -> None:
         """Stops consuming gradients: removes the backward hooks. A closed wrapper's
         ``step()`` raises; ``state_dict()`` still works."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        _remove_handles(self._hooks)
         self._closed = True
 
     # -- properties ---------------------------------------------------------------------
@@ -492,6 +502,11 @@ class MicroBatchOptimizer:
         if self._closed:
             raise RuntimeError("this MicroBatchOptimizer is closed (another one manages its "
                                "parameters, or close() was called)")
+        for p in self._untracked:
+            if p.grad is not None:
+                raise RuntimeError(
+                    "a parameter that did not require grad when this MicroBatchOptimizer was built "
+                    "has a gradient now; build the wrapper after unfreezing parameters")
         items = self._check_num_items(num_items)
         pending = [s for s in self._slots if s.param.grad is not None]
         grads = self._ready_grads(pending)  # every gradient valid before any is consumed
@@ -543,10 +558,16 @@ class MicroBatchOptimizer:
         group = self.process_group
         flags = torch.tensor([float(s.written) for s in self._slots], device=self._device)
         items = self._items if isinstance(self._items, Tensor) else torch.tensor(float(self._items))
-        meta = torch.cat([flags, self._found_inf, items.reshape(1).to(self._device, torch.float32)])
+        unchecked = torch.tensor([float(self._unchecked_written)], device=self._device)
+        meta = torch.cat([flags, self._found_inf, unchecked,
+                          items.reshape(1).to(self._device, torch.float32)])
         dist.all_reduce(meta, group=group)
-        any_written = meta[:len(self._slots)].cpu() > 0
-        self._found_inf.copy_(meta[len(self._slots)].clamp(max=1))
+        n = len(self._slots)
+        any_written = meta[:n].cpu() > 0
+        self._found_inf.copy_(meta[n].clamp(max=1))
+        # Every rank must check the norm when any rank took unchecked gradients, or the
+        # ranks would disagree about skipping the window.
+        self._unchecked_written = bool(meta[n + 1].item() > 0)
         if self.normalize == "items":
             self._items = meta[-1]
         for s, on_some_rank in zip(self._slots, any_written.tolist(), strict=True):
@@ -573,14 +594,23 @@ class MicroBatchOptimizer:
 
             world_size = dist.get_world_size(self.process_group)
             written = self._all_reduce(written)
+        if self.normalize == "items" and isinstance(self._items, Tensor):
+            # A window of 0 items has no gradient: skip it, decided on the device (a
+            # Python count of 0 was refused by step()).
+            self._found_inf.copy_(torch.maximum(self._found_inf, (self._items == 0).float().reshape(1)))
         inv_scale = self._inv_scale(world_size)
         # The norm summed in the last micro-batch's pass covers every buffer only when each
-        # was accumulated exactly once in that micro-batch.
-        norm_complete = self.process_group is None and all(s.last_pass_count == 1 for s in written)
+        # was accumulated exactly once in that micro-batch, by accumulate_ (wgrad_accumulate_
+        # sums no norm).
+        norm_complete = (self.process_group is None and not self._unchecked_written
+                         and all(s.last_pass_count == 1 for s in written))
         norm_sq = self._norm_sq if norm_complete else None
         if not written:
+            # No parameter got a gradient: the optimizer steps on none, as in a plain loop.
             total_norm = torch.zeros((), device=self._device)
             skipped = bool(self._found_inf.item())
+            if not skipped:
+                self.optimizer.step()
         elif (supports_fused_handoff(self.optimizer) and not self._unchecked_written
               and all(s.param.dtype == self.accum_dtype for s in written)):
             for s in written:
@@ -591,10 +621,7 @@ class MicroBatchOptimizer:
         else:
             buffers = [s.buffer for s in written]
             in_place = all(s.param.dtype == self.accum_dtype for s in written)
-            out = None if in_place else [
-                s.last_grad if s.last_grad is not None and s.param.dtype != self.accum_dtype
-                else torch.empty_like(s.param, memory_format=torch.contiguous_format)
-                for s in written]
+            out = None if in_place else self._window_outputs(written)
             total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
                                        found_inf=self._found_inf, norm_sq=norm_sq, out=out)
             if self._unchecked_written:
@@ -618,6 +645,20 @@ class MicroBatchOptimizer:
         self.last_grad_norm = total_norm
         self.last_step_skipped = skipped
         return not skipped
+
+    def _window_outputs(self, written: list[_Slot]) -> list[Tensor]:
+        """Where finalize_ writes the window's gradient for parameters of another dtype
+        than the buffers: the last micro-batch's gradient of that parameter when kept
+        (each storage once), else a new tensor."""
+        outputs, used = [], set()
+        for s in written:
+            grad = s.last_grad
+            if grad is not None and s.param.dtype != self.accum_dtype and grad.data_ptr() not in used:
+                used.add(grad.data_ptr())
+                outputs.append(grad)
+            else:
+                outputs.append(torch.empty_like(s.param, memory_format=torch.contiguous_format))
+        return outputs
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The wrapped optimizer's ``zero_grad``; call it after every ``step()`` as usual.
@@ -653,6 +694,34 @@ class MicroBatchOptimizer:
             "window": window,
         }
 
+    def _check_window(self, window: dict) -> None:
+        """A saved half-finished window fits this optimizer (raises before any change)."""
+        missing = {"written", "buffers", "found_inf", "items"} - set(window)
+        if missing:
+            raise ValueError(f"state_dict's window is missing {', '.join(sorted(missing))}")
+        written, buffers = window["written"], window["buffers"]
+        if len(written) != len(self._slots):
+            raise ValueError(f"state_dict's window has {len(written)} parameters, "
+                             f"this optimizer {len(self._slots)}")
+        with_buffer = {i for i, w in enumerate(written) if w}
+        if set(buffers) != with_buffer:
+            raise ValueError("state_dict's window has buffers for parameters "
+                             f"{sorted(buffers)} but gradients for {sorted(with_buffer)}")
+        for index, buffer in buffers.items():
+            mine = self._slots[index].buffer
+            if not isinstance(buffer, Tensor) or buffer.shape != mine.shape or buffer.dtype != mine.dtype:
+                got = (f"shape {list(buffer.shape)}, dtype {buffer.dtype}" if isinstance(buffer, Tensor)
+                       else type(buffer).__name__)
+                raise ValueError(f"state_dict's window buffer {index} has {got} but parameter {index}'s "
+                                 f"buffer has shape {list(mine.shape)}, dtype {mine.dtype}")
+        found_inf = window["found_inf"]
+        if not (isinstance(found_inf, Tensor) and found_inf.numel() == 1 and found_inf.is_floating_point()):
+            raise ValueError("state_dict's window found_inf must be a 1-element floating-point tensor")
+        items = window["items"]
+        if not (isinstance(items, Tensor) and items.numel() == 1) and (
+                isinstance(items, bool) or not isinstance(items, numbers.Real)):
+            raise ValueError(f"state_dict's window items must be a number or a 1-element tensor, got {items!r}")
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores ``state_dict()``'s result, a half-finished window included. Checked in
         full before anything is changed."""
@@ -667,14 +736,7 @@ class MicroBatchOptimizer:
             raise ValueError(f"state_dict has micro_step={micro_step!r} and "
                              f"{'no' if window is None else 'a'} window")
         if window is not None:
-            if len(window["written"]) != len(self._slots):
-                raise ValueError(f"state_dict's window has {len(window['written'])} parameters, "
-                                 f"this optimizer {len(self._slots)}")
-            for index, buffer in window["buffers"].items():
-                mine = self._slots[index].buffer
-                if buffer.shape != mine.shape:
-                    raise ValueError(f"state_dict's window buffer {index} has shape {list(buffer.shape)} "
-                                     f"but parameter {index} has {list(mine.shape)}")
+            self._check_window(window)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self._start_window()
         self._micro_step = micro_step

@@ -209,3 +209,109 @@ def test_a_compiled_model_under_the_wrapper_equals_eager():
         results.append([p.detach().clone() for p in model.parameters()])
     for eager, compiled in zip(*results, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("route", ["wrapper", "main_grad"])
+def test_gradients_asked_for_other_tensors_leave_the_weight_alone(route):
+    """torch.autograd.grad(out, x) and backward(inputs=[x]) compute no weight gradient with
+    torch.nn.Linear; the fp32 routes must not write one either."""
+    model = convert_linears(torch.nn.Linear(8, 4))
+    if route == "wrapper":
+        opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode="param")
+        target = opt._slots[0]
+        written = lambda: target.written  # noqa: E731
+    else:
+        model.weight.main_grad = torch.zeros(4, 8)
+        written = lambda: bool(model.weight.main_grad.any())  # noqa: E731
+    x = torch.randn(3, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(model(x).square().sum(), x)
+    assert gx.shape == x.shape and not written()
+    model(x).square().sum().backward(inputs=[x])
+    assert not written() and model.weight.grad is None
+    model(x).square().sum().backward()
+    assert written()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_a_weight_with_both_kinds_of_gradient_is_clipped_by_its_whole_norm(mode):
+    """Per micro-batch, a backward through a direct use of a Linear's weight (its gradient
+    arrives as .grad; in "bucket" mode a hook accumulates it with the norm at once), then
+    one through the Linear (wgrad_accumulate_ adds to the same buffer, after the norm was
+    summed). The window must clip by the whole norm."""
+    torch.manual_seed(0)
+    lin = Linear(8, 8)
+    plain = copy.deepcopy(lin)
+    plain.__class__ = torch.nn.Linear
+    batches = _batches(count=N)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    main = [torch.zeros_like(p) for p in plain.parameters()]
+    for x in batches:
+        (x @ plain.weight.t()).square().mean().backward()
+        plain(x).square().mean().backward()
+        for m, p in zip(main, plain.parameters()):
+            m += p.grad / N
+            p.grad = None
+    for m, p in zip(main, plain.parameters()):
+        p.grad = m
+    reference_norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.1)
+    plain_opt.step()
+
+    opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), N,
+                                      max_grad_norm=0.1, mode=mode, bucket_mb=1e-6)
+    for x in batches:
+        (x @ lin.weight.t()).square().mean().backward()
+        lin(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(opt.last_grad_norm, reference_norm, rtol=1e-5, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), lin.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class _Expert(torch.nn.Module):
+    """A Linear that only rank 0 uses (an expert), and a scale every rank uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.expert = Linear(8, 4)
+        self.shared = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x, use_expert):
+        return self.expert(x) if use_expert else (x * self.shared).sum(-1)
+
+
+def _unchecked_gradient_worker(rank, world, path, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = _Expert()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2,
+                                          process_group=dist.group.WORLD)
+        for k, x in enumerate(_batches(count=2, seed=rank)):
+            if rank == 0 and k == 1:
+                x = x.clone()
+                x[0, 0, 0] = float("inf")  # only the expert's weight gradient is nan
+                (model(x, use_expert=True) * 0).sum().backward()
+            else:
+                model(x, use_expert=False).square().mean().backward()
+            stepped = opt.step()
+            opt.zero_grad()
+        results[rank] = (stepped, all(torch.equal(v, before[k]) for k, v in model.state_dict().items()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_ranks_agree_to_skip_an_unchecked_nan(tmp_path):
+    """wgrad_accumulate_ has no inf/nan flag, so the norm decides; every rank must check it
+    when any rank took such gradients, or the replicas diverge."""
+    mp = torch.multiprocessing.get_context("spawn")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(
+            _unchecked_gradient_worker, args=(2, tmp_path / "store", results), nprocs=2,
+            start_method="spawn")
+        results = dict(results)
+    assert results == {0: (False, True), 1: (False, True)}

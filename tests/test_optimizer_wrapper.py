@@ -12,6 +12,7 @@ import copy
 import gc
 import io
 import math
+import weakref
 
 import pytest
 import torch
@@ -244,10 +245,22 @@ def test_load_state_dict_checks_before_changing_anything():
     with pytest.raises(ValueError, match="accumulation_steps=4 but this optimizer has 5"):
         other.load_state_dict(sd)
     assert other.state_dict()["micro_step"] == before["micro_step"] == 0
-    bad = dict(sd, window=dict(sd["window"], buffers={0: torch.zeros(3)}))
-    with pytest.raises(ValueError, match=r"window buffer 0 has shape \[3\]"):
-        opt.load_state_dict(bad)
-    assert opt.micro_step == 2 and torch.equal(opt._slots[0].buffer, sd["window"]["buffers"][0])
+    step_before = copy.deepcopy(opt.optimizer.state_dict())
+    window = sd["window"]
+    bad_windows = [
+        (dict(window, buffers={**window["buffers"], 0: torch.zeros(3)}), r"window buffer 0 has shape \[3\]"),
+        (dict(window, buffers={**window["buffers"], 0: window["buffers"][0].double()}), "dtype torch.float64"),
+        ({k: v for k, v in window.items() if k != "items"}, "window is missing items"),
+        (dict(window, buffers={k: v for k, v in window["buffers"].items() if k != 0}),
+         r"buffers for parameters \[1, 2, 3\] but gradients for \[0, 1, 2, 3\]"),
+        (dict(window, found_inf=torch.zeros(2)), "found_inf must be a 1-element"),
+        (dict(window, items="many"), "items must be a number"),
+    ]
+    for bad_window, message in bad_windows:
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(dict(sd, window=bad_window, optimizer={"state": {}, "param_groups": []}))
+        assert opt.micro_step == 2 and torch.equal(opt._slots[0].buffer, window["buffers"][0])
+        assert opt.optimizer.state_dict()["param_groups"] == step_before["param_groups"]
     with pytest.raises(ValueError, match="missing window"):
         opt.load_state_dict({k: v for k, v in sd.items() if k != "window"})
 
@@ -492,6 +505,66 @@ def test_a_dropped_wrapper_stops_consuming_gradients():
     gc.collect()
     _loss(model, _batches()[0], "mean").backward()
     assert all(p.grad is not None for p in model.body.parameters())
+
+
+def test_a_dropped_wrapper_frees_its_buffers_and_hooks():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
+    buffer = weakref.ref(opt._buckets[0].flat)
+    del opt
+    gc.collect()
+    assert buffer() is None
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()
+               if getattr(p, "_post_accumulate_grad_hooks", None) is not None)
+
+
+def test_a_window_without_gradients_still_steps_the_optimizer():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2)
+    calls = []
+    inner_step = opt.optimizer.step
+    opt.optimizer.step = lambda: (calls.append(1), inner_step())
+    assert not opt.step()
+    assert opt.step() and calls == [1] and not opt.last_step_skipped
+
+
+def test_a_window_of_zero_items_counted_on_the_device_is_skipped():
+    model = Net()
+    before = copy.deepcopy(model.state_dict())
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2, normalize="items")
+    for x in _batches()[:2]:
+        _loss(model, x, "items").backward()
+        stepped = opt.step(num_items=torch.tensor(0))
+        opt.zero_grad()
+    assert not stepped and opt.last_step_skipped
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_a_parameter_unfrozen_after_construction_is_refused():
+    model = Net()
+    model.head.requires_grad_(False)
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2)
+    model.head.requires_grad_(True)
+    _loss(model, _batches()[0], "mean", use_head=True).backward()
+    with pytest.raises(RuntimeError, match="build the wrapper after unfreezing"):
+        opt.step()
+    assert opt.micro_step == 0
+
+
+def test_parameters_sharing_one_gradient_tensor():
+    """Two bf16 parameters whose .grad is the same tensor: the window's output storage is
+    never reused twice."""
+    a = torch.nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.zeros(5, dtype=torch.bfloat16))
+    opt = MicroBatchOptimizer(torch.optim.SGD([a, b], lr=1.0), 2, mode="param", normalize="sum")
+    grad = torch.arange(5, dtype=torch.bfloat16)
+    for _ in range(2):
+        a.grad = b.grad = grad.clone()
+        stepped = opt.step()
+    assert stepped
+    torch.testing.assert_close(a, -2 * grad, rtol=0, atol=0)
+    torch.testing.assert_close(b, -2 * grad, rtol=0, atol=0)
 
 
 def test_exported_from_the_package():

@@ -23,6 +23,23 @@ def test_identity_forward_scaled_backward(scale, dtype):
     torch.testing.assert_close(x.grad, upstream * s, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_a_tensor_scale_rounds_like_a_number(dtype):
+    """1/3 is not exact in any dtype: the tensor scale must not be rounded to the
+    gradient's dtype before the product (torch computes a number's product in fp32)."""
+    x = torch.randn(10_000, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(10_000, dtype=dtype)
+    grads = []
+    for scale in (1 / 3, torch.tensor([1 / 3])):
+        x.grad = None
+        mbfused.scale_grad(x, scale).backward(upstream)
+        grads.append(x.grad)
+    if dtype == torch.float64:  # a number stays fp64, the tensor holds fp32's 1/3
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-7, atol=0)
+    else:
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def test_gradients_of_a_model_arrive_scaled():
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
