@@ -315,3 +315,34 @@ def test_data_parallel_ranks_agree_to_skip_an_unchecked_nan(tmp_path):
             start_method="spawn")
         results = dict(results)
     assert results == {0: (False, True), 1: (False, True)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_under_autocast_and_the_wrapper():
+    plain = _mlp().cuda()
+    ours = convert_linears(copy.deepcopy(plain))
+    batches = [x.cuda() for x in _batches()]
+    opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(ours.parameters(), lr=0.1), N, max_grad_norm=0.1)
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    main = [torch.zeros_like(p) for p in plain.parameters()]
+    for k, x in enumerate(batches):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss_plain = plain(x).float().square().mean()
+            loss_ours = ours(x).float().square().mean()
+        loss_plain.backward()
+        loss_ours.backward()
+        for m, p in zip(main, plain.parameters()):
+            m += p.grad / N
+            p.grad = None
+        opt.step()
+        opt.zero_grad()
+        if (k + 1) % N == 0:
+            for m, p in zip(main, plain.parameters()):
+                p.grad = m
+            torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.1)
+            plain_opt.step()
+            main = [torch.zeros_like(m) for m in main]
+    # The fused path's weight gradients are exact fp32 products; torch's are bf16 GEMMs.
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=2e-2, atol=2e-3, msg=name)

@@ -570,3 +570,22 @@ def test_parameters_sharing_one_gradient_tensor():
 def test_exported_from_the_package():
     assert mbfused.MicroBatchOptimizer is MicroBatchOptimizer
     assert "MicroBatchOptimizer" in mbfused.__all__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["adamw", "adamw-fused"])
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_on_cuda_matches_the_pure_pytorch_loop(kind, mode):
+    """On a GPU: hooks run on the autograd engine's device thread and the end of the window
+    on the caller's stream; the result is the pure loop's."""
+    torch.manual_seed(0)
+    model = Net().cuda()
+    ref = copy.deepcopy(model)
+    batches = [x.cuda() for x in _batches()]
+    _reference_run(ref, OPTIMIZERS[kind](ref.parameters()), batches, max_norm=0.05)
+    opt = MicroBatchOptimizer(OPTIMIZERS[kind](model.parameters()), N, max_grad_norm=0.05,
+                              mode=mode, bucket_mb=0.002)
+    stepped, _ = _wrapped_run(model, opt, batches)
+    assert stepped == [False, False, False, True] * 2
+    _assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
