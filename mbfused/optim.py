@@ -1,5 +1,10 @@
 """Optimizer integration.
 
+``MicroBatchOptimizer`` wraps any torch optimizer for gradient accumulation: every
+``step()`` adds the micro-batch's gradients into fp32 buffers with one fused
+``accumulate_`` pass (in "bucket" mode already during backward, from hooks), and every
+N-th ends the window with ``finalize_`` or the handoff below, then steps the optimizer.
+
 ``fused_optimizer_step`` ends an accumulation window with **zero** extra memory passes
 when the optimizer is one of torch's fused ones (``fused=True`` Adam, AdamW, SGD,
 Adagrad): instead of scaling the gradients, it hands the unscale and clip coefficient
