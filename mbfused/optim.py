@@ -371,6 +371,7 @@ class MicroBatchOptimizer:
         """Buckets of consecutive parameters in backward order (the reverse of
         registration order, as DDP assumes). bucket_bytes=0: a buffer per parameter."""
         element = torch.empty((), dtype=self.accum_dtype).element_size()
+        align = 64 // element
         groups: list[list[int]] = []
         size = 0
         for i in reversed(range(len(params))):
@@ -387,13 +388,16 @@ class MicroBatchOptimizer:
                 buffer = torch.empty(p.shape, dtype=self.accum_dtype, device=p.device)
                 buckets.append(_Bucket([_Slot(members[0], p, buffer, b)], None))
                 continue
-            flat = torch.empty(sum(params[i].numel() for i in members), dtype=self.accum_dtype,
-                               device=self._device)
-            slots, offset = [], 0
+            # Every buffer starts on a 64-byte boundary: the kernels' vector loads (128-bit
+            # on GPUs) need 16-byte-aligned tensors, and a misaligned one runs scalar code.
+            # The padding is zero and stays zero (all-reduces sum it too).
+            offsets, end = [], 0
             for i in members:
-                n = params[i].numel()
-                slots.append(_Slot(i, params[i], flat[offset:offset + n].view(params[i].shape), b))
-                offset += n
+                offsets.append(end)
+                end += -(-params[i].numel() // align) * align
+            flat = torch.zeros(end, dtype=self.accum_dtype, device=self._device)
+            slots = [_Slot(i, params[i], flat[o:o + params[i].numel()].view(params[i].shape), b)
+                     for i, o in zip(members, offsets, strict=True)]
             buckets.append(_Bucket(slots, flat))
         return buckets
 

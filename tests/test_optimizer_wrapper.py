@@ -567,6 +567,21 @@ def test_parameters_sharing_one_gradient_tensor():
     torch.testing.assert_close(b, -2 * grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("accum_dtype", [torch.float32, torch.bfloat16])
+def test_bucket_buffers_start_on_64_byte_boundaries(accum_dtype):
+    """Odd sizes (the head's 1-element bias) must not misalign the buffers after them:
+    the kernels vectorise aligned tensors only."""
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (1, 7, 33, 4096, 3)]
+    opt = MicroBatchOptimizer(torch.optim.SGD(params, lr=0.1), 2, accum_dtype=accum_dtype)
+    assert len(opt._buckets) == 1
+    assert all(s.buffer.data_ptr() % 64 == 0 for s in opt._slots)
+    flat = opt._buckets[0].flat
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert flat.count_nonzero().item() == sum(p.numel() for p in params)  # padding stays zero
+
+
 def test_exported_from_the_package():
     assert mbfused.MicroBatchOptimizer is MicroBatchOptimizer
     assert "MicroBatchOptimizer" in mbfused.__all__
