@@ -201,7 +201,8 @@ class MicroBatchOptimizer:
         max_grad_norm: clip the window's gradient to this total L2 norm, as
             ``torch.nn.utils.clip_grad_norm_`` does; None: no clipping.
         normalize: how the window's gradient is normalized. ``"mean"``: each micro-batch
-            counts 1/N (for losses that are means over a micro-batch). ``"sum"``: no
+            counts 1/N (for losses that are means over a micro-batch; the loss must not be
+            divided by N as well). ``"sum"``: no
             scaling. ``"items"``: divided by the total ``num_items`` of the window (pass
             each micro-batch's item count, e.g. its non-padding tokens, to ``step``), for
             losses that are sums over items: the exact mean over a window whose
