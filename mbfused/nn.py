@@ -25,6 +25,7 @@ from mbfused import ops, optim
 
 __all__ = ["Linear", "convert_linears", "scale_grad"]
 
+
 def _weight_gradient_wanted(weight: Tensor) -> bool:
     """Whether this backward pass accumulates into `weight` (False under
     ``torch.autograd.grad(out, inputs)`` or ``backward(inputs=...)`` without it): a
