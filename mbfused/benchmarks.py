@@ -188,7 +188,7 @@ def _wrapper_window(t: Tensors, n: int) -> Callable[[], None]:
     micro-batch's gradients, which the other paths must not see."""
     params = [torch.nn.Parameter(torch.empty_like(g)) for g in t.grads]
     grads = [g.clone() for g in t.grads]
-    opt = MicroBatchOptimizer(_NoStep(params), n, max_grad_norm=1.0, mode="param")
+    opt = MicroBatchOptimizer(_NoStep(params), n, max_grad_norm=1.0)
 
     def run():
         for _ in range(n):

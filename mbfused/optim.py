@@ -122,7 +122,7 @@ class _Slot:
         self.bucket = bucket
         self.written = False  # holds this window's gradient (else its contents are stale)
         self.last_pass_count = 0  # accumulations during the window's last micro-batch
-        self.last_grad: Tensor | None = None  # the last micro-batch's gradient ("param" mode)
+        self.last_grad: Tensor | None = None  # the last micro-batch's gradient, if it reached step()
 
 
 class _Bucket:
@@ -429,7 +429,7 @@ class MicroBatchOptimizer:
             bucket.ready.clear()
             slots = [s for s in bucket.slots if s.param.grad is not None]
             with torch.no_grad():
-                self._accumulate(slots, self._ready_grads(slots))
+                self._accumulate(slots, self._ready_grads(slots), in_backward=True)
 
     # -- the step -----------------------------------------------------------------------
 
@@ -454,9 +454,10 @@ class MicroBatchOptimizer:
                 grads[i] = grad.contiguous()
         return grads
 
-    def _accumulate(self, slots: list[_Slot], grads: list[Tensor]) -> None:
+    def _accumulate(self, slots: list[_Slot], grads: list[Tensor], in_backward: bool = False) -> None:
         """One fused pass per kind (first write of the window, or add) of checked `grads`
-        into the `slots`' buffers; the parameters' .grad are then released."""
+        into the `slots`' buffers; the parameters' .grad are then released.
+        `in_backward`: called from a backward hook ("bucket" mode)."""
         if not slots:
             return
         last = self._micro_step == self.accumulation_steps - 1
@@ -472,10 +473,11 @@ class MicroBatchOptimizer:
         for overwrite, call_slots, call_grads in calls:
             ops.accumulate_([s.buffer for s in call_slots], call_grads, self._micro_scale(),
                             overwrite=overwrite, found_inf=self._found_inf, norm_sq=norm_sq)
-        # In "param" mode the last micro-batch's gradients are kept as the storage the
-        # window's gradient is written into for parameters of another dtype than the
-        # buffers (no allocation at the end of the window); "bucket" mode frees them.
-        keep = last and self.mode == "param"
+        # Gradients that reach step() in the last micro-batch were alive until now anyway:
+        # they are kept as the storage the window's gradient is written into for
+        # parameters of another dtype than the buffers (no allocation at the end of the
+        # window). Those taken by backward hooks are freed at once, as hooks are for.
+        keep = last and not in_backward
         for s, grad in zip(slots, grads, strict=True):
             s.written = True
             s.last_pass_count += last

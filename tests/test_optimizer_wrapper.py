@@ -582,6 +582,23 @@ def test_bucket_buffers_start_on_64_byte_boundaries(accum_dtype):
     assert flat.count_nonzero().item() == sum(p.numel() for p in params)  # padding stays zero
 
 
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_the_last_gradients_that_reach_step_hold_the_window_gradient(mode):
+    """bf16 parameters: the window's gradient is written into the last micro-batch's
+    gradient tensors when they reached step() (no allocation at the end of the window)."""
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in (5, 70)]
+    opt = MicroBatchOptimizer(torch.optim.SGD(params, lr=0.0), 2, mode=mode)
+    seen = []
+    opt.optimizer.step = lambda: seen.append([p.grad for p in params])
+    for k in range(2):
+        last = [torch.full_like(p, k + 1.0) for p in params]
+        for p, g in zip(params, last, strict=True):
+            p.grad = g
+        opt.step()
+    assert all(a is b for a, b in zip(seen[0], last, strict=True))
+    assert all(torch.equal(g, torch.full_like(g, 1.5)) for g in seen[0])  # (1 + 2) / 2
+
+
 def test_exported_from_the_package():
     assert mbfused.MicroBatchOptimizer is MicroBatchOptimizer
     assert "MicroBatchOptimizer" in mbfused.__all__
