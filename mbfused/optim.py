@@ -279,6 +279,7 @@ class MicroBatchOptimizer:
         self._norm_sq = torch.zeros(1, dtype=torch.float32, device=self._device)
         self._items: float | Tensor = 0
         self._unchecked_written = False  # a buffer got a gradient that was not checked for inf/nan
+        self._buffers_handed_out = False  # some .grad is an accumulation buffer (zero_grad releases it)
         self._buckets = self._make_buckets(params, bucket_mb * 2**20 if mode == "bucket" else 0)
         self._slots = [slot for bucket in self._buckets for slot in bucket.slots]
         self._slots.sort(key=lambda s: s.index)
@@ -429,7 +430,7 @@ class MicroBatchOptimizer:
             bucket.ready.clear()
             slots = [s for s in bucket.slots if s.param.grad is not None]
             with torch.no_grad():
-                self._accumulate(slots, self._ready_grads(slots), in_backward=True)
+                self._accumulate(slots, in_backward=True)
 
     # -- the step -----------------------------------------------------------------------
 
@@ -437,7 +438,8 @@ class MicroBatchOptimizer:
         return 1.0 / self.accumulation_steps if self.normalize == "mean" else 1.0
 
     def _ready_grads(self, slots: list[_Slot]) -> list[Tensor]:
-        """The slots' gradients, each checked (once per step: this runs per parameter)."""
+        """The slots' gradients, each checked, with a named error for a bad one; a
+        non-contiguous gradient is replaced by a contiguous copy."""
         grads = [slot.param.grad for slot in slots]
         for i, (slot, grad) in enumerate(zip(slots, grads, strict=True)):
             if grad.layout != torch.strided:
@@ -454,25 +456,36 @@ class MicroBatchOptimizer:
                 grads[i] = grad.contiguous()
         return grads
 
-    def _accumulate(self, slots: list[_Slot], grads: list[Tensor], in_backward: bool = False) -> None:
-        """One fused pass per kind (first write of the window, or add) of checked `grads`
-        into the `slots`' buffers; the parameters' .grad are then released.
-        `in_backward`: called from a backward hook ("bucket" mode)."""
+    def _accumulate(self, slots: list[_Slot], in_backward: bool = False) -> None:
+        """One fused pass per kind (first write of the window, or add) of the `slots`'
+        gradients into their buffers; the parameters' .grad are then released. Nothing is
+        written when a gradient is bad. `in_backward`: called from a backward hook."""
         if not slots:
             return
         last = self._micro_step == self.accumulation_steps - 1
         norm_sq = self._norm_sq if last and self.process_group is None else None
+        scale = self._micro_scale()
         # Buffers not yet written in this window are overwritten: one call when all
         # slots are of one kind (the usual case), two otherwise.
         fresh = [not s.written for s in slots]
         if all(fresh) or not any(fresh):
-            calls = [(fresh[0], slots, grads)]
+            buffers, grads = [s.buffer for s in slots], [s.param.grad for s in slots]
+            try:
+                ops.accumulate_(buffers, grads, scale, overwrite=fresh[0], found_inf=self._found_inf,
+                                norm_sq=norm_sq)
+            except (TypeError, ValueError, RuntimeError):
+                # The op checks every argument before it writes anything. Checked here per
+                # parameter only now (it costs as much as the kernel on small tensors): to
+                # name the parameter, or to retry with contiguous copies of the gradients.
+                grads = self._ready_grads(slots)
+                ops.accumulate_(buffers, grads, scale, overwrite=fresh[0], found_inf=self._found_inf,
+                                norm_sq=norm_sq)
         else:
-            calls = [(kind, [s for s, f in zip(slots, fresh, strict=True) if f == kind],
-                      [g for g, f in zip(grads, fresh, strict=True) if f == kind]) for kind in (True, False)]
-        for overwrite, call_slots, call_grads in calls:
-            ops.accumulate_([s.buffer for s in call_slots], call_grads, self._micro_scale(),
-                            overwrite=overwrite, found_inf=self._found_inf, norm_sq=norm_sq)
+            grads = self._ready_grads(slots)  # two calls: all checked before the first
+            for kind in (True, False):
+                chosen = [i for i, f in enumerate(fresh) if f == kind]
+                ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
+                                overwrite=kind, found_inf=self._found_inf, norm_sq=norm_sq)
         # Gradients that reach step() in the last micro-batch were alive until now anyway:
         # they are kept as the storage the window's gradient is written into for
         # parameters of another dtype than the buffers (no allocation at the end of the
@@ -521,11 +534,10 @@ class MicroBatchOptimizer:
                     "has a gradient now; build the wrapper after unfreezing parameters")
         items = self._check_num_items(num_items)
         pending = [s for s in self._slots if s.param.grad is not None]
-        grads = self._ready_grads(pending)  # every gradient valid before any is consumed
+        self._accumulate(pending)  # raises before anything is written if a gradient is bad
         if self.mode == "bucket":
             for bucket in self._buckets:
                 bucket.ready.clear()  # buckets left incomplete by this backward
-        self._accumulate(pending, grads)
         self._items = self._items + items
         self._micro_step += 1
         if self._micro_step < self.accumulation_steps:
@@ -627,6 +639,7 @@ class MicroBatchOptimizer:
               and all(s.param.dtype == self.accum_dtype for s in written)):
             for s in written:
                 s.param.grad = s.buffer
+            self._buffers_handed_out = True
             total_norm = fused_optimizer_step(self.optimizer, inv_scale, max_norm=self.max_grad_norm,
                                               found_inf=self._found_inf, norm_sq=norm_sq)
             skipped = bool(self._found_inf.item())
@@ -646,6 +659,7 @@ class MicroBatchOptimizer:
             if not skipped:
                 for s, grad in zip(written, out if out is not None else buffers, strict=True):
                     s.param.grad = grad
+                self._buffers_handed_out = out is None
                 self.optimizer.step()
         if skipped:
             for s in written:
@@ -679,9 +693,11 @@ class MicroBatchOptimizer:
         that is an accumulation buffer (after a window's step) is released, whatever
         ``set_to_none`` says: zeroing it would be a wasted pass, and the next backward
         must not add into it."""
-        for s in self._slots:
-            if s.param.grad is not None and s.param.grad.data_ptr() == s.buffer.data_ptr():
-                s.param.grad = None
+        if self._buffers_handed_out:
+            for s in self._slots:
+                if s.param.grad is not None and s.param.grad.data_ptr() == s.buffer.data_ptr():
+                    s.param.grad = None
+            self._buffers_handed_out = False
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # -- checkpoints --------------------------------------------------------------------

@@ -599,6 +599,17 @@ def test_the_last_gradients_that_reach_step_hold_the_window_gradient(mode):
     assert all(torch.equal(g, torch.full_like(g, 1.5)) for g in seen[0])  # (1 + 2) / 2
 
 
+def test_non_contiguous_gradients_are_accumulated():
+    p = torch.nn.Parameter(torch.zeros(4, 5))
+    opt = MicroBatchOptimizer(torch.optim.SGD([p], lr=1.0), 2, normalize="sum")
+    grads = [torch.randn(5, 4).t() for _ in range(2)]
+    assert not grads[0].is_contiguous()
+    for g in grads:
+        p.grad = g
+        opt.step()
+    torch.testing.assert_close(p.detach(), -(grads[0] + grads[1]), rtol=0, atol=0)
+
+
 def test_exported_from_the_package():
     assert mbfused.MicroBatchOptimizer is MicroBatchOptimizer
     assert "MicroBatchOptimizer" in mbfused.__all__
