@@ -38,14 +38,23 @@ def _weight_gradient_wanted(weight: Tensor) -> bool:
 
 class _LinearFunction(torch.autograd.Function):
     """F.linear whose weight gradient goes to the weight's MicroBatchOptimizer or
-    main_grad when it has one. Backward works in grad_output's dtype, as torch's linear
-    does under autocast."""
+    main_grad when it has one. Under autocast it casts as torch's linear does and saves
+    the cast input (not the wider original); backward works in grad_output's dtype."""
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(input, weight)
+        ctx.input_dtype = input.dtype
         ctx.has_bias = bias is not None
-        return F.linear(input, weight, bias)
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            input = input.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                output = F.linear(input, weight.to(dtype), None if bias is None else bias.to(dtype))
+        else:
+            output = F.linear(input, weight, bias)
+        ctx.save_for_backward(input, weight)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -53,7 +62,7 @@ class _LinearFunction(torch.autograd.Function):
         dtype = grad_output.dtype
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = grad_output.matmul(weight.to(dtype)).to(input.dtype)
+            grad_input = grad_output.matmul(weight.to(dtype)).to(ctx.input_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         if ctx.needs_input_grad[1]:

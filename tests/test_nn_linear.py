@@ -56,6 +56,20 @@ def test_under_autocast_it_matches_torch_linear():
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
+def test_under_autocast_it_saves_the_cast_input_as_torch_does():
+    """An fp32 input (a LayerNorm's output, say) is saved in bf16 for backward, not kept
+    in fp32, as torch.nn.Linear does; the weight is saved as the parameter itself (torch
+    saves a bf16 copy)."""
+    model = convert_linears(_mlp())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model[0](_batches()[0].requires_grad_())
+    assert out.dtype == torch.bfloat16
+    assert [t.dtype for t in saved] == [torch.bfloat16, torch.float32]
+    assert saved[1].data_ptr() == model[0].weight.data_ptr()
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_main_grad_gets_the_exact_fp32_sum_and_grad_stays_none():
     model = convert_linears(_mlp(torch.bfloat16))
