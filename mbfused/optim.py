@@ -24,7 +24,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from mbfused import ops, reference
+from mbfused import _checks, ops, reference
 
 __all__ = ["MicroBatchOptimizer", "fused_optimizer_step", "supports_fused_handoff"]
 
@@ -105,7 +105,7 @@ def fused_optimizer_step(
 
 _NORMALIZE = ("mean", "sum", "items")
 _MODES = ("bucket", "param")
-_ACCUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ACCUM_DTYPES = _checks.SUPPORTED_DTYPES  # what the fused ops take, buffers and gradients alike
 
 
 class _Slot:
@@ -462,7 +462,7 @@ class MicroBatchOptimizer:
         written when a gradient is bad. `in_backward`: called from a backward hook."""
         if not slots:
             return
-        last = self._micro_step == self.accumulation_steps - 1
+        last = self.sync_gradients
         norm_sq = self._norm_sq if last and self.process_group is None else None
         scale = self._micro_scale()
         # Buffers not yet written in this window are overwritten: one call when all
@@ -513,8 +513,7 @@ class MicroBatchOptimizer:
             return num_items.detach().reshape(()).to(device=self._device, dtype=torch.float32)
         if isinstance(num_items, bool) or not isinstance(num_items, numbers.Real) or num_items < 0:
             raise ValueError(f"num_items must be a non-negative number or a 1-element tensor, got {num_items!r}")
-        last = self._micro_step == self.accumulation_steps - 1
-        if (last and self.process_group is None and not isinstance(self._items, Tensor)
+        if (self.sync_gradients and self.process_group is None and not isinstance(self._items, Tensor)
                 and self._items + num_items == 0):
             raise ValueError("num_items: the window holds 0 items in total, its gradient is undefined")
         return num_items
@@ -587,11 +586,12 @@ class MicroBatchOptimizer:
                           items.reshape(1).to(self._device, torch.float32)])
         dist.all_reduce(meta, group=group)
         n = len(self._slots)
-        any_written = meta[:n].cpu() > 0
+        on_host = meta.cpu()  # one synchronisation for the flags
+        any_written = on_host[:n] > 0
         self._found_inf.copy_(meta[n].clamp(max=1))
         # Every rank must check the norm when any rank took unchecked gradients, or the
         # ranks would disagree about skipping the window.
-        self._unchecked_written = bool(meta[n + 1].item() > 0)
+        self._unchecked_written = bool(on_host[n + 1] > 0)
         if self.normalize == "items":
             self._items = meta[-1]
         for s, on_some_rank in zip(self._slots, any_written.tolist(), strict=True):
@@ -629,14 +629,14 @@ class MicroBatchOptimizer:
         norm_complete = (self.process_group is None and not self._unchecked_written
                          and all(s.last_pass_count == 1 for s in written))
         norm_sq = self._norm_sq if norm_complete else None
+        same_dtype = all(s.param.dtype == self.accum_dtype for s in written)
         if not written:
             # No parameter got a gradient: the optimizer steps on none, as in a plain loop.
             total_norm = torch.zeros((), device=self._device)
             skipped = bool(self._found_inf.item())
             if not skipped:
                 self.optimizer.step()
-        elif (supports_fused_handoff(self.optimizer) and not self._unchecked_written
-              and all(s.param.dtype == self.accum_dtype for s in written)):
+        elif supports_fused_handoff(self.optimizer) and not self._unchecked_written and same_dtype:
             for s in written:
                 s.param.grad = s.buffer
             self._buffers_handed_out = True
@@ -645,8 +645,7 @@ class MicroBatchOptimizer:
             skipped = bool(self._found_inf.item())
         else:
             buffers = [s.buffer for s in written]
-            in_place = all(s.param.dtype == self.accum_dtype for s in written)
-            out = None if in_place else self._window_outputs(written)
+            out = None if same_dtype else self._window_outputs(written)
             total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
                                        found_inf=self._found_inf, norm_sq=norm_sq, out=out)
             if self._unchecked_written:
