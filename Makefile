@@ -6,13 +6,13 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: install install-dev test bench lint clean
+.PHONY: install install-dev test bench gpu-check lint clean
 
 # torch first: the extension builds against the torch in this environment
 # (--no-build-isolation), never against one pip would fetch into a build sandbox.
 define build
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install ninja "setuptools>=77" wheel
+	$(PIP) install ninja "setuptools>=64" wheel
 	set -o pipefail; $(PIP) install -v --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | tee build.log \
 	  | grep -E "\[mbfused build\]|Successfully installed|error:" || { tail -n 60 build.log; exit 1; }; \
 	  echo "compiled sources:"; grep -oE " -c [^ ]+\.(cu|cpp)" build.log | sort -u
@@ -44,8 +44,14 @@ test: install-dev
 bench: install
 	$(PYTHON) -m mbfused bench
 
+# On a machine with a CUDA GPU and torch, triton, pytest preinstalled, offline: build in
+# place, GPU tests, GPU benchmark, logs in $$OUT or gpu-check/ (scripts/gpu_check.sh).
+# GPU_CHECK_DRY=1: the same offline build and the CPU tests, no GPU needed.
+gpu-check:
+	PYTHON=$(PYTHON) bash scripts/gpu_check.sh
+
 lint:
 	$(PYTHON) -m ruff check mbfused kernels tests bench
 
 clean:
-	rm -rf build build.log *.egg-info mbfused/_C*.so
+	rm -rf build build.log *.egg-info mbfused/_C*.so gpu-check

@@ -11,6 +11,7 @@ import glob
 import os
 import sys
 
+import setuptools
 from setuptools import setup
 
 
@@ -39,6 +40,9 @@ from torch.utils import cpp_extension  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
+# Objects live here between builds (pip's editable and wheel builds included), so ninja
+# recompiles only the sources that changed instead of every object in a fresh temp dir.
+BUILD_TEMP = os.path.join(HERE, "build", "objects")
 # A100 and H100; set TORCH_CUDA_ARCH_LIST for other GPUs. Each arch adds nvcc time.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
@@ -102,7 +106,23 @@ def _extension():
     )
 
 
+class _BuildExtension(cpp_extension.BuildExtension):
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.build_temp = BUILD_TEMP
+
+
+def _license_metadata() -> dict:
+    # `license = "BSD-3-Clause"` in pyproject needs setuptools >= 77, which preinstalled
+    # environments (offline GPU machines) may not have; the field is dynamic and set here
+    # in the form this setuptools understands.
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "BSD-3-Clause", "license_files": ["LICENSE"]}
+    return {"license": "BSD-3-Clause", "license_files": ["LICENSE"]}
+
+
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
+    **_license_metadata(),
 )

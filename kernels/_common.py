@@ -11,6 +11,7 @@ there are the ones tested here.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -188,16 +189,65 @@ class LaunchPlan(NamedTuple):
     blocks: int
 
 
+# Device tables by pointer set: built once, read by every later launch on the same
+# tensors. A table holds nothing but what its key holds (addresses, sizes, dtypes), so a
+# hit is always right, also for new tensors at reused addresses. Keeping them (a few KB
+# each) means no host-to-device copy per call, which CUDA-graph capture needs: a copy
+# captured from a per-call host buffer would be replayed from memory since reused.
+_DEVICE_PLANS: collections.OrderedDict[tuple, tuple[LaunchPlan, torch.cuda.Stream, torch.cuda.Event]] = (
+    collections.OrderedDict())
+DEVICE_PLAN_CACHE_SIZE = 256
+
+
 def plan(dst: Sequence[Tensor], src: Sequence[Tensor]) -> LaunchPlan | None:
     """Groups the pairs (dst[i], src[i]) by (dst dtype, src dtype, 16-byte alignment of
-    both); zero-size tensors are left out (None when nothing is left)."""
+    both); zero-size tensors are left out (None when nothing is left).
+
+    On CUDA the tables are cached per pointer set. Under CUDA-graph capture they must
+    exist already: run the op once on the same tensors before capturing (the warm-up
+    that capture needs anyway, for compilation and tuning)."""
     members: dict[tuple[torch.dtype, torch.dtype, bool], list[int]] = {}
+    key: list = []
     for i, (d, s) in enumerate(zip(dst, src, strict=True)):
         if d.numel() > 0:
-            aligned = d.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0
+            d_ptr, s_ptr = d.data_ptr(), s.data_ptr()
+            aligned = d_ptr % 16 == 0 and s_ptr % 16 == 0
             members.setdefault((d.dtype, s.dtype, aligned), []).append(i)
+            key += (d_ptr, s_ptr, d.numel(), d.dtype, s.dtype)
     if not members:
         return None
+    device = dst[0].device
+    if device.type != "cuda":
+        return _build_plan(dst, src, members, device)
+    cache_key = (device, *key)
+    cached = _DEVICE_PLANS.get(cache_key)
+    capturing = torch.cuda.is_current_stream_capturing()
+    if cached is not None:
+        _DEVICE_PLANS.move_to_end(cache_key)
+        launches, built_on, ready = cached
+        stream = torch.cuda.current_stream(device)
+        if not capturing and stream != built_on:
+            # Built on another stream, perhaps still in flight there (no host wait).
+            stream.wait_event(ready)
+        return launches
+    if capturing:
+        raise RuntimeError(
+            "the triton backend has no launch table for these tensors yet and cannot build "
+            "one during CUDA-graph capture: run the op once on the same tensors before "
+            "capturing (warm-up)")
+    launches = _build_plan(dst, src, members, device)
+    stream = torch.cuda.current_stream(device)
+    ready = torch.cuda.Event()
+    ready.record(stream)
+    _DEVICE_PLANS[cache_key] = (launches, stream, ready)
+    if len(_DEVICE_PLANS) > DEVICE_PLAN_CACHE_SIZE:
+        _DEVICE_PLANS.popitem(last=False)
+    return launches
+
+
+def _build_plan(dst: Sequence[Tensor], src: Sequence[Tensor],
+                members: dict[tuple[torch.dtype, torch.dtype, bool], list[int]],
+                device: torch.device) -> LaunchPlan:
     columns: list[list[int]] = [[], [], [], [], []]
     groups = []
     total_blocks = 0
@@ -212,7 +262,6 @@ def plan(dst: Sequence[Tensor], src: Sequence[Tensor]) -> LaunchPlan | None:
             group_blocks += chunks
         groups.append(Group(dst_dtype, src_dtype, aligned, total_blocks, group_blocks))
         total_blocks += group_blocks
-    device = dst[0].device
     if device.type == "cuda":
         # Pinned memory makes the copy asynchronous: no wait for the stream's work.
         tables = torch.tensor(columns, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)

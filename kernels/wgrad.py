@@ -72,8 +72,12 @@ def wgrad_kernel(
     HAS_SCALE_TENSOR: tl.constexpr, OVERWRITE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # out features
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # in features
+    # One grid axis over all tiles, row-major: axis 1 of a CUDA grid stops at 65,535
+    # programs (4,194,240 in features at BLOCK_N=64), axis 0 at 2**31 - 1.
+    tile = tl.program_id(0).to(tl.int64)
+    col_tiles = tl.cdiv(in_features, BLOCK_N)
+    rows = (tile // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)  # out features
+    cols = (tile % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # in features
     row_ok = rows < out_features
     col_ok = cols < in_features
     product = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -133,7 +137,7 @@ def wgrad_accumulate_(
     scale_ptr, scale_value = (scale, 1.0) if isinstance(scale, Tensor) else (None, float(scale))
 
     def grid(meta):
-        return (triton.cdiv(out_features, meta["BLOCK_M"]), triton.cdiv(in_features, meta["BLOCK_N"]))
+        return (triton.cdiv(out_features, meta["BLOCK_M"]) * triton.cdiv(in_features, meta["BLOCK_N"]),)
 
     wgrad_kernel[grid](
         main_grad, _words(go), _words(x), scale_ptr, scale_value,

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mbfused import ops, optim
+from mbfused._backend import requested_backend, use_backend
 
 __all__ = ["Linear", "convert_linears", "scale_grad"]
 
@@ -39,10 +40,15 @@ def _weight_gradient_wanted(weight: Tensor) -> bool:
 class _LinearFunction(torch.autograd.Function):
     """F.linear whose weight gradient goes to the weight's MicroBatchOptimizer or
     main_grad when it has one. Under autocast it casts as torch's linear does and saves
-    the cast input (not the wider original); backward works in grad_output's dtype."""
+    the cast input (not the wider original); backward works in grad_output's dtype.
+
+    The backend chosen with ``use_backend`` around the forward pass is the one the
+    backward pass uses: on CUDA the autograd engine runs backward on a thread of its own,
+    where the caller's choice (a context variable) is not set."""
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.backend = requested_backend()
         ctx.input_dtype = input.dtype
         ctx.has_bias = bias is not None
         device_type = input.device.type
@@ -66,19 +72,25 @@ class _LinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         if ctx.needs_input_grad[1]:
-            manager = optim.manager_of(weight)
-            main_grad = getattr(weight, "main_grad", None)
-            if (manager is not None or main_grad is not None) and not _weight_gradient_wanted(weight):
-                pass  # torch.autograd.grad(out, x) or backward(inputs=...) without the weight
-            elif manager is not None and manager._accumulate_wgrad(weight, grad_output, input):
-                pass
-            elif main_grad is not None:
-                ops.wgrad_accumulate_(main_grad, grad_output, input)
-            else:
-                go = grad_output.reshape(-1, grad_output.shape[-1])
-                x = input.reshape(-1, input.shape[-1]).to(dtype)
-                grad_weight = go.t().mm(x).to(weight.dtype)
+            with use_backend(ctx.backend):
+                grad_weight = _weight_gradient(weight, grad_output, input, dtype)
         return grad_input, grad_weight, grad_bias
+
+
+def _weight_gradient(weight: Tensor, grad_output: Tensor, input: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The weight gradient for autograd, or None when it went into a buffer instead."""
+    manager = optim.manager_of(weight)
+    main_grad = getattr(weight, "main_grad", None)
+    if (manager is not None or main_grad is not None) and not _weight_gradient_wanted(weight):
+        return None  # torch.autograd.grad(out, x) or backward(inputs=...) without the weight
+    if manager is not None and manager._accumulate_wgrad(weight, grad_output, input):
+        return None
+    if main_grad is not None:
+        ops.wgrad_accumulate_(main_grad, grad_output, input)
+        return None
+    go = grad_output.reshape(-1, grad_output.shape[-1])
+    x = input.reshape(-1, input.shape[-1]).to(dtype)
+    return go.t().mm(x).to(weight.dtype)
 
 
 class Linear(torch.nn.Linear):

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mbfused import _checks, ops, reference
+from mbfused._backend import requested_backend, use_backend
 
 __all__ = ["MicroBatchOptimizer", "fused_optimizer_step", "supports_fused_handoff"]
 
@@ -162,7 +163,11 @@ def _bucket_hook(wrapper: weakref.ref, index: int, param: Tensor) -> None:
     # Only a weak reference and an index: a hook must not keep the wrapper's buffers alive.
     opt = wrapper()
     if opt is not None:
-        opt._gradient_ready(opt._slots[index])
+        # On CUDA this runs on the autograd engine's device thread, where the caller's
+        # use_backend() choice (a context variable) is not set: use the one in force at
+        # the wrapper's last step() or construction.
+        with use_backend(opt._backend):
+            opt._gradient_ready(opt._slots[index])
 
 
 def _remove_handles(handles: list) -> None:
@@ -274,6 +279,7 @@ class MicroBatchOptimizer:
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped = False
         self._micro_step = 0
+        self._backend = requested_backend()  # for backward hooks; renewed by every step()
         self._device = params[0].device if params else torch.device("cpu")
         self._found_inf = torch.zeros(1, dtype=torch.float32, device=self._device)
         self._norm_sq = torch.zeros(1, dtype=torch.float32, device=self._device)
@@ -532,6 +538,7 @@ class MicroBatchOptimizer:
                     "a parameter that did not require grad when this MicroBatchOptimizer was built "
                     "has a gradient now; build the wrapper after unfreezing parameters")
         items = self._check_num_items(num_items)
+        self._backend = requested_backend()
         pending = [s for s in self._slots if s.param.grad is not None]
         self._accumulate(pending)  # raises before anything is written if a gradient is bad
         if self.mode == "bucket":

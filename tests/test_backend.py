@@ -75,3 +75,63 @@ def test_info_command_reports_versions_and_backends():
     assert f"torch {torch.__version__}" in out
     for name in ("cuda", "triton", "cpu", "torch"):
         assert f"  {name}:" in out
+
+
+def _backward_on_another_thread(loss):
+    """Runs loss.backward() on a fresh thread, as the autograd engine runs CUDA work on a
+    device thread of its own, where the caller's context variables are not set."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            loss.backward()
+        except BaseException as exc:  # re-raised on the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "backward did not finish"
+    if errors:
+        raise errors[0]
+
+
+@pytest.fixture
+def backends_used(monkeypatch):
+    """The backend each op call asked for, recorded where the op picks it."""
+    from mbfused import _backend, ops
+
+    used = []
+
+    def recording(device):
+        used.append(_backend.requested_backend())
+        return backend_for(device)
+
+    monkeypatch.setattr(ops, "backend_for", recording)
+    return used
+
+
+def test_nn_linear_backward_keeps_the_backend_of_its_forward(backends_used):
+    layer = mbfused.nn.Linear(6, 4)
+    layer.weight.main_grad = torch.zeros(4, 6)
+    with mbfused.use_backend("torch"):
+        loss = layer(torch.randn(3, 6)).sum()
+    _backward_on_another_thread(loss)
+    assert backends_used and set(backends_used) == {"torch"}
+    assert torch.count_nonzero(layer.weight.main_grad) > 0
+
+
+def test_wrapper_backward_hooks_keep_the_backend_of_its_last_step(backends_used):
+    model = torch.nn.Linear(6, 4)
+    opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 4, mode="bucket")
+    with mbfused.use_backend("torch"):
+        model(torch.randn(3, 6)).sum().backward()
+        opt.step()
+    backends_used.clear()
+    _backward_on_another_thread(model(torch.randn(3, 6)).sum())
+    assert backends_used and set(backends_used) == {"torch"}  # the hook's accumulate_
+    with mbfused.use_backend("auto"):
+        opt.step()
+    assert opt.micro_step == 2

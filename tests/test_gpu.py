@@ -94,13 +94,14 @@ def test_finalize_skips_on_found_inf_without_host_sync(backend):
     acc = make_grads([(100_000,), (33,)], [torch.float32, torch.bfloat16], device="cuda")
     before = clone_all(acc)
     found_inf = torch.ones(1, device="cuda")
+    # Made before the sync check: a host-to-device copy of a Python number synchronises.
+    scale, norm_sq, target = torch.tensor([0.5], device="cuda"), torch.zeros(1, device="cuda"), clone_all(acc)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with mbfused.use_backend(backend):
             mbfused.finalize_(acc, 0.5, max_norm=1.0, found_inf=found_inf)
-            mbfused.accumulate_(clone_all(acc), acc, torch.tensor([0.5], device="cuda"),
-                                found_inf=found_inf, norm_sq=torch.zeros(1, device="cuda"))
+            mbfused.accumulate_(target, acc, scale, found_inf=found_inf, norm_sq=norm_sq)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_same(acc, before)

@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable table, cons
         for (int k = 0; k < kVec; ++k) {
           d.v[k] = scaled_element<Dst>(s.v[k], coef);
         }
-        *reinterpret_cast<Pack<Dst, kVec>*>(dst + i) = d;
+        store_pack(dst + i, d);
       }
     }
     for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {

@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace mbfused::cuda {
@@ -59,15 +60,37 @@ __device__ inline ChunkWork chunk_work(const TensorTable& table, int64_t chunk) 
   return {slot, start, remaining < kChunkElements ? remaining : kChunkElements};
 }
 
-// N elements loaded or stored with one instruction when aligned (16 bytes for fp32 x 4).
+// N elements moved by 128-bit loads and stores when 16-byte aligned: one instruction for
+// 16 bytes (fp32 x 4, bf16 x 8), two for 32 (fp32 x 8). Aligned to at most 16 bytes, as
+// that is all the vector paths check.
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
   T v[N];
 };
 
-// Elements per 128-bit access of the wider of two element types.
+// Stores a pack as whole 128-bit words. In finalize's scaling loop nvcc 13.0 splits a
+// plain 16-byte store (of a Pack, a float4 or a uint4 alike) into four 32-bit stores on
+// sm_80 and sm_90, while the same store in accumulate_kernel stays whole (SASS, tested
+// in tests/test_cuda_sass.py); PTX's st.global.v4 is one instruction whatever the loop.
+template <typename T, int N>
+__device__ inline void store_pack(T* dst, const Pack<T, N>& pack) {
+  static_assert(sizeof(pack) % 16 == 0, "a pack is whole 128-bit words");
+  constexpr int kWords = sizeof(pack) / 16;
+  uint4 words[kWords];
+  memcpy(words, &pack, sizeof(pack));
+#pragma unroll
+  for (int w = 0; w < kWords; ++w) {
+    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<uint4*>(dst) + w),
+        "r"(words[w].x), "r"(words[w].y), "r"(words[w].z), "r"(words[w].w)
+        : "memory");
+  }
+}
+
+// Elements per vector step over two element types: 16 bytes of the narrower, so that
+// both sides move whole 128-bit words (fp32 += bf16: 8 elements, two 128-bit accesses
+// of the fp32 side and one of the bf16 side; with 4 the bf16 side would move 64 bits).
 template <typename A, typename B>
-constexpr int kVecWidth = 16 / (sizeof(A) > sizeof(B) ? sizeof(A) : sizeof(B));
+constexpr int kVecWidth = 16 / (sizeof(A) < sizeof(B) ? sizeof(A) : sizeof(B));
 
 __device__ inline bool aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;

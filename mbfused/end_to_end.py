@@ -1,0 +1,226 @@
+"""A whole training window of a real model, the pure-PyTorch way against mbfused's.
+
+``python -m mbfused bench --end-to-end`` builds a transformers Llama (about 1.1B
+parameters by default, TinyLlama's shape, random weights: nothing is downloaded) with
+bf16 parameters and times windows of N micro-batches (forward, backward, end of window
+with the inf check, the norm, clipping to 1.0 and a fused AdamW step) along three paths:
+
+- ``pure: grad_dtype fp32``: what a PyTorch user writes: ``param.grad_dtype =
+  torch.float32`` makes autograd accumulate the micro-batches' gradients in fp32; then
+  ``clip_grad_norm_`` (the window is skipped when the norm is not finite), the fp32
+  gradients cast to the parameters' dtype (torch's AdamW takes no fp32 gradient for a
+  bf16 parameter), ``AdamW(fused=True).step()``;
+- ``MicroBatchOptimizer``: the same AdamW wrapped, ``normalize="mean"``,
+  ``max_grad_norm=1.0``;
+- ``MicroBatchOptimizer + convert_linears``: the same, with every ``nn.Linear`` writing
+  its weight gradient in fp32 straight into the wrapper's buffers.
+
+Each path gets a freshly built model (same seed, same weights) so that peak memory counts
+only its own state. Reported per path: median window time, peak memory allocated during
+its windows (CUDA), and the relative error of the gradient the optimizer receives, on a
+slice of one MLP weight, against the exact (fp64) sum of the micro-batches' fp32
+gradients over an unclipped window.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from mbfused import nn as mbnn
+from mbfused.optim import MicroBatchOptimizer
+
+__all__ = ["MODEL_SHAPES", "WindowResult", "format_table", "run"]
+
+# Llama shapes: hidden, intermediate, layers, heads, kv heads, vocab.
+MODEL_SHAPES = {
+    "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B
+    "tiny": (64, 176, 2, 4, 2, 256),  # for tests on CPU
+}
+PATHS = ("pure: grad_dtype fp32", "MicroBatchOptimizer", "MicroBatchOptimizer + convert_linears")
+_SLICE = 65536  # elements of the probed weight whose gradient error is measured
+
+
+@dataclass
+class WindowResult:
+    path: str
+    model: str
+    parameters: int
+    micro_batches: int
+    tokens_per_micro_batch: int
+    median_window_s: float
+    windows_s: list[float]
+    peak_memory_gib: float | None
+    grad_rel_error: float
+    grad_max_rel_error: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build_model(shape: str, device: torch.device):
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        raise SystemExit("--end-to-end needs transformers: pip install transformers") from exc
+    hidden, intermediate, layers, heads, kv_heads, vocab = MODEL_SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                         max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model
+
+
+def _probe(model) -> Tensor:
+    """The parameter whose gradient error is measured: the first layer's down projection."""
+    return model.model.layers[0].mlp.down_proj.weight
+
+
+def _batches(vocab: int, micro_batches: int, batch: int, seq_len: int, device) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device) for _ in range(micro_batches)]
+
+
+def _loss(model, ids: Tensor) -> Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _exact_window_gradient(shape: str, device, batches: list[Tensor]) -> Tensor:
+    """fp64 sum of each micro-batch's fp32 gradient of the probe slice, divided by N."""
+    model = _build_model(shape, device)
+    probe = _probe(model)
+    for p in model.parameters():
+        p.grad_dtype = torch.float32
+    total = torch.zeros(_SLICE, dtype=torch.float64, device=device)
+    for ids in batches:
+        _loss(model, ids).backward()
+        total += probe.grad.reshape(-1)[:_SLICE].double()
+        model.zero_grad(set_to_none=True)
+    del model
+    return total / len(batches)
+
+
+class _Path:
+    """One way to run a window: ``window(batches, clip)`` runs one and leaves in
+    ``gradient`` the probe slice of the window's gradient as accumulated (fp32), before
+    clipping and the cast to the parameters' dtype."""
+
+    def __init__(self, name: str, model) -> None:
+        self.name = name
+        self.model = model
+        self.gradient: Tensor | None = None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.probe = _probe(model)
+        self.adamw = torch.optim.AdamW(self.params, lr=1e-5, fused=True)
+        self.wrapper: MicroBatchOptimizer | None = None
+        if name == PATHS[0]:
+            for p in self.params:
+                p.grad_dtype = torch.float32
+        elif name == PATHS[2]:
+            mbnn.convert_linears(model)
+
+    def window(self, batches: list[Tensor], clip: bool) -> None:
+        if self.name == PATHS[0]:
+            self._pure_window(batches, clip)
+        else:
+            self._wrapper_window(batches, clip)
+
+    def _slice(self, gradient: Tensor) -> Tensor:
+        return gradient.reshape(-1)[:_SLICE].double().clone()
+
+    def _pure_window(self, batches: list[Tensor], clip: bool) -> None:
+        n = len(batches)
+        for ids in batches:
+            (_loss(self.model, ids) / n).backward()
+        self.gradient = self._slice(self.probe.grad)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0 if clip else float("inf"), foreach=True)
+        if torch.isfinite(norm):  # the inf check: one host read per window, as the wrapper's
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad = p.grad.to(p.dtype)
+            self.adamw.step()
+        self.adamw.zero_grad(set_to_none=True)
+
+    def _wrapper_window(self, batches: list[Tensor], clip: bool) -> None:
+        if self.wrapper is None or self.wrapper.accumulation_steps != len(batches):
+            if self.wrapper is not None:
+                self.wrapper.close()
+            self.wrapper = MicroBatchOptimizer(self.adamw, len(batches))
+            # The probe's fp32 buffer, read when the window ends: without clipping the
+            # end-of-window coefficient is 1 and the buffer is the window's gradient.
+            buffer = next(s.buffer for s in self.wrapper._slots if s.param is self.probe)
+            self.adamw.register_step_pre_hook(lambda *_: setattr(self, "gradient", self._slice(buffer)))
+        self.wrapper.max_grad_norm = 1.0 if clip else None
+        for ids in batches:
+            _loss(self.model, ids).backward()
+            self.wrapper.step()
+            self.wrapper.zero_grad(set_to_none=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(shape: str = "1b", device: str = "cuda", micro_batches: int = 8, batch: int = 2,
+        seq_len: int = 1024, repeats: int = 3, progress: Callable[[str], None] = lambda _: None
+        ) -> list[WindowResult]:
+    """Times `repeats` windows per path after one warm-up window; see the module docstring."""
+    dev = torch.device(device)
+    vocab = MODEL_SHAPES[shape][-1]
+    batches = _batches(vocab, micro_batches, batch, seq_len, dev)
+    progress(f"exact window gradient of the probe slice ({shape}, N={micro_batches})")
+    exact = _exact_window_gradient(shape, dev, batches)
+    results = []
+    for name in PATHS:
+        progress(f"{name}: building the model")
+        model = _build_model(shape, dev)
+        parameters = sum(p.numel() for p in model.parameters())
+        path = _Path(name, model)
+        progress(f"{name}: unclipped window (gradient error)")
+        path.window(batches, clip=False)
+        gradient = path.gradient
+        error = (gradient - exact).norm() / exact.norm()
+        max_error = ((gradient - exact).abs().max() / exact.abs().max())
+        path.window(batches, clip=True)  # warm-up of the timed windows
+        _sync(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = []
+        for r in range(repeats):
+            progress(f"{name}: window {r + 1} of {repeats}")
+            _sync(dev)
+            t0 = time.perf_counter()
+            path.window(batches, clip=True)
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+        results.append(WindowResult(name, shape, parameters, micro_batches, batch * seq_len,
+                                    statistics.median(times), times, peak, error.item(), max_error.item()))
+        del path, model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def format_table(results: list[WindowResult]) -> str:
+    first = results[0]
+    lines = [f"end to end: Llama {first.model} ({first.parameters / 1e9:.2f}B parameters, bf16), "
+             f"N={first.micro_batches} micro-batches of {first.tokens_per_micro_batch} tokens, "
+             "clip 1.0, fused AdamW",
+             f"{'path':<40} {'window ms':>10} {'vs pure':>8} {'peak GiB':>9} "
+             f"{'grad rel err':>13} {'max rel err':>12}"]
+    lines.append("-" * len(lines[-1]))
+    for r in results:
+        peak = f"{r.peak_memory_gib:>9.2f}" if r.peak_memory_gib is not None else f"{'-':>9}"
+        lines.append(f"{r.path:<40} {r.median_window_s * 1e3:>10.1f} "
+                     f"{first.median_window_s / r.median_window_s:>7.2f}x {peak} "
+                     f"{r.grad_rel_error:>13.2e} {r.grad_max_rel_error:>12.2e}")
+    return "\n".join(lines)

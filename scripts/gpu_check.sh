@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# `make gpu-check`: proves the CUDA and Triton paths on a machine with a CUDA GPU where
+# torch (>= 2.11), triton, pytest and pytest-benchmark are already installed and nothing
+# can be downloaded. Builds the extension in place against that torch, runs every
+# `gpu`-marked test, the GPU benchmark and the end-to-end training window, each step
+# under its own deadline, and writes one log per step to $OUT (else gpu-check/).
+#
+# GPU_CHECK_DRY=1: no GPU needed; runs the same offline build, the SASS check and the CPU
+# tests (GPU_CHECK_DRY_TESTS, default: the whole CPU suite) instead of the GPU steps, so
+# that CI keeps this script working.
+#
+# Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0; the dry run keeps an
+# existing build's list when unset), MAX_JOBS (all cores), GPU_CHECK_E2E=0 skips the
+# end-to-end window.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+DRY=${GPU_CHECK_DRY:-0}
+LOGS=${OUT:-gpu-check}
+mkdir -p "$LOGS"
+LOGS=$(cd "$LOGS" && pwd)
+export PYTHONUNBUFFERED=1
+# Never reach the network: pip may only use what is installed.
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+START=$SECONDS
+FAILED=()
+
+has_gpu() {
+    timeout 60 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+        2>/dev/null
+}
+
+if [ "$DRY" != 1 ] && ! has_gpu; then
+    echo "gpu-check: no CUDA GPU visible to torch here (GPU_CHECK_DRY=1 runs the offline build and CPU suite)" >&2
+    exit 2
+fi
+
+# step NAME DEADLINE_S COMMAND...: runs COMMAND under its deadline, output to NAME.log.
+step() {
+    local name=$1 deadline=$2
+    shift 2
+    local t0=$SECONDS
+    echo "== $name (deadline ${deadline}s) =="
+    # bash -c: the command may be one of this script's functions (exported below).
+    timeout --kill-after=10 "$deadline" bash -c '"$@"' _ "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    local verdict=ok
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        verdict="TIMED OUT"
+    elif [ $rc -ne 0 ]; then
+        verdict="FAILED (exit $rc)"
+    fi
+    [ "$verdict" = ok ] || FAILED+=("$name: $verdict")
+    tail -n 25 "$LOGS/$name.log"
+    echo "-- $name: $verdict in $((SECONDS - t0)) s"
+    return $rc
+}
+
+# pytest exits 5 when it collects nothing: a failure, never a pass.
+run_pytest() {
+    "$PYTHON" -m pytest "$@"
+    local rc=$?
+    if [ $rc -eq 5 ]; then
+        echo "pytest collected no tests: $*" >&2
+        return 1
+    fi
+    return $rc
+}
+
+environment() {
+    date -u
+    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    nproc
+    "$PYTHON" -c "import platform, torch, setuptools; print('python', platform.python_version()); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('setuptools', setuptools.__version__); print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+    "$PYTHON" -c "import triton; print('triton', triton.__version__)" 2>&1
+    "$PYTHON" -m pip list 2>/dev/null | grep -iE "^(torch|triton|pytest|pytest-benchmark|setuptools|ninja|transformers) " || true
+    command -v nvcc && nvcc --version | tail -n 2
+}
+
+build() {
+    # In place against the torch already installed: no build isolation, no index.
+    export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+    if [ "$DRY" != 1 ]; then
+        export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+    fi
+    "$PYTHON" -m pip install -v --no-index --no-build-isolation --no-deps -e . || return 1
+    "$PYTHON" -m mbfused info || return 1
+    if [ "$DRY" != 1 ]; then
+        "$PYTHON" -m mbfused info | grep -q "cuda: usable" || { echo "the cuda backend is not usable"; return 1; }
+    fi
+}
+
+export PYTHON DRY LOGS
+export -f environment build run_pytest
+
+step environment 120 environment
+step build 420 build || { echo "gpu-check: the build failed; see $LOGS/build.log" >&2; exit 1; }
+
+# The vector paths of the CUDA kernels move 128-bit words (cuobjdump on the build).
+step sass 120 run_pytest -q -p no:cacheprovider tests/test_cuda_sass.py
+if [ "$DRY" = 1 ]; then
+    # shellcheck disable=SC2086  # a list of test paths
+    step cpu-tests 1800 run_pytest -q -p no:cacheprovider -m "not gpu" ${GPU_CHECK_DRY_TESTS:-tests}
+else
+    step gpu-tests 240 run_pytest -q -m gpu tests -p no:cacheprovider \
+        --junitxml="$LOGS/gpu-tests.xml"
+    step bench 150 "$PYTHON" -m mbfused bench --device cuda --json "$LOGS/bench.json"
+    if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
+        step e2e 150 "$PYTHON" -m mbfused.e2e --json "$LOGS/e2e.json"
+    fi
+fi
+
+echo "gpu-check: $((SECONDS - START)) s in total; logs in $LOGS"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    printf 'gpu-check failed: %s\n' "${FAILED[@]}" >&2
+    exit 1
+fi
+echo "gpu-check: all steps passed"
