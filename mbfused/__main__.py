@@ -38,7 +38,29 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _end_to_end(args: argparse.Namespace) -> int:
+    from mbfused import end_to_end
+
+    def progress(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    results = end_to_end.run(args.e2e_model, args.device, micro_batches=args.window,
+                             batch=args.e2e_batch, seq_len=args.e2e_seq_len, repeats=args.repeats or 3,
+                             progress=progress)
+    print(end_to_end.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in results], f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.end_to_end:
+        return _end_to_end(args)
     if args.model:
         from mbfused import model
 
@@ -47,9 +69,6 @@ def _bench(args: argparse.Namespace) -> int:
             print()
         return 0
     device = args.device
-    if device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device is available", file=sys.stderr)
-        return 2
     repeats = args.repeats or (5 if args.quick else 20)
 
     def progress(message: str) -> None:
@@ -106,7 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--repeats", type=int, help="timed calls per path")
     bench.add_argument("--model", action="store_true",
                        help="print the modeled GPU cost of a window (ops, launches, bytes) instead")
-    bench.add_argument("--window", type=int, default=8, help="micro-batches per window for --model")
+    bench.add_argument("--window", type=int, default=8,
+                       help="micro-batches per window for --model and --end-to-end")
+    bench.add_argument("--end-to-end", action="store_true",
+                       help="whole training windows of a Llama model (needs transformers): the "
+                            "pure-PyTorch loop against MicroBatchOptimizer")
+    bench.add_argument("--e2e-model", choices=("1b", "tiny"), default="1b",
+                       help="Llama shape for --end-to-end (1b: TinyLlama-1.1B)")
+    bench.add_argument("--e2e-batch", type=int, default=2, help="sequences per micro-batch")
+    bench.add_argument("--e2e-seq-len", type=int, default=1024, help="tokens per sequence")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="plot GB/s per path (needs matplotlib)")
     bench.set_defaults(run=_bench)

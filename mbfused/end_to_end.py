@@ -9,7 +9,8 @@ with the inf check, the norm, clipping to 1.0 and a fused AdamW step) along thre
   torch.float32`` makes autograd accumulate the micro-batches' gradients in fp32; then
   ``clip_grad_norm_`` (the window is skipped when the norm is not finite), the fp32
   gradients cast to the parameters' dtype (torch's AdamW takes no fp32 gradient for a
-  bf16 parameter), ``AdamW(fused=True).step()``;
+  bf16 parameter, and a bf16 ``.grad`` needs ``grad_dtype = None`` for the moment),
+  ``AdamW(fused=True).step()``;
 - ``MicroBatchOptimizer``: the same AdamW wrapped, ``normalize="mean"``,
   ``max_grad_norm=1.0``;
 - ``MicroBatchOptimizer + convert_linears``: the same, with every ``nn.Linear`` writing
@@ -17,9 +18,9 @@ with the inf check, the norm, clipping to 1.0 and a fused AdamW step) along thre
 
 Each path gets a freshly built model (same seed, same weights) so that peak memory counts
 only its own state. Reported per path: median window time, peak memory allocated during
-its windows (CUDA), and the relative error of the gradient the optimizer receives, on a
-slice of one MLP weight, against the exact (fp64) sum of the micro-batches' fp32
-gradients over an unclipped window.
+its windows (CUDA), and the relative error of the window's accumulated gradient (before
+clipping and the cast to bf16), on a slice of one MLP weight, against its exact value: the
+fp64 products of that layer's bf16 operands, summed over an unclipped window.
 """
 
 from __future__ import annotations
@@ -93,18 +94,26 @@ def _loss(model, ids: Tensor) -> Tensor:
 
 
 def _exact_window_gradient(shape: str, device, batches: list[Tensor]) -> Tensor:
-    """fp64 sum of each micro-batch's fp32 gradient of the probe slice, divided by N."""
+    """The probe slice of the window's exact gradient: per micro-batch the product
+    ``grad_output^T @ input`` of the probe layer's own bf16 operands, in fp64, summed
+    and divided by N. (What autograd stores for a bf16 weight is that product rounded
+    to bf16 first, whatever dtype it then accumulates in.)"""
     model = _build_model(shape, device)
-    probe = _probe(model)
-    for p in model.parameters():
-        p.grad_dtype = torch.float32
-    total = torch.zeros(_SLICE, dtype=torch.float64, device=device)
+    layer = model.model.layers[0].mlp.down_proj
+    out_features, in_features = layer.weight.shape
+    numel = min(_SLICE, layer.weight.numel())
+    rows = -(-numel // in_features)
+    captured = {}
+    layer.register_forward_hook(lambda m, args, out: captured.__setitem__("input", args[0].detach()))
+    layer.register_full_backward_hook(lambda m, gin, gout: captured.__setitem__("grad_output", gout[0]))
+    total = torch.zeros(rows, in_features, dtype=torch.float64, device=device)
     for ids in batches:
         _loss(model, ids).backward()
-        total += probe.grad.reshape(-1)[:_SLICE].double()
+        go = captured["grad_output"].reshape(-1, out_features)[:, :rows].double()
+        total += go.t() @ captured["input"].reshape(-1, in_features).double()
         model.zero_grad(set_to_none=True)
     del model
-    return total / len(batches)
+    return total.reshape(-1)[:numel] / len(batches)
 
 
 class _Path:
@@ -143,10 +152,13 @@ class _Path:
         norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0 if clip else float("inf"), foreach=True)
         if torch.isfinite(norm):  # the inf check: one host read per window, as the wrapper's
             for p in self.params:
+                p.grad_dtype = None  # torch refuses a bf16 .grad on an fp32 grad_dtype
                 if p.grad is not None:
                     p.grad = p.grad.to(p.dtype)
             self.adamw.step()
         self.adamw.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad_dtype = torch.float32
 
     def _wrapper_window(self, batches: list[Tensor], clip: bool) -> None:
         if self.wrapper is None or self.wrapper.accumulation_steps != len(batches):

@@ -105,9 +105,10 @@ if [ "$DRY" = 1 ]; then
 else
     step gpu-tests 240 run_pytest -q -m gpu tests -p no:cacheprovider \
         --junitxml="$LOGS/gpu-tests.xml"
-    step bench 150 "$PYTHON" -m mbfused bench --device cuda --json "$LOGS/bench.json"
+    step bench 180 "$PYTHON" -m mbfused bench --device cuda --json "$LOGS/bench.json"
     if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
-        step e2e 150 "$PYTHON" -m mbfused.e2e --json "$LOGS/e2e.json"
+        step end-to-end 150 "$PYTHON" -m mbfused bench --end-to-end --device cuda \
+            --json "$LOGS/end-to-end.json"
     fi
 fi
 
