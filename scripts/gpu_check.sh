@@ -95,7 +95,7 @@ export PYTHON DRY LOGS
 export -f environment build run_pytest
 
 step environment 120 environment
-step build 420 build || { echo "gpu-check: the build failed; see $LOGS/build.log" >&2; exit 1; }
+step build 300 build || { echo "gpu-check: the build failed; see $LOGS/build.log" >&2; exit 1; }
 
 # The vector paths of the CUDA kernels move 128-bit words (cuobjdump on the build).
 step sass 120 run_pytest -q -p no:cacheprovider tests/test_cuda_sass.py
@@ -103,7 +103,10 @@ if [ "$DRY" = 1 ]; then
     # shellcheck disable=SC2086  # a list of test paths
     step cpu-tests 1800 run_pytest -q -p no:cacheprovider -m "not gpu" ${GPU_CHECK_DRY_TESTS:-tests}
 else
-    step gpu-tests 240 run_pytest -q -m gpu tests -p no:cacheprovider \
+    # Triton compiles on the CPU: tests in parallel processes where pytest-xdist is there.
+    parallel=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_CHECK_WORKERS:-8}")
+    step gpu-tests 240 run_pytest -q -m gpu tests -p no:cacheprovider "${parallel[@]}" \
         --junitxml="$LOGS/gpu-tests.xml"
     step bench 180 "$PYTHON" -m mbfused bench --device cuda --json "$LOGS/bench.json"
     if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
