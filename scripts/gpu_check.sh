@@ -106,8 +106,7 @@ else
     # Triton compiles on the CPU: tests in parallel processes where pytest-xdist is there.
     parallel=()
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_CHECK_WORKERS:-8}")
-    step gpu-tests 240 run_pytest -q -m gpu tests -p no:cacheprovider "${parallel[@]}" \
-        --junitxml="$LOGS/gpu-tests.xml"
+    step gpu-tests 240 run_pytest -q -rfEs -m gpu tests -p no:cacheprovider "${parallel[@]}"
     step bench 180 "$PYTHON" -m mbfused bench --device cuda --json "$LOGS/bench.json"
     if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
         step end-to-end 150 "$PYTHON" -m mbfused bench --end-to-end --device cuda \
