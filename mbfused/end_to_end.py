@@ -3,7 +3,7 @@
 ``python -m mbfused bench --end-to-end`` builds a transformers Llama (about 1.1B
 parameters by default, TinyLlama's shape, random weights: nothing is downloaded) with
 bf16 parameters and times windows of N micro-batches (forward, backward, end of window
-with the inf check, the norm, clipping to 1.0 and a fused AdamW step) along three paths:
+with the inf check, the norm, clipping to 1.0 and a fused AdamW step) along four paths:
 
 - ``pure: grad_dtype fp32``: what a PyTorch user writes: ``param.grad_dtype =
   torch.float32`` makes autograd accumulate the micro-batches' gradients in fp32; then
@@ -12,7 +12,8 @@ with the inf check, the norm, clipping to 1.0 and a fused AdamW step) along thre
   bf16 parameter, and a bf16 ``.grad`` needs ``grad_dtype = None`` for the moment),
   ``AdamW(fused=True).step()``;
 - ``MicroBatchOptimizer``: the same AdamW wrapped, ``normalize="mean"``,
-  ``max_grad_norm=1.0``;
+  ``max_grad_norm=1.0``, in its default mode (buckets accumulated during backward) and
+  with ``mode="param"`` (everything accumulated in ``step()``);
 - ``MicroBatchOptimizer + convert_linears``: the same, with every ``nn.Linear`` writing
   its weight gradient in fp32 straight into the wrapper's buffers.
 
@@ -20,7 +21,7 @@ Each path gets a freshly built model (same seed, same weights) so that peak memo
 only its own state. Reported per path: median window time, peak memory allocated during
 its windows (CUDA), and the relative error of the window's accumulated gradient (before
 clipping and the cast to bf16), on a slice of one MLP weight, against its exact value: the
-fp64 products of that layer's bf16 operands, summed over an unclipped window.
+fp64 products of that layer's bf16 operands in the same (unclipped) window.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ MODEL_SHAPES = {
     "1b": (2048, 5632, 22, 32, 4, 32000),  # TinyLlama-1.1B
     "tiny": (64, 176, 2, 4, 2, 256),  # for tests on CPU
 }
-PATHS = ("pure: grad_dtype fp32", "MicroBatchOptimizer", "MicroBatchOptimizer + convert_linears")
+PATHS = ("pure: grad_dtype fp32", "MicroBatchOptimizer", "MicroBatchOptimizer mode=param",
+         "MicroBatchOptimizer + convert_linears")
 _SLICE = 65536  # elements of the probed weight whose gradient error is measured
 
 
@@ -79,9 +81,13 @@ def _build_model(shape: str, device: torch.device):
     return model
 
 
+def _probe_layer(model) -> torch.nn.Module:
+    """The layer whose weight gradient error is measured: the first down projection."""
+    return model.model.layers[0].mlp.down_proj
+
+
 def _probe(model) -> Tensor:
-    """The parameter whose gradient error is measured: the first layer's down projection."""
-    return model.model.layers[0].mlp.down_proj.weight
+    return _probe_layer(model).weight
 
 
 def _batches(vocab: int, micro_batches: int, batch: int, seq_len: int, device) -> list[Tensor]:
@@ -93,27 +99,40 @@ def _loss(model, ids: Tensor) -> Tensor:
     return model(input_ids=ids, labels=ids).loss
 
 
-def _exact_window_gradient(shape: str, device, batches: list[Tensor]) -> Tensor:
-    """The probe slice of the window's exact gradient: per micro-batch the product
-    ``grad_output^T @ input`` of the probe layer's own bf16 operands, in fp64, summed
-    and divided by N. (What autograd stores for a bf16 weight is that product rounded
-    to bf16 first, whatever dtype it then accumulates in.)"""
-    model = _build_model(shape, device)
-    layer = model.model.layers[0].mlp.down_proj
-    out_features, in_features = layer.weight.shape
-    numel = min(_SLICE, layer.weight.numel())
-    rows = -(-numel // in_features)
-    captured = {}
-    layer.register_forward_hook(lambda m, args, out: captured.__setitem__("input", args[0].detach()))
-    layer.register_full_backward_hook(lambda m, gin, gout: captured.__setitem__("grad_output", gout[0]))
-    total = torch.zeros(rows, in_features, dtype=torch.float64, device=device)
-    for ids in batches:
-        _loss(model, ids).backward()
-        go = captured["grad_output"].reshape(-1, out_features)[:, :rows].double()
-        total += go.t() @ captured["input"].reshape(-1, in_features).double()
-        model.zero_grad(set_to_none=True)
-    del model
-    return total.reshape(-1)[:numel] / len(batches)
+class _ExactGradient:
+    """The probe slice of a window's exact gradient, from the probe layer's own bf16
+    operands in that very window: per micro-batch ``grad_output^T @ input`` in fp64,
+    summed and divided by N. Taken in the window it checks because a GPU backward is not
+    bit-reproducible (attention kernels add with atomics): another window's operands
+    differ in their last bits. (For a bf16 weight autograd stores that product rounded
+    to bf16, whatever dtype it then accumulates in.)"""
+
+    def __init__(self, layer: torch.nn.Module, numel: int) -> None:
+        out_features, in_features = layer.weight.shape
+        self._shape = (out_features, in_features)
+        self._numel = numel
+        self._rows = -(-numel // in_features)
+        self._input: Tensor | None = None
+        self.total = torch.zeros(self._rows, in_features, dtype=torch.float64, device=layer.weight.device)
+        self.micro_batches = 0
+        self._handles = [layer.register_forward_hook(self._keep_input),
+                         layer.register_full_backward_hook(self._add_product)]
+
+    def _keep_input(self, module, args, output) -> None:
+        self._input = args[0].detach()
+
+    def _add_product(self, module, grad_input, grad_output) -> None:
+        out_features, in_features = self._shape
+        go = grad_output[0].reshape(-1, out_features)[:, :self._rows].double()
+        self.total += go.t() @ self._input.reshape(-1, in_features).double()
+        self.micro_batches += 1
+
+    def result(self, loss_divided: bool) -> Tensor:
+        """`loss_divided`: each micro-batch's loss was divided by N (its grad_output holds 1/N)."""
+        for handle in self._handles:
+            handle.remove()
+        total = self.total.reshape(-1)[:self._numel]
+        return total if loss_divided else total / self.micro_batches
 
 
 class _Path:
@@ -132,7 +151,7 @@ class _Path:
         if name == PATHS[0]:
             for p in self.params:
                 p.grad_dtype = torch.float32
-        elif name == PATHS[2]:
+        elif name == PATHS[3]:
             mbnn.convert_linears(model)
 
     def window(self, batches: list[Tensor], clip: bool) -> None:
@@ -164,7 +183,8 @@ class _Path:
         if self.wrapper is None or self.wrapper.accumulation_steps != len(batches):
             if self.wrapper is not None:
                 self.wrapper.close()
-            self.wrapper = MicroBatchOptimizer(self.adamw, len(batches))
+            mode = "param" if self.name == PATHS[2] else "bucket"
+            self.wrapper = MicroBatchOptimizer(self.adamw, len(batches), mode=mode)
             # The probe's fp32 buffer, read when the window ends: without clipping the
             # end-of-window coefficient is 1 and the buffer is the window's gradient.
             buffer = next(s.buffer for s in self.wrapper._slots if s.param is self.probe)
@@ -188,8 +208,6 @@ def run(shape: str = "1b", device: str = "cuda", micro_batches: int = 8, batch: 
     dev = torch.device(device)
     vocab = MODEL_SHAPES[shape][-1]
     batches = _batches(vocab, micro_batches, batch, seq_len, dev)
-    progress(f"exact window gradient of the probe slice ({shape}, N={micro_batches})")
-    exact = _exact_window_gradient(shape, dev, batches)
     results = []
     for name in PATHS:
         progress(f"{name}: building the model")
@@ -197,8 +215,9 @@ def run(shape: str = "1b", device: str = "cuda", micro_batches: int = 8, batch: 
         parameters = sum(p.numel() for p in model.parameters())
         path = _Path(name, model)
         progress(f"{name}: unclipped window (gradient error)")
+        exact_gradient = _ExactGradient(_probe_layer(model), min(_SLICE, path.probe.numel()))
         path.window(batches, clip=False)
-        gradient = path.gradient
+        exact, gradient = exact_gradient.result(loss_divided=name == PATHS[0]), path.gradient
         error = (gradient - exact).norm() / exact.norm()
         max_error = ((gradient - exact).abs().max() / exact.abs().max())
         path.window(batches, clip=True)  # warm-up of the timed windows

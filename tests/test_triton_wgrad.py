@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DEVICES, IGNORE_INTERPRETER_FP_WARNINGS
 from wgrad_cases import *  # noqa: F403  (the shared tests)
+from wgrad_cases import assert_within, exact_and_bound, make_inputs
 
 import mbfused
 
