@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <ostream>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -29,22 +28,19 @@ std::string dtype_name(at::ScalarType dtype) {
     case at::kComplexHalf: return "torch.complex32";
     case at::kComplexFloat: return "torch.complex64";
     case at::kComplexDouble: return "torch.complex128";
-    default: {
-      std::ostringstream out;
-      out << "torch." << dtype;
-      return out.str();
-    }
+    default: return std::string("torch.") + c10::toString(dtype);
   }
 }
 
+// Built without a stream: with this library compiled by a newer GCC than the libstdc++
+// the process loads (seen on a GPU image with its own /opt/gcc), an integer inserted into
+// a std::ostringstream of ours crashed the process instead of formatting the message.
 std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "[";
+  std::string out = "[";
   for (size_t i = 0; i < sizes.size(); ++i) {
-    out << (i ? ", " : "") << sizes[i];
+    out += (i ? ", " : "") + std::to_string(sizes[i]);
   }
-  out << "]";
-  return out.str();
+  return out + "]";
 }
 
 // Names a list element in messages, e.g. grads[3]. Messages are only formatted when a
