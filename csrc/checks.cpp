@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -32,13 +33,22 @@ std::string dtype_name(at::ScalarType dtype) {
   }
 }
 
-// Built without a stream: with this library compiled by a newer GCC than the libstdc++
-// the process loads (seen on a GPU image with its own /opt/gcc), an integer inserted into
-// a std::ostringstream of ours crashed the process instead of formatting the message.
+// Numbers reach messages as strings, never through a stream of ours: on a GPU image whose
+// compiler (/opt/gcc) is newer than the libstdc++ the process loads, inserting an integer
+// into a std::ostream from this library's code crashed the process (an H200 run: every
+// message with a number segfaulted; those without one were raised as usual).
+std::string num(int64_t value) { return std::to_string(value); }
+
+std::string num(double value) {
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.17g", value);
+  return text;
+}
+
 std::string shape_str(at::IntArrayRef sizes) {
   std::string out = "[";
   for (size_t i = 0; i < sizes.size(); ++i) {
-    out += (i ? ", " : "") + std::to_string(sizes[i]);
+    out += (i ? ", " : "") + num(sizes[i]);
   }
   return out + "]";
 }
@@ -54,7 +64,7 @@ std::ostream& operator<<(std::ostream& out, const Name& name) {
   if (name.index == SIZE_MAX) {
     return out << name.list;
   }
-  return out << name.list << "[" << name.index << "]";
+  return out << name.list << "[" << num(static_cast<int64_t>(name.index)) << "]";
 }
 
 bool supported_dtype(at::ScalarType dtype) {
@@ -183,8 +193,8 @@ void check_accumulate_args(
     c10::ArrayRef<at::Tensor> acc, c10::ArrayRef<at::Tensor> grads,
     const std::optional<at::Tensor>& scale_tensor, const std::optional<at::Tensor>& found_inf,
     const std::optional<at::Tensor>& norm_sq) {
-  TORCH_CHECK_VALUE(acc.size() == grads.size(), "acc has ", acc.size(), " tensors but grads has ",
-                    grads.size());
+  TORCH_CHECK_VALUE(acc.size() == grads.size(), "acc has ", num(static_cast<int64_t>(acc.size())),
+                    " tensors but grads has ", num(static_cast<int64_t>(grads.size())));
   if (acc.empty()) {
     return;
   }
@@ -207,9 +217,9 @@ void check_finalize_args(
     std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
     const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out) {
   TORCH_CHECK_VALUE(!max_norm.has_value() || *max_norm > 0.0, "max_norm must be a positive number, got ",
-                    *max_norm);
-  TORCH_CHECK_VALUE(out.empty() || out.size() == acc.size(), "out has ", out.size(),
-                    " tensors but acc has ", acc.size());
+                    num(*max_norm));
+  TORCH_CHECK_VALUE(out.empty() || out.size() == acc.size(), "out has ", num(static_cast<int64_t>(out.size())),
+                    " tensors but acc has ", num(static_cast<int64_t>(acc.size())));
   if (acc.empty()) {
     return;
   }
@@ -251,9 +261,9 @@ void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output
   }
   TORCH_CHECK_VALUE(grad_output.size(-1) == main_grad.size(0), "grad_output has shape ",
                     shape_str(grad_output.sizes()), ": its last dimension must be main_grad.shape[0] = ",
-                    main_grad.size(0));
+                    num(main_grad.size(0)));
   TORCH_CHECK_VALUE(input.size(-1) == main_grad.size(1), "input has shape ", shape_str(input.sizes()),
-                    ": its last dimension must be main_grad.shape[1] = ", main_grad.size(1));
+                    ": its last dimension must be main_grad.shape[1] = ", num(main_grad.size(1)));
   TORCH_CHECK_VALUE(grad_output.sizes().slice(0, grad_output.dim() - 1) == input.sizes().slice(0, input.dim() - 1),
                     "grad_output has shape ", shape_str(grad_output.sizes()), " but input has ",
                     shape_str(input.sizes()), ": their leading (token) dimensions must match");
