@@ -404,49 +404,11 @@ def test_no_host_synchronisation_and_current_stream():
 
 
 
-def _window(acc, grads, found_inf, norm_sq, scale):
-    """Four micro-batches and the end of the window, all on device-side state."""
-    for k in range(4):
-        if k == 3:
-            norm_sq.zero_()
-        mbfused.accumulate_(acc, grads, scale, overwrite=k == 0, found_inf=found_inf,
-                            norm_sq=norm_sq if k == 3 else None)
-    return mbfused.finalize_(acc, 1.0, max_norm=1.0, norm_sq=norm_sq)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_graph_replays_a_window_after_a_warm_up():
-    """Launch tables are kept per pointer set: the graph reads the ones built in the
-    warm-up, and a replay after the gradients changed gives the new window's result."""
-    grads = make_grads([(300_000,), (4097,), (1,)], [torch.bfloat16, torch.float16, torch.float32], "cuda")
-    acc = [torch.zeros_like(g, dtype=torch.float32) for g in grads]
-    state = (_zeros("cuda"), _zeros("cuda"), torch.tensor([0.25], device="cuda"))
-    with mbfused.use_backend("triton"):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            _window(acc, grads, *state)  # compiles, tunes, builds the tables
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            norm = _window(acc, grads, *state)
-        for g in grads:
-            g.mul_(2)
-        torch.cuda.empty_cache()  # host and device memory of the capture era may be reused
-        graph.replay()
-    expected = [torch.zeros_like(a) for a in acc]
-    for k in range(4):
-        reference.accumulate_(expected, grads, 0.25, overwrite=k == 0)
-    expected_norm = reference.finalize_(expected, 1.0, max_norm=1.0)
-    torch.testing.assert_close(norm, expected_norm, rtol=1e-5, atol=0)
-    for a, e in zip(acc, expected):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-7)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_capture_without_a_warm_up_says_so():
+    """Launch tables are kept per pointer set, built outside capture (the replay of a
+    warmed-up window is tested for every backend in test_gpu.py)."""
     grads = make_grads([(5000,)], [torch.bfloat16], "cuda")
     acc = [torch.zeros(5000, device="cuda")]
     with mbfused.use_backend("triton"):
