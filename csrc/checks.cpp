@@ -39,6 +39,8 @@ std::string dtype_name(at::ScalarType dtype) {
 // message with a number segfaulted; those without one were raised as usual).
 std::string num(int64_t value) { return std::to_string(value); }
 
+std::string num(size_t value) { return std::to_string(value); }
+
 std::string num(double value) {
   char text[32];
   std::snprintf(text, sizeof(text), "%.17g", value);
@@ -64,7 +66,7 @@ std::ostream& operator<<(std::ostream& out, const Name& name) {
   if (name.index == SIZE_MAX) {
     return out << name.list;
   }
-  return out << name.list << "[" << num(static_cast<int64_t>(name.index)) << "]";
+  return out << name.list << "[" << num(name.index) << "]";
 }
 
 bool supported_dtype(at::ScalarType dtype) {
@@ -193,8 +195,8 @@ void check_accumulate_args(
     c10::ArrayRef<at::Tensor> acc, c10::ArrayRef<at::Tensor> grads,
     const std::optional<at::Tensor>& scale_tensor, const std::optional<at::Tensor>& found_inf,
     const std::optional<at::Tensor>& norm_sq) {
-  TORCH_CHECK_VALUE(acc.size() == grads.size(), "acc has ", num(static_cast<int64_t>(acc.size())),
-                    " tensors but grads has ", num(static_cast<int64_t>(grads.size())));
+  TORCH_CHECK_VALUE(acc.size() == grads.size(), "acc has ", num(acc.size()),
+                    " tensors but grads has ", num(grads.size()));
   if (acc.empty()) {
     return;
   }
@@ -218,8 +220,8 @@ void check_finalize_args(
     const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out) {
   TORCH_CHECK_VALUE(!max_norm.has_value() || *max_norm > 0.0, "max_norm must be a positive number, got ",
                     num(*max_norm));
-  TORCH_CHECK_VALUE(out.empty() || out.size() == acc.size(), "out has ", num(static_cast<int64_t>(out.size())),
-                    " tensors but acc has ", num(static_cast<int64_t>(acc.size())));
+  TORCH_CHECK_VALUE(out.empty() || out.size() == acc.size(), "out has ", num(out.size()),
+                    " tensors but acc has ", num(acc.size()));
   if (acc.empty()) {
     return;
   }

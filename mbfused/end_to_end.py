@@ -140,7 +140,7 @@ class _Path:
     ``gradient`` the probe slice of the window's gradient as accumulated (fp32), before
     clipping and the cast to the parameters' dtype."""
 
-    def __init__(self, name: str, model) -> None:
+    def __init__(self, name: str, model, micro_batches: int) -> None:
         self.name = name
         self.model = model
         self.gradient: Tensor | None = None
@@ -151,11 +151,18 @@ class _Path:
         if name == PATHS[0]:
             for p in self.params:
                 p.grad_dtype = torch.float32
-        elif name == PATHS[3]:
+            return
+        if name == PATHS[3]:
             mbnn.convert_linears(model)
+        mode = "param" if name == PATHS[2] else "bucket"
+        self.wrapper = MicroBatchOptimizer(self.adamw, micro_batches, mode=mode)
+        # The probe's fp32 buffer, read when the window ends: without clipping the
+        # end-of-window coefficient is 1 and the buffer is the window's gradient.
+        buffer = next(s.buffer for s in self.wrapper._slots if s.param is self.probe)
+        self.adamw.register_step_pre_hook(lambda *_: setattr(self, "gradient", self._slice(buffer)))
 
     def window(self, batches: list[Tensor], clip: bool) -> None:
-        if self.name == PATHS[0]:
+        if self.wrapper is None:
             self._pure_window(batches, clip)
         else:
             self._wrapper_window(batches, clip)
@@ -180,15 +187,6 @@ class _Path:
             p.grad_dtype = torch.float32
 
     def _wrapper_window(self, batches: list[Tensor], clip: bool) -> None:
-        if self.wrapper is None or self.wrapper.accumulation_steps != len(batches):
-            if self.wrapper is not None:
-                self.wrapper.close()
-            mode = "param" if self.name == PATHS[2] else "bucket"
-            self.wrapper = MicroBatchOptimizer(self.adamw, len(batches), mode=mode)
-            # The probe's fp32 buffer, read when the window ends: without clipping the
-            # end-of-window coefficient is 1 and the buffer is the window's gradient.
-            buffer = next(s.buffer for s in self.wrapper._slots if s.param is self.probe)
-            self.adamw.register_step_pre_hook(lambda *_: setattr(self, "gradient", self._slice(buffer)))
         self.wrapper.max_grad_norm = 1.0 if clip else None
         for ids in batches:
             _loss(self.model, ids).backward()
@@ -213,7 +211,7 @@ def run(shape: str = "1b", device: str = "cuda", micro_batches: int = 8, batch: 
         progress(f"{name}: building the model")
         model = _build_model(shape, dev)
         parameters = sum(p.numel() for p in model.parameters())
-        path = _Path(name, model)
+        path = _Path(name, model, micro_batches)
         progress(f"{name}: unclipped window (gradient error)")
         exact_gradient = _ExactGradient(_probe_layer(model), min(_SLICE, path.probe.numel()))
         path.window(batches, clip=False)
