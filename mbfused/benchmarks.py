@@ -164,13 +164,17 @@ class Compiled:
     """A reference function under ``torch.compile`` (Inductor), one per function for the
     process, so that every case reuses Dynamo's cache as a training loop would; the first
     call for an input signature traces and compiles, and its time is the compile time
-    (Inductor's on-disk caches as found: a second process compiles faster)."""
+    (Inductor's on-disk caches as found: a second process compiles faster).
+
+    Static shapes (``dynamic=False``), as a training loop over one model gets: with
+    Dynamo's automatic dynamic shapes, the second tensor list of a run recompiled with
+    symbolic sizes, and many-small's calls took seconds each (guards on 2,400 tensors)."""
 
     _instances: dict[Callable, Compiled] = {}
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
-        self.compiled = torch.compile(fn)
+        self.compiled = torch.compile(fn, dynamic=False)
         self.first_call_s: dict[tuple, float] = {}
 
     @classmethod
