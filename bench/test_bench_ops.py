@@ -66,6 +66,8 @@ def test_bench(benchmark, bench_device, memory_bandwidth, list_name, op, path):
     rounds = 3 if op in ("window", "wgrad") else 10
     benchmark.pedantic(_synced(fn, bench_device), setup=lambda: benchmarks.flush_caches(bench_device),
                        rounds=rounds, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: each path ran once, untimed
+        return
     gbs = case.bytes_moved / benchmark.stats.stats.median / 1e9
     if bench_device == "cpu":  # counted on one more, untimed, call
         before = benchmarks.minor_page_faults()
