@@ -17,6 +17,12 @@ def bench_device(request):
     return device
 
 
+@pytest.fixture(scope="session")
+def memory_bandwidth(bench_device):
+    """The CPU's memory bandwidth, measured once per session (None on GPU)."""
+    return benchmarks.memory_bandwidth() if bench_device == "cpu" else None
+
+
 _TENSORS: dict = {}
 
 

@@ -74,23 +74,36 @@ def _bench(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"  ... {message}", file=sys.stderr, flush=True)
 
+    bandwidth = None
+    if device == "cpu":
+        progress("measuring the memory bandwidth")
+        bandwidth = benchmarks.memory_bandwidth()
     results = []
     for name in args.lists or list(benchmarks.TENSOR_LISTS):
         progress(f"{name}: allocating tensors on {device}")
         tensors = benchmarks.make_tensors(name, device)
         for op in args.ops or list(benchmarks.CASES):
-            case = benchmarks.CASES[op](tensors)
+            case = benchmarks.make_case(op, tensors, compiled=args.compile)
             if case is None:  # e.g. wgrad on a list without matrices
                 continue
             if op == "window":  # a window is already N calls: fewer repeats, no warm-up call
-                results += benchmarks.run_case(case, device, max(2, repeats // 2), progress, warmup=0)
+                results += benchmarks.run_case(case, device, max(2, repeats // 2), progress, warmup=0,
+                                               bandwidth=bandwidth)
             else:
-                results += benchmarks.run_case(case, device, repeats, progress)
+                results += benchmarks.run_case(case, device, repeats, progress, bandwidth=bandwidth)
         del tensors
     print(f"\nmbfused bench on {device}: fp32 buffers, bf16 gradients, median of {repeats} calls "
           f"({max(2, repeats // 2)} for windows)")
     print("GB/s counts the bytes the operation must move, the same for every path: accumulate_ "
-          "10 B/element, finalize_ 8, a window of N=8 84; roofline = same-dtype fp32 foreach op")
+          "10 B/element, finalize_ 8, a window of N=8 84; % foreach = of the same-dtype fp32 "
+          "foreach op on the same list")
+    if bandwidth is not None:
+        print(f"% mem BW = of the memory bandwidth measured in this run, {bandwidth.gbs:.1f} GB/s "
+              f"(best of: {bandwidth.describe()}; bytes = reads + writes)")
+    if args.compile:
+        print("compiled = the baseline under torch.compile (Inductor); compile s = its first call "
+              "(a window's: the add and the finalize), Inductor's on-disk caches as found; "
+              "windows check for inf/nan and clip by the norm on every path")
     print(f"wgrad: bf16 operands of {benchmarks.WGRAD_TOKENS} tokens into the fp32 buffers of the "
           "list's matrices (operands read once, main_grad 8 B/element); roofline = fp32 addmm_")
     if device == "cuda":
@@ -123,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--ops", nargs="+", choices=list(benchmarks.CASES),
                        help="operations to run (default: all)")
     bench.add_argument("--repeats", type=int, help="timed calls per path")
+    bench.add_argument("--no-compile", dest="compile", action="store_false",
+                       help="leave out the torch.compile paths (minutes of compiling on the "
+                            "many-small list)")
     bench.add_argument("--model", action="store_true",
                        help="print the modeled GPU cost of a window (ops, launches, bytes) instead")
     bench.add_argument("--window", type=int, default=8,

@@ -4,8 +4,14 @@ A case is one tensor list (shapes of a real model's parameters) and one operatio
 path is one way to run it: mbfused's fused op or a pure-PyTorch baseline imported from
 mbfused.reference. Bytes are counted from what each element must move at least (fp32
 buffer += bf16 grads: read 4 + read 2 + write 4 = 10 B/element), the same for every path,
-so GB/s compares paths fairly; the roofline is same-dtype fp32 ``torch._foreach_add_``
-measured in the same run on the same list (plus the card's nominal HBM bandwidth on GPU).
+so GB/s compares paths fairly. Two references, kept apart: the same-dtype fp32
+``torch._foreach_add_`` measured in the same run on the same list ("% foreach"), and the
+machine's memory bandwidth: on CPU measured as a 512 MB copy and in-place add
+(``memory_bandwidth``, "% mem BW"), on GPU the card's nominal HBM bandwidth.
+
+The pure paths include the strongest a user would pick: the baselines under
+``torch.compile`` (Inductor; their compile time, the first call, is reported per path)
+and autograd's own fp32 accumulation (``param.grad_dtype = torch.float32``).
 """
 
 from __future__ import annotations
@@ -31,14 +37,19 @@ except ImportError:
 
 __all__ = [
     "CASES",
+    "COMPILED_CASES",
     "TENSOR_LISTS",
+    "Bandwidth",
     "Case",
+    "Compiled",
     "Result",
     "Tensors",
     "flush_caches",
     "format_table",
     "hbm_peak_gbs",
+    "make_case",
     "make_tensors",
+    "memory_bandwidth",
     "minor_page_faults",
     "plot",
     "run_case",
@@ -95,6 +106,8 @@ class Case:
     paths: dict[str, Callable[[], None]]
     baselines: tuple[str, ...]  # the pure-PyTorch paths among `paths`
     roofline_name: str = "roofline: fp32 foreach"
+    # Paths through torch.compile: their compile time (seconds), known after a first call.
+    compile_s: dict[str, Callable[[], float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,15 +154,83 @@ def _on_backends(acc: list[Tensor], label: str, fn: Callable[[], object]) -> dic
     return {f"mbfused[{b}]{label}": pinned(b) for b in _fused_backends(acc[0].device)}
 
 
-def accumulate_case(t: Tensors, scale: float = 1.0 / 8) -> Case:
-    """fp32 buffers += bf16 gradients * scale: 10 B/element (fp32 roofline: 12)."""
+def _signature(args: tuple) -> tuple:
+    """What Dynamo guards on, roughly: tensor shapes and dtypes, and other values."""
+    flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+    return tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, Tensor) else a for a in flat)
+
+
+class Compiled:
+    """A reference function under ``torch.compile`` (Inductor), one per function for the
+    process, so that every case reuses Dynamo's cache as a training loop would; the first
+    call for an input signature traces and compiles, and its time is the compile time
+    (Inductor's on-disk caches as found: a second process compiles faster).
+
+    Static shapes (``dynamic=False``), as a training loop over one model gets: with
+    Dynamo's automatic dynamic shapes, the second tensor list of a run recompiled with
+    symbolic sizes, and many-small's calls took seconds each (guards on 2,400 tensors)."""
+
+    _instances: dict[Callable, Compiled] = {}
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.compiled = torch.compile(fn, dynamic=False)
+        self.first_call_s: dict[tuple, float] = {}
+
+    @classmethod
+    def of(cls, fn: Callable) -> Compiled:
+        if fn not in cls._instances:
+            cls._instances[fn] = cls(fn)
+        return cls._instances[fn]
+
+    def __call__(self, *args, **kwargs):
+        key = _signature((*args, *kwargs.values()))
+        if key in self.first_call_s:
+            return self.compiled(*args, **kwargs)
+        start = time.perf_counter()
+        out = self.compiled(*args, **kwargs)
+        self.first_call_s[key] = time.perf_counter() - start
+        return out
+
+    def compile_s(self, *args, **kwargs) -> float | None:
+        return self.first_call_s.get(_signature((*args, *kwargs.values())))
+
+
+def _grad_dtype_params(t: Tensors) -> list[Tensor] | None:
+    """bf16 leaf parameters shaped like the list, accumulating in fp32 through autograd
+    (``grad_dtype``), or None where this torch lacks it."""
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in t.grads]
+    if not params or not hasattr(params[0], "grad_dtype"):
+        return None
+    for p in params:
+        p.grad_dtype = torch.float32
+    return params
+
+
+def accumulate_case(t: Tensors, scale: float = 1.0 / 8, *, compiled: bool = True) -> Case:
+    """fp32 buffers += bf16 gradients * scale: 10 B/element (fp32 roofline: 12).
+
+    The grad_dtype path adds the gradients unscaled (autograd has no scale; in training
+    the loss carries it), into the list's own fp32 buffers as ``.grad``.
+    """
     acc, grads = t.acc, t.grads
     paths = _on_backends(acc, "", lambda: ops.accumulate_(acc, grads, scale))
     for name, baseline in reference.BASELINES.items():
         paths[name] = (lambda b: lambda: b(acc, grads, scale))(baseline)
+    compile_s = {}
+    if compiled:
+        for name in ("per_param_add", "foreach_add"):
+            fn = Compiled.of(reference.BASELINES[name])
+            paths[f"compiled {name}"] = (lambda f: lambda: f(acc, grads, scale))(fn)
+            compile_s[f"compiled {name}"] = (lambda f: lambda: f.compile_s(acc, grads, scale))(fn)
+    params = _grad_dtype_params(t)
+    if params is not None:
+        for p, a in zip(params, acc, strict=True):
+            p.grad = a
+        paths["grad_dtype autograd"] = lambda: reference.baseline_grad_dtype_accumulate_(params, grads)
     return Case(t.list_name, "accumulate_", t.numel, t.numel * (4 + 2 + 4), t.numel * (4 + 4 + 4),
                 lambda: torch._foreach_add_(acc, t.grads_fp32, alpha=scale), paths,
-                tuple(reference.BASELINES))
+                tuple(p for p in paths if not p.startswith("mbfused")), compile_s=compile_s)
 
 
 def finalize_case(t: Tensors) -> Case:
@@ -201,30 +282,50 @@ def _wrapper_window(t: Tensors, n: int) -> Callable[[], None]:
     return run
 
 
-def window_case(t: Tensors, n: int = 8) -> Case:
-    """A whole window: N micro-batches of bf16 grads into fp32 buffers, then unscale + clip.
-    Also through MicroBatchOptimizer, whose end of window writes bf16 gradients for bf16
-    parameters (6 B/element instead of 8 in place).
+def window_case(t: Tensors, n: int = 8, *, compiled: bool = True) -> Case:
+    """A whole window: N micro-batches of bf16 grads into fp32 buffers, then the non-finite
+    check, the grad norm and clipping, in every path: the fused path passes found_inf to
+    every accumulate_ and to finalize_ and sums norm_sq in the last accumulate_; the pure
+    paths end with reference.baseline_finalize_ (GradScaler's check + unscale, then
+    clip_grad_norm_), compiled with the accumulation on the compiled paths. Also through
+    MicroBatchOptimizer, whose end of window writes bf16 gradients for bf16 parameters
+    (6 B/element instead of 8 in place), and through autograd's fp32 ``.grad``
+    (grad_dtype: ``.grad = None`` at the start, as zero_grad does by default).
 
     Bytes: the fused minimum, 6 (first, overwrite) + 10 per later micro-batch + 8 at the
     end per element, for every path.
     """
     acc, grads, s = t.acc, t.grads, 1.0 / n
     norm_sq = torch.zeros(1, device=acc[0].device)
+    found_inf = torch.zeros(1, device=acc[0].device)
 
     def fused():
+        found_inf.zero_()
         for k in range(n):
             if k == n - 1:
                 norm_sq.zero_()
-            ops.accumulate_(acc, grads, s, overwrite=k == 0, norm_sq=norm_sq if k == n - 1 else None)
-        ops.finalize_(acc, 1.0, max_norm=1.0, norm_sq=norm_sq)
+            ops.accumulate_(acc, grads, s, overwrite=k == 0, found_inf=found_inf,
+                            norm_sq=norm_sq if k == n - 1 else None)
+        ops.finalize_(acc, 1.0, max_norm=1.0, found_inf=found_inf, norm_sq=norm_sq)
 
-    def pure(path):
-        return lambda: reference.baseline_window_(acc, [grads] * n, path, max_norm=1.0)
+    def pure(path, **compiled_fns):
+        return lambda: reference.baseline_window_(acc, [grads] * n, path, max_norm=1.0, **compiled_fns)
 
     paths = {**_on_backends(acc, "", fused),
              **_on_backends(acc, " MicroBatchOptimizer", _wrapper_window(t, n)),
              **{path: pure(path) for path in reference.BASELINES}}
+    compile_s = {}
+    if compiled:
+        finalize = Compiled.of(reference.baseline_finalize_)
+        for name in ("per_param_add", "foreach_add"):
+            add = Compiled.of(reference.BASELINES[name])
+            paths[f"compiled {name}"] = pure(name, add=add, finalize=finalize)
+            compile_s[f"compiled {name}"] = (lambda f: lambda: _sum_or_none(
+                f.compile_s(acc, grads, s), finalize.compile_s(acc, 1.0, max_norm=1.0)))(add)
+    params = _grad_dtype_params(t)
+    if params is not None:
+        paths["grad_dtype autograd"] = lambda: reference.baseline_grad_dtype_window_(
+            params, [grads] * n, max_norm=1.0)
     roof = t.grads_fp32
 
     def roofline():
@@ -232,7 +333,12 @@ def window_case(t: Tensors, n: int = 8) -> Case:
             torch._foreach_add_(acc, roof, alpha=s)
 
     return Case(t.list_name, f"window N={n}", t.numel, t.numel * (6 + (n - 1) * 10 + 8),
-                t.numel * n * 12, roofline, paths, tuple(reference.BASELINES))
+                t.numel * n * 12, roofline, paths,
+                tuple(p for p in paths if not p.startswith("mbfused")), compile_s=compile_s)
+
+
+def _sum_or_none(*seconds: float | None) -> float | None:
+    return None if any(x is None for x in seconds) else sum(seconds)
 
 
 WGRAD_TOKENS = 256
@@ -284,12 +390,20 @@ def wgrad_case(t: Tensors, tokens: int = WGRAD_TOKENS) -> Case | None:
                 roofline_name="roofline: fp32 addmm_")
 
 
-CASES: dict[str, Callable[[Tensors], Case | None]] = {
+CASES: dict[str, Callable[..., Case | None]] = {
     "accumulate_": accumulate_case,
     "finalize_": finalize_case,
     "window": window_case,
     "wgrad": wgrad_case,
 }
+# The cases with paths under torch.compile (`compiled=False` leaves them out).
+COMPILED_CASES = ("accumulate_", "window")
+
+
+def make_case(op: str, t: Tensors, *, compiled: bool = True) -> Case | None:
+    """CASES[op] on `t`; `compiled=False` leaves out the torch.compile paths (they compile
+    for seconds to minutes on long lists)."""
+    return CASES[op](t, compiled=compiled) if op in COMPILED_CASES else CASES[op](t)
 
 
 def minor_page_faults() -> int:
@@ -345,6 +459,44 @@ def time_call(fn: Callable[[], None], device: str, repeats: int, warmup: int = 1
 
 
 @dataclass
+class Bandwidth:
+    """The machine's memory bandwidth, measured with large streams; bytes counted as
+    each stream reads and writes them (a copy: read 4 + write 4 per element; an in-place
+    add ``x += a * y``: read 8 + write 4, no write-allocate since x is read first)."""
+
+    gbs: float  # the best of the streams
+    streams: dict[str, float]  # stream name -> GB/s
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {gbs:.1f} GB/s" for name, gbs in self.streams.items())
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> Bandwidth:
+    """Measures the CPU's memory bandwidth: a copy of `megabytes` MB of fp32 and an in-place
+    add over `megabytes` MB (the median of `repeats` calls each), so that every GB/s of a
+    path can be read as a share of what the memory delivers. Each stream is far larger
+    than any last-level cache."""
+    n = (megabytes << 20) // 4
+    x, y = torch.ones(n), torch.empty(n)
+    y.fill_(0.5)  # first touch, untimed
+
+    def best(fn: Callable[[], object], bytes_per_call: int) -> float:
+        fn()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
+        return bytes_per_call / statistics.median(seconds) / 1e9
+
+    streams = {
+        f"copy {megabytes} MB": best(lambda: y.copy_(x), 8 * n),
+        f"in-place add {megabytes} MB": best(lambda: x.add_(y, alpha=-0.0), 12 * n),
+    }
+    return Bandwidth(max(streams.values()), streams)
+
+
+@dataclass
 class Result:
     case: str
     op: str
@@ -361,6 +513,10 @@ class Result:
     pct_hbm_peak: float | None = None  # GPU: % of the card's nominal HBM bandwidth
     # CPU: minor page faults per timed call (fresh memory behind new temporaries).
     page_faults_per_call: float | None = None
+    # CPU: % of the machine's measured memory bandwidth (memory_bandwidth).
+    bandwidth_gbs: float | None = None
+    pct_bandwidth: float | None = None
+    compile_s: float | None = None  # paths under torch.compile: the first call's time
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -382,16 +538,18 @@ def hbm_peak_gbs(device_name: str) -> float | None:
 
 
 def run_case(case: Case, device: str, repeats: int,
-             progress: Callable[[str], None] = lambda _: None, warmup: int = 1) -> list[Result]:
+             progress: Callable[[str], None] = lambda _: None, warmup: int = 1,
+             bandwidth: Bandwidth | None = None) -> list[Result]:
     """Times every path of `case` and its roofline side by side in one run.
 
     The paths take turns, one call each per round, so a slow spell of a shared machine
-    hits every path alike and the ratios stay meaningful.
+    hits every path alike and the ratios stay meaningful. Compiled paths always get one
+    untimed first call (the compile); `bandwidth` adds % of it to every row.
     """
     paths = {case.roofline_name: case.roofline, **case.paths}
     for name, fn in paths.items():
-        progress(f"{case.list_name} {case.op}: warming up {name}")
-        time_call(fn, device, repeats=0, warmup=warmup)
+        progress(f"{case.list_name} {case.op}: {'compiling' if name in case.compile_s else 'warming up'} {name}")
+        time_call(fn, device, repeats=0, warmup=max(warmup, 1 if name in case.compile_s else 0))
     flush_caches(device)  # its buffer's first-touch faults must not count for a path
     samples: dict[str, list[float]] = {name: [] for name in paths}
     faults: dict[str, int] = dict.fromkeys(paths, 0)
@@ -412,6 +570,11 @@ def run_case(case: Case, device: str, repeats: int,
                               moved, case.numel, gbs, roofline_gbs, 100.0 * gbs / roofline_gbs))
         if device == "cpu" and _HAS_RUSAGE:
             results[-1].page_faults_per_call = faults[name] / repeats
+        if bandwidth is not None:
+            results[-1].bandwidth_gbs = bandwidth.gbs
+            results[-1].pct_bandwidth = 100.0 * gbs / bandwidth.gbs
+        if name in case.compile_s:
+            results[-1].compile_s = case.compile_s[name]()
     best_torch = min(r.median_s for r in results if r.path in case.baselines)
     peak = hbm_peak_gbs(torch.cuda.get_device_name()) if device == "cuda" else None
     for r in results:
@@ -423,20 +586,29 @@ def run_case(case: Case, device: str, repeats: int,
 
 
 def format_table(results: Iterable[Result]) -> str:
+    """One row per path: "% foreach" is the share of the same-dtype fp32 foreach op's GB/s
+    on the same list, "% mem BW" the share of the machine's measured memory bandwidth
+    (CPU), "% HBM" of the card's nominal HBM bandwidth (GPU); "compile s" the first call
+    of a torch.compile path."""
     results = list(results)
     with_hbm = any(r.pct_hbm_peak is not None for r in results)
+    with_bw = any(r.pct_bandwidth is not None for r in results)
     with_faults = any(r.page_faults_per_call is not None for r in results)
-    header = (f"{'op':<13} {'list':<11} {'path':<32} {'median ms':>10} {'GB/s':>8} {'% roof':>7} "
-              + (f"{'% HBM':>6} " if with_hbm else "") + f"{'vs best torch':>14}"
-              + (f" {'faults/call':>11}" if with_faults else ""))
+    with_compile = any(r.compile_s is not None for r in results)
+    header = (f"{'op':<13} {'list':<11} {'path':<32} {'median ms':>10} {'GB/s':>8} {'% foreach':>9} "
+              + (f"{'% mem BW':>8} " if with_bw else "") + (f"{'% HBM':>6} " if with_hbm else "")
+              + f"{'vs best torch':>14}" + (f" {'faults/call':>11}" if with_faults else "")
+              + (f" {'compile s':>9}" if with_compile else ""))
     lines = [header, "-" * len(header)]
     for r in results:
         speedup = f"{r.speedup_vs_best_torch:.2f}x" if r.speedup_vs_best_torch else "-"
+        bw = f"{r.pct_bandwidth:>7.0f}% " if with_bw and r.pct_bandwidth is not None else ""
         hbm = f"{r.pct_hbm_peak:>5.0f}% " if with_hbm and r.pct_hbm_peak is not None else ""
         faults = (f" {r.page_faults_per_call:>11.0f}"
                   if with_faults and r.page_faults_per_call is not None else "")
+        compiled = f" {r.compile_s:>9.1f}" if with_compile and r.compile_s is not None else ""
         lines.append(f"{r.op:<13} {r.case:<11} {r.path:<32} {r.median_s * 1e3:>10.2f} {r.gbs:>8.1f} "
-                     f"{r.pct_roofline:>6.0f}% {hbm}{speedup:>14}{faults}")
+                     f"{r.pct_roofline:>8.0f}% {bw}{hbm}{speedup:>14}{faults}{compiled}")
     return "\n".join(lines)
 
 

@@ -147,6 +147,34 @@ def _fused_paths(acc, n: int, table_launches: int) -> dict[str, WindowCost]:
     return {c.path: c for c in (finalize, handed)}
 
 
+def _grad_dtype_window(grads, n: int) -> None:
+    """The aten ops of a window through autograd's fp32 accumulation (``grad_dtype``):
+    AccumulateGrad (torch/csrc/autograd/functions/accumulate_grad.h) stores a cast copy
+    of the first micro-batch's gradient when ``.grad`` is None (zero_grad's default), and
+    adds in place (``grad += new_grad``) afterwards; then the end of window of the other
+    pure paths with the 1/N scale in the unscale. Written out as those ops because the
+    real engine runs CUDA backward on its own device thread, outside this thread's mode."""
+    main_grads = [g.to(torch.float32) for g in grads]
+    for _ in range(n - 1):
+        for a, g in zip(main_grads, grads, strict=True):
+            a.add_(g)
+    reference.baseline_finalize_(main_grads, 1.0 / n, max_norm=1.0)
+
+
+def _compiled_per_param(eager: WindowCost) -> WindowCost:
+    """The per-parameter loop and the end of window under torch.compile, modeled, not
+    counted (Inductor needs a GPU to generate its Triton kernels). Assumed: the bytes of
+    the eager loop, since each micro-batch's add is its own compiled call after its own
+    backward and already moves the minimum (read 4 + 2, write 4), and
+    _amp_foreach_non_finite_check_and_unscale_ has no Inductor lowering (it runs as the
+    eager op); and the eager loop's launches, since Inductor emits one Triton kernel per
+    tensor when it cannot fuse the tensors' different iteration spaces and combo kernels
+    are off (torch._inductor.config.combo_kernels, the default). Inductor's CPU code, by
+    contrast, runs the whole list in one OpenMP region per call."""
+    return WindowCost("torch.compile: per_param_add (modeled)", eager.aten_ops, eager.launches,
+                      eager.bytes_moved, eager.numel)
+
+
 def model_window(list_name: str, n: int = 8) -> list[WindowCost]:
     """Modeled cost of one window on `list_name` for every path, pure paths first."""
     shapes = TENSOR_LISTS[list_name]()
@@ -159,6 +187,9 @@ def model_window(list_name: str, n: int = 8) -> list[WindowCost]:
         for path in reference.BASELINES:
             c = _count(lambda p=path: reference.baseline_window_(acc, [grads] * n, p, max_norm=1.0))
             costs.append(WindowCost(f"torch: {path}", c.ops, c.launches, c.bytes, numel))
+        costs.append(_compiled_per_param(costs[0]))
+        c = _count(lambda: _grad_dtype_window(grads, n))
+        costs.append(WindowCost("torch: grad_dtype (AccumulateGrad)", c.ops, c.launches, c.bytes, numel))
         costs += list(_fused_paths(acc, n, table_launches).values())
     return costs
 

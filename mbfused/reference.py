@@ -8,7 +8,7 @@ them, so the comparison is against exactly these lines.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -18,6 +18,8 @@ __all__ = [
     "accumulate_",
     "baseline_finalize_",
     "baseline_foreach_add_",
+    "baseline_grad_dtype_accumulate_",
+    "baseline_grad_dtype_window_",
     "baseline_per_param_add_",
     "baseline_per_param_add_float_",
     "baseline_wgrad_add_",
@@ -193,6 +195,31 @@ BASELINES = {
 }
 
 
+def baseline_grad_dtype_accumulate_(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Autograd's own fp32 accumulation: 16-bit leaf parameters with
+    ``param.grad_dtype = torch.float32`` (torch >= 2.10) receive 16-bit gradients, and
+    AccumulateGrad adds them into the fp32 ``.grad`` (in place once it exists; a cast copy
+    when ``.grad`` is None). Backward on the leaves themselves runs exactly that add."""
+    torch.autograd.backward(list(params), grad_tensors=list(grads))
+
+
+def baseline_grad_dtype_window_(
+    params: Sequence[Tensor],
+    micro_batch_grads: Sequence[Sequence[Tensor]],
+    *,
+    max_norm: float | None = 1.0,
+) -> Tensor:
+    """A whole window with autograd's fp32 accumulation: ``zero_grad()``'s default
+    (``.grad = None``), N backward passes into the fp32 ``.grad`` (the first one a cast
+    copy), then ``baseline_finalize_`` with inv_scale = 1/N: the micro-batch scale goes
+    into GradScaler's unscale pass, which runs anyway. Returns the total norm."""
+    for p in params:
+        p.grad = None
+    for grads in micro_batch_grads:
+        baseline_grad_dtype_accumulate_(params, grads)
+    return baseline_finalize_([p.grad for p in params], 1.0 / len(micro_batch_grads), max_norm=max_norm)
+
+
 @torch.no_grad()
 def baseline_window_(
     acc: Sequence[Tensor],
@@ -200,12 +227,17 @@ def baseline_window_(
     path: str = "per_param_add",
     *,
     max_norm: float | None = 1.0,
+    add: Callable[..., None] | None = None,
+    finalize: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """A whole accumulation window the pure-PyTorch way, with the accumulation of `path`
     (a key of BASELINES): zero the buffers (per parameter, or ``_foreach_zero_`` for the
     foreach path), add every micro-batch's gradients scaled by 1/N, then
-    ``baseline_finalize_``. Returns the total norm."""
-    add = BASELINES[path]
+    ``baseline_finalize_`` (inf check, unscale, norm, clip). `add` and `finalize` replace
+    ``BASELINES[path]`` and ``baseline_finalize_`` by the same functions in another form
+    (e.g. under ``torch.compile``). Returns the total norm."""
+    add = add or BASELINES[path]
+    finalize = finalize or baseline_finalize_
     if path == "foreach_add":
         torch._foreach_zero_(list(acc))
     else:
@@ -214,7 +246,7 @@ def baseline_window_(
     scale = 1.0 / len(micro_batch_grads)
     for grads in micro_batch_grads:
         add(acc, grads, scale)
-    return baseline_finalize_(acc, 1.0, max_norm=max_norm)
+    return finalize(acc, 1.0, max_norm=max_norm)
 
 
 def _as_matrices(main_grad: Tensor, grad_output: Tensor, input: Tensor) -> tuple[Tensor, Tensor]:

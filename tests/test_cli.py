@@ -11,18 +11,21 @@ def test_bench_prints_table_and_writes_json(tmp_path):
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "mbfused", "bench", "--lists", "many-small", "--repeats", "2",
-         "--json", str(out_json)],
+         "--no-compile", "--json", str(out_json)],
         check=True, capture_output=True, text=True,
     )
     assert "many-small" in proc.stdout and "vs best torch" in proc.stdout
+    assert "% mem BW" in proc.stdout and "memory bandwidth measured in this run" in proc.stdout
     rows = json.loads(out_json.read_text())
     paths = {row["path"] for row in rows}
     assert {"per_param_add", "per_param_add_float", "foreach_add"} <= paths
+    assert not any(p.startswith("compiled") for p in paths)  # --no-compile (they take minutes here)
     assert any(p.startswith("mbfused[") for p in paths)
     for row in rows:
         assert row["gbs"] > 0 and row["median_s"] > 0
         assert abs(row["gbs"] - row["bytes_moved"] / row["median_s"] / 1e9) < 1e-6 * row["gbs"]
         assert row["page_faults_per_call"] >= 0  # CPU rows count the page faults of a call
+        assert row["pct_bandwidth"] > 0
 
 
 def test_run_case_counts_the_page_faults_of_each_path():

@@ -30,6 +30,14 @@ def test_pure_paths_count_every_per_element_byte(gpt2_costs):
     assert 168.0 <= gpt2_costs["torch: per_param_add_float"].bytes_per_param < 168.01
 
 
+def test_peers_in_the_model(gpt2_costs):
+    # AccumulateGrad: a cast copy first (read 2, write 4), then 7 in-place adds (10 each),
+    # then the same end of window as the other pure paths (20): no zeroing pass.
+    assert 96.0 <= gpt2_costs["torch: grad_dtype (AccumulateGrad)"].bytes_per_param < 96.01
+    compiled = gpt2_costs["torch.compile: per_param_add (modeled)"]
+    assert compiled.bytes_moved == gpt2_costs["torch: per_param_add"].bytes_moved
+
+
 def test_per_parameter_launches_follow_the_tensor_count(gpt2_costs):
     tensors = len(TENSOR_LISTS["gpt2-small"]())
     per_param = gpt2_costs["torch: per_param_add"]
