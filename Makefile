@@ -15,7 +15,8 @@ define build
 	$(PIP) install ninja "setuptools>=64" wheel
 	set -o pipefail; $(PIP) install -v --no-build-isolation -e ".[$(EXTRAS)]" 2>&1 | tee build.log \
 	  | grep -E "\[mbfused build\]|Successfully installed|error:" || { tail -n 60 build.log; exit 1; }; \
-	  echo "compiled sources:"; grep -oE " -c [^ ]+\.(cu|cpp)" build.log | sort -u
+	  echo "compiled sources:"; grep -oE " -c [^ ]+\.(cu|cpp)" build.log | sort -u \
+	  || echo "  none: every object in build/objects is up to date"
 	$(PYTHON) -m mbfused info
 endef
 
