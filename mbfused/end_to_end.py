@@ -158,7 +158,7 @@ class _Path:
         self.wrapper = MicroBatchOptimizer(self.adamw, micro_batches, mode=mode)
         # The probe's fp32 buffer, read when the window ends: without clipping the
         # end-of-window coefficient is 1 and the buffer is the window's gradient.
-        buffer = next(s.buffer for s in self.wrapper._slots if s.param is self.probe)
+        buffer = next(s.buffer for s in self.wrapper._window.slots if s.param is self.probe)
         self.adamw.register_step_pre_hook(lambda *_: setattr(self, "gradient", self._slice(buffer)))
 
     def window(self, batches: list[Tensor], clip: bool) -> None:

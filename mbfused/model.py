@@ -128,7 +128,7 @@ def _mbfused_launches_per_pass(numels: list[int]) -> int:
 
 
 def _fused_paths(acc, n: int, table_launches: int) -> dict[str, WindowCost]:
-    from mbfused.optim import _total_norm_and_coef
+    from mbfused.handoff import _total_norm_and_coef
 
     numel = sum(a.numel() for a in acc)
     # First micro-batch overwrites (reads bf16, writes fp32), the others read-modify-write;

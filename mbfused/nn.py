@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mbfused import ops, optim
+from mbfused import ops
 from mbfused._backend import requested_backend, use_backend
+from mbfused.window import is_stale_window_buffer, manager_of
 
 __all__ = ["Linear", "convert_linears", "scale_grad"]
 
@@ -38,8 +39,7 @@ def _weight_gradient_wanted(weight: Tensor) -> bool:
 
 
 class _LinearFunction(torch.autograd.Function):
-    """F.linear whose weight gradient goes to the weight's MicroBatchOptimizer or
-    main_grad when it has one. Under autocast it casts as torch's linear does and saves
+    """F.linear whose weight gradient goes to the weight's main_grad when it has one. Under autocast it casts as torch's linear does and saves
     the cast input (not the wider original); backward works in grad_output's dtype.
 
     The backend chosen with ``use_backend`` around the forward pass is the one the
@@ -78,15 +78,25 @@ class _LinearFunction(torch.autograd.Function):
 
 
 def _weight_gradient(weight: Tensor, grad_output: Tensor, input: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """The weight gradient for autograd, or None when it went into a buffer instead."""
-    manager = optim.manager_of(weight)
-    main_grad = getattr(weight, "main_grad", None)
-    if (manager is not None or main_grad is not None) and not _weight_gradient_wanted(weight):
+    """The weight gradient for autograd, or None when it went into ``main_grad`` instead."""
+    main_grad = None if is_stale_window_buffer(weight) else getattr(weight, "main_grad", None)
+    if main_grad is not None and not _weight_gradient_wanted(weight):
         return None  # torch.autograd.grad(out, x) or backward(inputs=...) without the weight
-    if manager is not None and manager._accumulate_wgrad(weight, grad_output, input):
-        return None
-    if main_grad is not None:
-        ops.wgrad_accumulate_(main_grad, grad_output, input)
+    window = manager_of(weight)
+    if window is not None and main_grad is not None:
+        if main_grad.dtype != torch.float32:
+            main_grad = None  # 16-bit buffers: the window accumulates autograd's gradient
+        else:
+            ops.wgrad_accumulate_(main_grad, grad_output, input, window.micro_scale(),
+                                  overwrite=bool(getattr(weight, "overwrite_main_grad", False)))
+            window.main_grad_written(weight)
+            return None
+    elif main_grad is not None:
+        # A main_grad of the user's own (Megatron's convention): added into, never ignored.
+        ops.wgrad_accumulate_(main_grad, grad_output, input,
+                              overwrite=bool(getattr(weight, "overwrite_main_grad", False)))
+        if hasattr(weight, "grad_added_to_main_grad"):
+            weight.grad_added_to_main_grad = True
         return None
     go = grad_output.reshape(-1, grad_output.shape[-1])
     x = input.reshape(-1, input.shape[-1]).to(dtype)
@@ -100,13 +110,14 @@ class Linear(torch.nn.Linear):
     ``grad_output^T @ input`` (leading dimensions are tokens) goes, in this order of
     preference:
 
-    1. to the accumulation buffer of the :class:`mbfused.MicroBatchOptimizer` (fp32
-       buffers) that manages the weight, scaled and first-written as the window needs;
-    2. into ``weight.main_grad`` (an fp32 tensor shaped like the weight, Megatron's
-       convention), added with :func:`mbfused.wgrad_accumulate_`;
-    3. else to ``weight.grad``, exactly as ``torch.nn.Linear`` does.
+    1. into ``weight.main_grad`` when the weight has one: the accumulation buffer of the
+       :class:`mbfused.MicroBatchOptimizer` that manages it (fp32 buffers), scaled as the
+       window needs and overwritten on its first micro-batch (``overwrite_main_grad``);
+       or a buffer of the user's own (Megatron's convention), added into, with
+       ``grad_added_to_main_grad`` set when the weight has that attribute;
+    2. else to ``weight.grad``, exactly as ``torch.nn.Linear`` does.
 
-    In cases 1 and 2 ``weight.grad`` stays None: no 16-bit weight gradient is rounded
+    In case 1 ``weight.grad`` stays None: no 16-bit weight gradient is rounded
     and stored next to the fp32 one. The input and bias gradients are torch's.
     """
 

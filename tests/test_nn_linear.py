@@ -161,11 +161,12 @@ def test_bf16_model_under_the_wrapper_is_closer_to_exact():
     captured, seen = {}, {}
     probe[2].register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))
     probe[2].register_full_backward_hook(lambda m, gin, gout: captured.update(go=gout[0]))
-    opt.optimizer.step = lambda: seen.update(buffer=opt._slots[2].buffer.clone())
+    opt.optimizer.step = lambda: seen.update(buffer=opt._window.slots[2].buffer.clone())
     for x in batches:
         probe(x).float().square().mean().backward()
-        exact += (captured["go"].reshape(-1, 4).double().t() @ captured["x"].reshape(-1, 32).double()) / N
-        rounded += probe[2].weight.grad.float() / N
+        # The buffer holds the window's sum; its 1/N comes at the window's end.
+        exact += captured["go"].reshape(-1, 4).double().t() @ captured["x"].reshape(-1, 32).double()
+        rounded += probe[2].weight.grad.float()
         probe.zero_grad()
         model(x).float().square().mean().backward()
         opt.step()
@@ -232,7 +233,7 @@ def test_gradients_asked_for_other_tensors_leave_the_weight_alone(route):
     model = convert_linears(torch.nn.Linear(8, 4))
     if route == "wrapper":
         opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode="param")
-        target = opt._slots[0]
+        target = opt._window.slots[0]
         written = lambda: target.written  # noqa: E731
     else:
         model.weight.main_grad = torch.zeros(4, 8)
@@ -248,10 +249,10 @@ def test_gradients_asked_for_other_tensors_leave_the_weight_alone(route):
 
 @pytest.mark.parametrize("mode", ["bucket", "param"])
 def test_a_weight_with_both_kinds_of_gradient_is_clipped_by_its_whole_norm(mode):
-    """Per micro-batch, a backward through a direct use of a Linear's weight (its gradient
-    arrives as .grad; in "bucket" mode a hook accumulates it with the norm at once), then
-    one through the Linear (wgrad_accumulate_ adds to the same buffer, after the norm was
-    summed). The window must clip by the whole norm."""
+    """Per micro-batch, a loss with a direct use of a Linear's weight (its gradient arrives
+    as .grad and is accumulated by accumulate_, which sums the norm) and one through the
+    Linear (wgrad_accumulate_ adds to the same buffer and sums no norm). The window must
+    clip by the whole norm."""
     torch.manual_seed(0)
     lin = Linear(8, 8)
     plain = copy.deepcopy(lin)
@@ -273,8 +274,7 @@ def test_a_weight_with_both_kinds_of_gradient_is_clipped_by_its_whole_norm(mode)
     opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), N,
                                       max_grad_norm=0.1, mode=mode, bucket_mb=1e-6)
     for x in batches:
-        (x @ lin.weight.t()).square().mean().backward()
-        lin(x).square().mean().backward()
+        ((x @ lin.weight.t()).square().mean() + lin(x).square().mean()).backward()
         opt.step()
         opt.zero_grad()
     torch.testing.assert_close(opt.last_grad_norm, reference_norm, rtol=1e-5, atol=0)

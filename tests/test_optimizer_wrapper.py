@@ -156,7 +156,7 @@ def test_bucket_mode_frees_gradients_during_backward():
         assert all((p.grad is None) == freed for p in body), mode
         opt.step()
         assert all(p.grad is None for p in body), mode
-        assert len(opt._buckets) == (6 if bucket_mb < 1 or mode == "param" else 1)
+        assert len(opt._window.buckets) == (6 if bucket_mb < 1 or mode == "param" else 1)
 
 
 def test_parameters_used_in_some_micro_batches_only():
@@ -244,9 +244,10 @@ def test_load_state_dict_checks_before_changing_anything():
     before = other.state_dict()
     with pytest.raises(ValueError, match="accumulation_steps=4 but this optimizer has 5"):
         other.load_state_dict(sd)
-    assert other.state_dict()["micro_step"] == before["micro_step"] == 0
+    assert other.state_dict()["mbfused"]["micro_step"] == before["mbfused"]["micro_step"] == 0
     step_before = copy.deepcopy(opt.optimizer.state_dict())
-    window = sd["window"]
+    ours = sd["mbfused"]
+    window = ours["window"]
     bad_windows = [
         (dict(window, buffers={**window["buffers"], 0: torch.zeros(3)}), r"window buffer 0 has shape \[3\]"),
         (dict(window, buffers={**window["buffers"], 0: window["buffers"][0].double()}), "dtype torch.float64"),
@@ -254,15 +255,24 @@ def test_load_state_dict_checks_before_changing_anything():
         (dict(window, buffers={k: v for k, v in window["buffers"].items() if k != 0}),
          r"buffers for parameters \[1, 2, 3\] but gradients for \[0, 1, 2, 3\]"),
         (dict(window, found_inf=torch.zeros(2)), "found_inf must be a 1-element"),
-        (dict(window, items="many"), "items must be a number"),
+        (dict(window, found_inf=torch.zeros(1, 1)), "found_inf must be a 1-element"),
+        (dict(window, items="many"), "items must be a real number"),
+        (dict(window, items=torch.ones(1, dtype=torch.complex64)), "items must be a real number"),
+        (dict(window, written=["yes"] * 4), "written must be a list of bools"),
     ]
+    # The optimizer's part is a different one (no state): loading it first would show.
+    emptied = {"state": {}, "param_groups": copy.deepcopy(sd["param_groups"])}
     for bad_window, message in bad_windows:
         with pytest.raises(ValueError, match=message):
-            opt.load_state_dict(dict(sd, window=bad_window, optimizer={"state": {}, "param_groups": []}))
-        assert opt.micro_step == 2 and torch.equal(opt._slots[0].buffer, window["buffers"][0])
-        assert opt.optimizer.state_dict()["param_groups"] == step_before["param_groups"]
+            opt.load_state_dict({**emptied, "mbfused": dict(ours, window=bad_window)})
+        assert opt.micro_step == 2 and torch.equal(opt._window.slots[0].buffer, window["buffers"][0])
+        assert opt.optimizer.state_dict() == step_before
+    for micro_step in (1.5, True, "2", -1, N):
+        with pytest.raises(ValueError, match="micro_step"):
+            opt.load_state_dict({**emptied, "mbfused": dict(ours, micro_step=micro_step)})
+        assert opt.micro_step == 2 and opt.optimizer.state_dict() == step_before
     with pytest.raises(ValueError, match="missing window"):
-        opt.load_state_dict({k: v for k, v in sd.items() if k != "window"})
+        opt.load_state_dict({**sd, "mbfused": {k: v for k, v in ours.items() if k != "window"}})
 
 
 def test_grad_scaler_unscales_skips_and_updates():
@@ -309,11 +319,12 @@ def test_sixteen_bit_parameters_get_sixteen_bit_gradients():
 
 @pytest.mark.parametrize("accum_dtype", [torch.bfloat16, torch.float16])
 def test_sixteen_bit_buffers(accum_dtype):
-    """Buffers in 16 bits: each micro-batch's sum is rounded once to the buffer's dtype."""
+    """Buffers in 16 bits: each micro-batch's sum is rounded once to the buffer's dtype;
+    the window's 1/N (a power of two here, exact) comes at its end."""
     torch.manual_seed(0)
     model = Net()
     opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N, accum_dtype=accum_dtype)
-    assert all(s.buffer.dtype == accum_dtype for s in opt._slots)
+    assert all(s.buffer.dtype == accum_dtype for s in opt._window.slots)
     batches = _batches(windows=1)
     expected = [torch.zeros_like(p, dtype=accum_dtype) for p in model.body.parameters()]
     probe = copy.deepcopy(model)
@@ -321,12 +332,12 @@ def test_sixteen_bit_buffers(accum_dtype):
         probe.zero_grad()
         _loss(probe, x, "mean").backward()
         for e, p in zip(expected, probe.body.parameters()):
-            e.copy_((e.float() + p.grad.float() / N).to(accum_dtype))
+            e.copy_((e.float() + p.grad.float()).to(accum_dtype))
     seen = []
     opt.optimizer.step = lambda: seen.append([p.grad.clone() for p in model.body.parameters()])
     _wrapped_run(model, opt, batches)
     for got, want in zip(seen[0], expected, strict=True):
-        torch.testing.assert_close(got.to(accum_dtype), want, rtol=0, atol=0)
+        torch.testing.assert_close(got.to(accum_dtype), (want.float() / N).to(accum_dtype), rtol=0, atol=0)
 
 
 def test_zero_grad_keeps_no_alias_to_the_buffers():
@@ -491,9 +502,9 @@ def test_a_second_wrapper_of_the_same_parameters_takes_over():
         second = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
     _loss(model, _batches()[0], "mean").backward()
     assert not second.step()
-    assert all(s.written for s in second._slots if s.param is not model.head.weight
+    assert all(s.written for s in second._window.slots if s.param is not model.head.weight
                and s.param is not model.head.bias)
-    assert not any(s.written for s in first._slots)
+    assert not any(s.written for s in first._window.slots)
     with pytest.raises(RuntimeError, match="closed"):
         first.step()
 
@@ -510,7 +521,7 @@ def test_a_dropped_wrapper_stops_consuming_gradients():
 def test_a_dropped_wrapper_frees_its_buffers_and_hooks():
     model = Net()
     opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
-    buffer = weakref.ref(opt._buckets[0].flat)
+    buffer = weakref.ref(opt._window.buckets[0].flat)
     del opt
     gc.collect()
     assert buffer() is None
@@ -573,9 +584,9 @@ def test_bucket_buffers_start_on_64_byte_boundaries(accum_dtype):
     the kernels vectorise aligned tensors only."""
     params = [torch.nn.Parameter(torch.zeros(n)) for n in (1, 7, 33, 4096, 3)]
     opt = MicroBatchOptimizer(torch.optim.SGD(params, lr=0.1), 2, accum_dtype=accum_dtype)
-    assert len(opt._buckets) == 1
-    assert all(s.buffer.data_ptr() % 64 == 0 for s in opt._slots)
-    flat = opt._buckets[0].flat
+    assert len(opt._window.buckets) == 1
+    assert all(s.buffer.data_ptr() % 64 == 0 for s in opt._window.slots)
+    flat = opt._window.buckets[0].flat
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()

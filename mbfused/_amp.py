@@ -1,0 +1,31 @@
+"""What MicroBatchOptimizer needs from ``torch.amp.GradScaler`` beyond its public methods.
+
+GradScaler's public API reads the scale with a host synchronisation (``get_scale()``)
+and records non-finite checks only through ``unscale_``, which walks ``.grad``: a
+window that has already taken the gradients into its buffers has none left to walk.
+The two private pieces used instead live here, and tests/test_amp_protocol.py fails
+when torch changes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def inverse_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
+    """1 / the scaler's current scale as a 1-element fp32 tensor on its device, without a
+    host synchronisation; None before the first ``scaler.scale(loss)``."""
+    scale = scaler._scale
+    if scale is None:
+        return None
+    # In fp64 and rounded once: the exact reciprocal of a power-of-two scale.
+    return scale.double().reciprocal().float().reshape(1)
+
+
+def record_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                     found_inf: Tensor) -> None:
+    """Makes ``scaler.update()`` see `found_inf` (1-element fp32) as `optimizer`'s
+    non-finite check, as ``scaler.unscale_(optimizer)`` would have recorded it."""
+    state = scaler._per_optimizer_states[id(optimizer)]
+    state["found_inf_per_device"][found_inf.device] = found_inf

@@ -1,0 +1,569 @@
+"""The accumulation window: buffers, buckets and what happens every micro-batch.
+
+An ``AccumulationWindow`` owns one accumulation buffer per parameter (fp32 by default,
+laid out in flat buckets), exposes it as ``param.main_grad``, and adds every gradient
+that reaches a parameter into it with the fused ``accumulate_``, either from backward
+hooks as soon as a bucket is complete (``bucket_bytes > 0``) or when the optimizer's
+``step()`` collects the micro-batch. It knows nothing about optimizers: the window's end
+(normalisation, loss scaling, clipping, the optimizer step) belongs to
+:class:`mbfused.optim.MicroBatchOptimizer`, which sits on top of it.
+
+Gradients are summed as they arrive, unscaled by a GradScaler's scale of their own
+micro-batch when there is one, and otherwise unnormalised: the window's 1/N (or
+1/items) is applied once at its end, so that a layer which adds its weight gradient
+into ``main_grad`` itself (Megatron, Transformer Engine, ``mbfused.nn.Linear``) and one
+whose gradient arrives as ``.grad`` sum in the same units.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from mbfused import _checks, ops
+from mbfused._backend import use_backend
+
+__all__ = ["AccumulationWindow", "WindowMisuse", "is_stale_window_buffer", "manager_of"]
+
+ACCUM_DTYPES = _checks.SUPPORTED_DTYPES  # what the fused ops take, buffers and gradients alike
+
+# Attributes a managed parameter carries (Megatron's and Transformer Engine's names).
+MAIN_GRAD = "main_grad"
+GRAD_ADDED = "grad_added_to_main_grad"
+OVERWRITE = "overwrite_main_grad"
+
+
+# Set on every buffer handed out as main_grad. A copy of a managed parameter (deepcopy,
+# pickle) carries a copy of its buffer along: the mark tells such a stale buffer from a
+# main_grad of the user's own.
+_BUFFER_MARK = "_mbfused_window_buffer"
+
+
+def is_stale_window_buffer(param: Tensor) -> bool:
+    """`param` has a main_grad that was a window's buffer but no live window manages it."""
+    main_grad = getattr(param, MAIN_GRAD, None)
+    return getattr(main_grad, _BUFFER_MARK, False) and manager_of(param) is None
+
+
+class Slot:
+    """One parameter's accumulation buffer and its state in the current window."""
+
+    __slots__ = ("arrived", "bucket", "buffer", "buffer_address", "external", "index", "last_grad",
+                 "last_pass_count", "param", "written")
+
+    def __init__(self, index: int, param: Tensor, buffer: Tensor, bucket: int) -> None:
+        self.index = index  # position among the window's parameters (messages, state_dict)
+        self.param = param
+        self.buffer = buffer  # accum_dtype, contiguous, shaped like the parameter
+        self.buffer_address = buffer.data_ptr() if buffer.numel() else 0
+        self.bucket = bucket
+        self.written = False  # holds this window's gradient (else its contents are stale)
+        self.arrived = False  # a gradient reached it by backward since the last step()
+        self.external = False  # a layer of another library wrote main_grad itself
+        self.last_pass_count = 0  # accumulations during the window's last micro-batch
+        self.last_grad: Tensor | None = None  # the last micro-batch's gradient, if it reached step()
+
+
+class Bucket:
+    """Consecutive parameters (in backward order) whose gradients are accumulated together
+    once all of them are ready, and one flat buffer behind their accumulation buffers."""
+
+    __slots__ = ("flat", "ready", "slots")
+
+    def __init__(self, slots: list[Slot], flat: Tensor | None) -> None:
+        self.slots = slots
+        self.flat = flat
+        self.ready: set[int] = set()  # slot indices whose gradient arrived in this backward
+
+
+# Each parameter's current window, so that a second wrapper of the same parameters closes
+# the first instead of racing it for the gradients: id(param) -> (weak param, weak window).
+# Keyed by id: a WeakKeyDictionary would compare tensors with ==.
+_MANAGER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _forget_manager(key: int, _dead_param: weakref.ref) -> None:
+    entry = _MANAGER.get(key)
+    if entry is not None and entry[0]() is None:
+        del _MANAGER[key]
+
+
+def manager_of(param: Tensor) -> AccumulationWindow | None:
+    """The live window that consumes `param`'s gradients, if any."""
+    param_ref, window_ref = _MANAGER.get(id(param), (None, None))
+    if param_ref is None or param_ref() is not param:
+        return None
+    window = window_ref()
+    return None if window is None or window.closed else window
+
+
+def _on_gradient(window: weakref.ref, index: int, param: Tensor) -> None:
+    # Only a weak reference and an index: a hook must not keep the window's buffers alive.
+    owner = window()
+    if owner is not None:
+        # On CUDA this runs on the autograd engine's device thread, where the caller's
+        # use_backend() choice (a context variable) is not set: use the one in force at
+        # the optimizer's last step() or construction.
+        with use_backend(owner.backend):
+            owner.gradient_arrived(owner.slots[index])
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _release(handles: list, attached: list[tuple[weakref.ref, int]]) -> None:
+    """Removes a window's hooks and the attributes it put on its parameters (main_grad
+    would keep its buffers alive). `attached`: (weak parameter, id of its buffer)."""
+    _remove_handles(handles)
+    for param_ref, buffer_id in attached:
+        param = param_ref()
+        if param is not None and id(getattr(param, MAIN_GRAD, None)) == buffer_id:
+            for name in (MAIN_GRAD, GRAD_ADDED, OVERWRITE):
+                if hasattr(param, name):
+                    delattr(param, name)
+    attached.clear()
+
+
+class WindowMisuse(RuntimeError):
+    """A training loop feeds the window in a way that would train silently wrong."""
+
+
+class AccumulationWindow:
+    """The buffers of one accumulation window and the per-micro-batch accumulation.
+
+    Args:
+        params: the parameters to manage (trainable, one device, supported dtypes).
+        accumulation_steps: micro-batches per window (N).
+        accum_dtype: dtype of the buffers.
+        bucket_bytes: > 0: buffers live in flat buckets of about this many bytes and a
+            bucket is accumulated from backward hooks as soon as all its gradients have
+            arrived; 0: a buffer per parameter, accumulated when ``collect()`` runs.
+        unscale: returns the inverse loss scale of the current micro-batch (a 1-element
+            fp32 tensor), or None when gradients are not loss-scaled; asked once per
+            micro-batch, when its first gradient arrives.
+        check_inf_per_micro_batch: keep a non-finite flag per micro-batch as well
+            (``micro_found_inf``), for a GradScaler that is updated every micro-batch.
+    """
+
+    def __init__(self, params: list[Tensor], accumulation_steps: int, *, accum_dtype: torch.dtype,
+                 bucket_bytes: float, unscale: Callable[[], Tensor | None],
+                 check_inf_per_micro_batch: bool = False) -> None:
+        self.accumulation_steps = accumulation_steps
+        self.accum_dtype = accum_dtype
+        self.bucket_bytes = bucket_bytes
+        self.device = params[0].device if params else torch.device("cpu")
+        self.backend: str | None = None  # the use_backend() choice for backward hooks
+        self.closed = False
+        self.micro_step = 0
+        self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.micro_found_inf = (torch.zeros(1, dtype=torch.float32, device=self.device)
+                                if check_inf_per_micro_batch else None)
+        self.last_micro_found_inf: Tensor | None = None
+        self.norm_sq = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self.items: float | Tensor = 0
+        self.unchecked_written = False  # a buffer got a gradient that was not checked for inf/nan
+        self.buffers_handed_out = False  # some .grad is an accumulation buffer (zero_grad releases it)
+        self._unscale = unscale
+        self._micro_scale: float | Tensor | None = None  # this micro-batch's, once known
+        self._arrived: list[Slot] = []  # slots whose gradient arrived since the last collect()
+        self.buckets: list[Bucket] = []
+        self.slots: list[Slot] = []
+        self._slot_of: dict[int, Slot] = {}  # id(param) -> its slot
+        self._hooks: list = []
+        self._attached: list[tuple[weakref.ref, int]] = []  # parameters given a main_grad
+        # A window dropped without close() takes its hooks and attributes with it.
+        weakref.finalize(self, _release, self._hooks, self._attached)
+        self.add_params(params)
+
+    # -- parameters ---------------------------------------------------------------------
+
+    def add_params(self, params: list[Tensor]) -> None:
+        """Manages `params` from now on: buffers in buckets of their own, hooks and
+        ``main_grad``. Safe mid-window: they start without gradient in this window."""
+        first = len(self.slots)
+        buckets = self._make_buckets(params, first, len(self.buckets))
+        self.buckets.extend(buckets)
+        new = sorted((s for b in buckets for s in b.slots), key=lambda s: s.index)
+        self.slots.extend(new)
+        this = weakref.ref(self)  # hooks must not keep a dropped window alive
+        for slot in new:
+            self._slot_of[id(slot.param)] = slot
+            self._take_over(slot.param)
+            self._hooks.append(slot.param.register_post_accumulate_grad_hook(
+                functools.partial(_on_gradient, this, slot.index)))
+            setattr(slot.buffer, _BUFFER_MARK, True)
+            setattr(slot.param, MAIN_GRAD, slot.buffer)
+            self._attached.append((weakref.ref(slot.param), id(slot.buffer)))
+            setattr(slot.param, GRAD_ADDED, False)
+            setattr(slot.param, OVERWRITE, True)
+
+    def _take_over(self, param: Tensor) -> None:
+        key = id(param)
+        _MANAGER[key] = (weakref.ref(param, functools.partial(_forget_manager, key)), weakref.ref(self))
+
+    def close(self) -> None:
+        """Stops consuming gradients: removes the hooks and the parameters' attributes."""
+        _release(self._hooks, self._attached)
+        self.closed = True
+
+    def _make_buckets(self, params: list[Tensor], first_index: int, first_bucket: int) -> list[Bucket]:
+        """Buckets of consecutive parameters in backward order (the reverse of
+        registration order, as DDP assumes). bucket_bytes=0: a buffer per parameter.
+        Buffers start at zero, for layers that add into main_grad on their first write."""
+        element = torch.empty((), dtype=self.accum_dtype).element_size()
+        align = 64 // element
+        groups: list[list[int]] = []
+        size = 0
+        for i in reversed(range(len(params))):
+            nbytes = params[i].numel() * element
+            if not groups or self.bucket_bytes == 0 or size + nbytes > self.bucket_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += nbytes
+        buckets = []
+        for b, members in enumerate(groups, start=first_bucket):
+            if self.bucket_bytes == 0:
+                p = params[members[0]]
+                buffer = torch.zeros(p.shape, dtype=self.accum_dtype, device=p.device)
+                buckets.append(Bucket([Slot(first_index + members[0], p, buffer, b)], None))
+                continue
+            # Every buffer starts on a 64-byte boundary: the kernels' vector loads (128-bit
+            # on GPUs) need 16-byte-aligned tensors, and a misaligned one runs scalar code.
+            # The padding is zero and stays zero (all-reduces sum it too).
+            offsets, end = [], 0
+            for i in members:
+                offsets.append(end)
+                end += -(-params[i].numel() // align) * align
+            flat = torch.zeros(end, dtype=self.accum_dtype, device=self.device)
+            slots = [Slot(first_index + i, params[i], flat[o:o + params[i].numel()].view(params[i].shape), b)
+                     for i, o in zip(members, offsets, strict=True)]
+            buckets.append(Bucket(slots, flat))
+        return buckets
+
+    # -- arrivals -----------------------------------------------------------------------
+
+    @property
+    def last_micro_batch(self) -> bool:
+        """True while the micro-batch that ends the window is being accumulated."""
+        return self.micro_step == self.accumulation_steps - 1
+
+    def micro_scale(self) -> float | Tensor:
+        """The factor this micro-batch's gradients are multiplied by on accumulation: the
+        inverse loss scale, read once per micro-batch (a GradScaler may change its scale
+        between micro-batches), or 1."""
+        if self._micro_scale is None:
+            unscale = self._unscale()
+            self._micro_scale = 1.0 if unscale is None else unscale
+        return self._micro_scale
+
+    def gradient_arrived(self, slot: Slot) -> None:
+        """Backward hook: a gradient reached the slot's parameter (autograd's ``.grad``,
+        or a dummy one from a layer that added the real one into ``main_grad``)."""
+        if slot.arrived:
+            raise WindowMisuse(
+                f"parameter {slot.index}'s gradient arrived twice before step(): step() must be "
+                "called after every micro-batch's backward(). Turn off the framework's or the "
+                "loop's own gradient accumulation (e.g. gradient_accumulation_steps=1, "
+                "accumulate_grad_batches=1): MicroBatchOptimizer does it. One micro-batch with "
+                "several losses: sum them and call backward() once (with torch.utils.checkpoint, "
+                "use_reentrant=False).")
+        slot.arrived = True
+        self._arrived.append(slot)
+        if getattr(slot.param, GRAD_ADDED, False):
+            self._main_grad_added(slot, external=True)
+        if self.bucket_bytes:
+            self._bucket_member_ready(slot)
+
+    def main_grad_written(self, param: Tensor) -> None:
+        """``mbfused.nn.Linear`` added `param`'s weight gradient into its ``main_grad``,
+        scaled by ``micro_scale()`` and first-written as ``overwrite_main_grad`` said."""
+        # Its backward hook still fires (with no .grad), and completes the bucket.
+        self._main_grad_added(self._slot_of[id(param)], external=False)
+
+    def _main_grad_added(self, slot: Slot, *, external: bool) -> None:
+        if external:
+            if not isinstance(self.micro_scale(), float):
+                raise WindowMisuse(
+                    f"parameter {slot.index}'s gradient was added into main_grad by its layer "
+                    "(grad_added_to_main_grad) while the loss is scaled by a GradScaler: such a "
+                    "gradient cannot be unscaled per micro-batch. Use bf16 autocast without a "
+                    "scaler, or mbfused.nn.Linear for this layer.")
+            slot.external = True
+            # The layer's own gradient went into main_grad; .grad is a placeholder.
+            slot.param.grad = None
+            setattr(slot.param, GRAD_ADDED, False)
+        if not slot.written:
+            slot.written = True
+            setattr(slot.param, OVERWRITE, False)
+        slot.last_pass_count += self.last_micro_batch
+        # Not checked for inf/nan: the window's norm decides (see norm_sq_if_complete).
+        self.unchecked_written = True
+
+    def _bucket_member_ready(self, slot: Slot) -> None:
+        """Accumulates the slot's bucket once every gradient of the bucket has arrived in
+        this backward."""
+        bucket = self.buckets[slot.bucket]
+        bucket.ready.add(slot.index)
+        if len(bucket.ready) == len(bucket.slots):
+            bucket.ready.clear()
+            slots = [s for s in bucket.slots if s.param.grad is not None]
+            with torch.no_grad():
+                self.accumulate(slots, in_backward=True)
+
+    # -- accumulation -------------------------------------------------------------------
+
+    def _ready_grads(self, slots: list[Slot]) -> list[Tensor]:
+        """The slots' gradients, each checked, with a named error for a bad one; a
+        non-contiguous gradient is replaced by a contiguous copy."""
+        grads = [slot.param.grad for slot in slots]
+        for i, (slot, grad) in enumerate(zip(slots, grads, strict=True)):
+            if grad.layout != torch.strided:
+                raise ValueError(f"parameter {slot.index} has a {grad.layout} gradient; "
+                                 "MicroBatchOptimizer accumulates dense gradients only")
+            if grad.dtype not in ACCUM_DTYPES:
+                raise ValueError(f"parameter {slot.index}'s gradient has dtype {grad.dtype}; supported "
+                                 "dtypes are torch.float32, torch.bfloat16 and torch.float16")
+            if grad.data_ptr() == slot.buffer_address and slot.buffer_address:
+                raise RuntimeError(
+                    f"parameter {slot.index}'s .grad is still the gradient of the last window: "
+                    "call zero_grad() after every step()")
+            if not grad.is_contiguous():
+                grads[i] = grad.contiguous()
+        return grads
+
+    def accumulate(self, slots: list[Slot], in_backward: bool = False) -> None:
+        """One fused pass per kind (first write of the window, or add) of the `slots`'
+        gradients into their buffers; the parameters' .grad are then released. Nothing is
+        written when a gradient is bad. `in_backward`: called from a backward hook."""
+        if not slots:
+            return
+        last = self.last_micro_batch
+        norm_sq = self.norm_sq if last else None
+        found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
+        scale = self.micro_scale()
+        # Buffers not yet written in this window are overwritten: one call when all
+        # slots are of one kind (the usual case), two otherwise.
+        fresh = [not s.written for s in slots]
+        if all(fresh) or not any(fresh):
+            buffers, grads = [s.buffer for s in slots], [s.param.grad for s in slots]
+            try:
+                ops.accumulate_(buffers, grads, scale, overwrite=fresh[0], found_inf=found_inf,
+                                norm_sq=norm_sq)
+            except (TypeError, ValueError, RuntimeError):
+                # The op checks every argument before it writes anything. Checked here per
+                # parameter only now (it costs as much as the kernel on small tensors): to
+                # name the parameter, or to retry with contiguous copies of the gradients.
+                grads = self._ready_grads(slots)
+                ops.accumulate_(buffers, grads, scale, overwrite=fresh[0], found_inf=found_inf,
+                                norm_sq=norm_sq)
+        else:
+            grads = self._ready_grads(slots)  # two calls: all checked before the first
+            for kind in (True, False):
+                chosen = [i for i, f in enumerate(fresh) if f == kind]
+                ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
+                                overwrite=kind, found_inf=found_inf, norm_sq=norm_sq)
+        # Gradients that reach step() in the last micro-batch were alive until now anyway:
+        # they are kept as the storage the window's gradient is written into for
+        # parameters of another dtype than the buffers (no allocation at the end of the
+        # window). Those taken by backward hooks are freed at once, as hooks are for.
+        keep = last and not in_backward
+        for s, grad, was_fresh in zip(slots, grads, fresh, strict=True):
+            if was_fresh:
+                s.written = True
+                setattr(s.param, OVERWRITE, False)
+            s.last_pass_count += last
+            s.last_grad = grad if keep and grad.dtype == s.param.dtype else None
+            s.param.grad = None
+
+    def collect(self, items: float | Tensor) -> bool:
+        """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
+        the parameters, counts `items`. True when the window is complete."""
+        pending = [s for s in self.slots if s.param.grad is not None]
+        self.accumulate(pending)  # raises before anything is written if a gradient is bad
+        if self.bucket_bytes:
+            for bucket in self.buckets:
+                bucket.ready.clear()  # buckets left incomplete by this backward
+        for s in self._arrived:
+            s.arrived = False
+        self._arrived.clear()
+        if self.micro_found_inf is not None:
+            torch.maximum(self.found_inf, self.micro_found_inf, out=self.found_inf)
+            # Read by a GradScaler updated every micro-batch; the next one gets a new flag.
+            self.last_micro_found_inf = self.micro_found_inf
+            self.micro_found_inf = torch.zeros_like(self.micro_found_inf)
+        self._micro_scale = None
+        self.items = self.items + items
+        self.micro_step += 1
+        return self.micro_step == self.accumulation_steps
+
+    def pending_gradients(self) -> list[int]:
+        """Parameters whose gradient arrived by backward and that no step() has taken yet."""
+        return [s.index for s in self._arrived if s.param.grad is not None]
+
+    def start(self) -> None:
+        """Starts a new window: no buffer holds a gradient of it yet."""
+        self.micro_step = 0
+        self.found_inf.zero_()
+        self.norm_sq.zero_()
+        self.items = 0
+        self.unchecked_written = False
+        # Layers of other libraries may add into main_grad whatever overwrite_main_grad
+        # says (Megatron's do): their buffers start the window at zero.
+        external = [s.buffer for s in self.slots if s.external]
+        if external:
+            torch._foreach_zero_(external)
+        for s in self.slots:
+            if s.written:
+                s.written = False
+                setattr(s.param, OVERWRITE, True)
+            s.last_pass_count = 0
+            s.last_grad = None
+
+    # -- the window's end ---------------------------------------------------------------
+
+    def written_slots(self) -> list[Slot]:
+        return [s for s in self.slots if s.written]
+
+    def norm_sq_if_complete(self, written: list[Slot]) -> Tensor | None:
+        """The squared norm summed by the last micro-batch's accumulation, when it covers
+        every written buffer: each was accumulated exactly once in that micro-batch, by
+        accumulate_ (a gradient added into main_grad by its layer sums no norm)."""
+        if self.unchecked_written or not all(s.last_pass_count == 1 for s in written):
+            return None
+        return self.norm_sq
+
+    def all_reduce(self, group) -> list[Slot]:
+        """Sums the buffers, found_inf and the item count over the process group; returns
+        the slots written on any rank (those written on none stay without gradient)."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([float(s.written) for s in self.slots], device=self.device)
+        items = self.items if isinstance(self.items, Tensor) else torch.tensor(float(self.items))
+        unchecked = torch.tensor([float(self.unchecked_written)], device=self.device)
+        meta = torch.cat([flags, self.found_inf, unchecked, items.reshape(1).to(self.device, torch.float32)])
+        dist.all_reduce(meta, group=group)
+        n = len(self.slots)
+        on_host = meta.cpu()  # one synchronisation for the flags
+        any_written = on_host[:n] > 0
+        self.found_inf.copy_(meta[n].clamp(max=1))
+        # Every rank must check the norm when any rank took unchecked gradients, or the
+        # ranks would disagree about skipping the window.
+        self.unchecked_written = bool(on_host[n + 1] > 0)
+        self.items = meta[-1]
+        for s, on_some_rank in zip(self.slots, any_written.tolist(), strict=True):
+            if on_some_rank and not s.written:
+                s.buffer.zero_()
+                s.written = True
+        for bucket in self.buckets:
+            if not any(s.written for s in bucket.slots):
+                continue
+            if bucket.flat is not None:
+                for s in bucket.slots:
+                    if not s.written:
+                        s.buffer.zero_()
+                dist.all_reduce(bucket.flat, group=group)
+            else:
+                dist.all_reduce(bucket.slots[0].buffer, group=group)
+        return [s for s in self.slots if s.written]
+
+    def outputs_for(self, written: list[Slot]) -> list[Tensor]:
+        """Where the window's gradient is written for parameters of another dtype than
+        the buffers: the last micro-batch's gradient of that parameter when kept (each
+        storage once), else a new tensor."""
+        outputs, used = [], set()
+        for s in written:
+            grad = s.last_grad
+            if grad is not None and s.param.dtype != self.accum_dtype and grad.data_ptr() not in used:
+                used.add(grad.data_ptr())
+                outputs.append(grad)
+            else:
+                outputs.append(torch.empty_like(s.param, memory_format=torch.contiguous_format))
+        return outputs
+
+    def release_handed_out(self) -> None:
+        """Takes back the buffers handed to the optimizer as .grad at the window's end."""
+        if self.buffers_handed_out:
+            for s in self.slots:
+                if s.param.grad is not None and s.param.grad.data_ptr() == s.buffer.data_ptr():
+                    s.param.grad = None
+            self.buffers_handed_out = False
+
+    # -- checkpoints --------------------------------------------------------------------
+
+    def state(self) -> dict | None:
+        """A half-finished window's progress and gradients (None at a window boundary)."""
+        if self.micro_step == 0:
+            return None
+        return {
+            "written": [s.written for s in self.slots],
+            "buffers": {s.index: s.buffer.clone() for s in self.slots if s.written},
+            "found_inf": self.found_inf.clone(),
+            "items": self.items.clone() if isinstance(self.items, Tensor) else self.items,
+            "unchecked": self.unchecked_written,
+        }
+
+    def check_state(self, window: dict) -> None:
+        """A saved half-finished window fits this one (raises before any change)."""
+        if not isinstance(window, dict):
+            raise ValueError(f"state_dict's window must be a dict or None, got {type(window).__name__}")
+        missing = {"written", "buffers", "found_inf", "items"} - set(window)
+        if missing:
+            raise ValueError(f"state_dict's window is missing {', '.join(sorted(missing))}")
+        written, buffers = window["written"], window["buffers"]
+        if not isinstance(written, list | tuple) or not all(isinstance(w, bool) for w in written):
+            raise ValueError("state_dict's window written must be a list of bools")
+        if len(written) != len(self.slots):
+            raise ValueError(f"state_dict's window has {len(written)} parameters, "
+                             f"this optimizer {len(self.slots)}")
+        with_buffer = {i for i, w in enumerate(written) if w}
+        if not isinstance(buffers, dict) or set(buffers) != with_buffer:
+            raise ValueError("state_dict's window has buffers for parameters "
+                             f"{sorted(buffers) if isinstance(buffers, dict) else buffers!r} "
+                             f"but gradients for {sorted(with_buffer)}")
+        for index, buffer in buffers.items():
+            mine = self.slots[index].buffer
+            if (not isinstance(buffer, Tensor) or buffer.shape != mine.shape or buffer.dtype != mine.dtype
+                    or buffer.is_meta):
+                got = (f"shape {list(buffer.shape)}, dtype {buffer.dtype}, device {buffer.device}"
+                       if isinstance(buffer, Tensor) else type(buffer).__name__)
+                raise ValueError(f"state_dict's window buffer {index} has {got} but parameter {index}'s "
+                                 f"buffer has shape {list(mine.shape)}, dtype {mine.dtype}")
+        found_inf = window["found_inf"]
+        if not (isinstance(found_inf, Tensor) and found_inf.shape == (1,) and found_inf.is_floating_point()
+                and not found_inf.is_meta):
+            raise ValueError("state_dict's window found_inf must be a 1-element floating-point tensor "
+                             "of shape [1]")
+        items = window["items"]
+        if isinstance(items, Tensor):
+            if items.numel() != 1 or not items.is_floating_point() or items.is_meta:
+                raise ValueError("state_dict's window items must be a real number or a 1-element "
+                                 "floating-point tensor")
+        elif isinstance(items, bool) or not isinstance(items, numbers.Real):
+            raise ValueError(f"state_dict's window items must be a real number or a 1-element tensor, "
+                             f"got {items!r}")
+
+    def load_state(self, micro_step: int, window: dict | None) -> None:
+        """Restores `state()`'s result (checked with `check_state` first)."""
+        self.start()
+        self.micro_step = micro_step
+        if window is None:
+            return
+        for s, written in zip(self.slots, window["written"], strict=True):
+            if written:
+                s.written = True
+                setattr(s.param, OVERWRITE, False)
+        for index, buffer in window["buffers"].items():
+            self.slots[index].buffer.copy_(buffer)
+        self.found_inf.copy_(window["found_inf"])
+        self.unchecked_written = bool(window.get("unchecked", False))
+        items = window["items"]
+        self.items = items.to(self.device) if isinstance(items, Tensor) else items

@@ -1,0 +1,152 @@
+"""Training loops that would make MicroBatchOptimizer train silently wrong raise instead,
+naming the cause and the fix (DESIGN.md section 3, MicroBatchOptimizer: "Misuse is never
+silent")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mbfused.optim import MicroBatchOptimizer, WindowMisuse
+
+N = 4
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+
+def _loss(model, seed=0):
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(seed))
+    return model(x).square().mean()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_a_loop_that_accumulates_itself_is_stopped_at_its_second_backward(mode):
+    """The framework's or the loop's own accumulation left on: step() once per N
+    backward passes. Without the check the window would take N*N micro-batches and
+    the first ones would be counted N times over."""
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode=mode)
+    _loss(model, 0).backward()
+    with pytest.raises(WindowMisuse, match=r"arrived twice before step\(\).*gradient_accumulation_steps=1"):
+        _loss(model, 1).backward()
+
+
+def test_two_backward_passes_per_micro_batch_are_refused_with_the_fix():
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode="param")
+    _loss(model, 0).backward()
+    opt.step()
+    _loss(model, 1).backward(retain_graph=False)
+    with pytest.raises(WindowMisuse, match="sum them and call backward"):
+        _loss(model, 2).backward()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_zero_grad_that_would_discard_unaccumulated_gradients_raises(mode):
+    """backward(), zero_grad(), step(): the gradients would never reach the window."""
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode=mode)
+    # In bucket mode the one bucket stays incomplete: model[2] gets no gradient here.
+    model[0](torch.randn(2, 8)).sum().backward()
+    with pytest.raises(WindowMisuse, match=r"zero_grad\(\) would discard"):
+        opt.zero_grad()
+    assert model[0].weight.grad is not None
+    opt.step()
+    opt.zero_grad()
+
+
+def test_a_group_added_to_the_wrapped_optimizer_is_refused():
+    """It would be updated with the last micro-batch's gradient only, not averaged, not
+    clipped."""
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = MicroBatchOptimizer(inner, N)
+    extra = torch.nn.Parameter(torch.ones(3))
+    inner.add_param_group({"params": [extra]})
+    _loss(model).backward()
+    with pytest.raises(WindowMisuse, match="add_param_group on the MicroBatchOptimizer"):
+        opt.step()
+    assert opt.micro_step == 0
+
+
+@pytest.mark.parametrize("how", ["step", "grad-scaler"])
+def test_stepping_the_wrapped_optimizer_directly_is_refused(how):
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    # "param": the gradients are still on the parameters (in bucket mode the hooks have
+    # taken them, and GradScaler.step already fails on finding none).
+    opt = MicroBatchOptimizer(inner, N, mode="param")
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(_loss(model)).backward()
+    with pytest.raises(WindowMisuse, match="stepped directly"):
+        if how == "step":
+            inner.step()
+        else:
+            scaler.step(inner)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.micro_step == 0
+
+
+def test_a_closed_wrapper_no_longer_guards_its_optimizer():
+    model = _model()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = MicroBatchOptimizer(inner, N)
+    opt.close()
+    _loss(model).backward()
+    inner.step()  # a plain optimizer again
+
+
+def test_a_layer_adding_into_main_grad_under_a_grad_scaler_is_refused():
+    """Its gradient is scaled by the loss scale and cannot be unscaled per micro-batch."""
+
+    class AddsItself(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x @ w.t()
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            w.main_grad.add_(g.t() @ x)
+            w.grad_added_to_main_grad = True
+            return g @ w, torch.empty_like(w)
+
+    w = torch.nn.Parameter(torch.randn(4, 8))
+    scaler = torch.amp.GradScaler("cpu")
+    opt = MicroBatchOptimizer(torch.optim.SGD([w], lr=0.1), N, scaler=scaler)
+    with pytest.raises(WindowMisuse, match="while the loss is scaled by a GradScaler"):
+        scaler.scale(AddsItself.apply(torch.randn(2, 8), w).sum()).backward()
+    assert opt.micro_step == 0
+
+
+def _ddp_worker(path: str, result: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    try:
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        try:
+            MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N, model=ddp)
+        except NotImplementedError as error:
+            result["model="] = str(error)
+        opt = MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N)
+        ddp(torch.randn(3, 8)).sum().backward()
+        try:
+            opt.step()
+        except WindowMisuse as error:
+            result["no model="] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ddp_model_is_refused_until_the_wrapper_can_take_its_synchronisation_over(tmp_path):
+    result: dict = {}
+    _ddp_worker(str(tmp_path / "rendezvous"), result)
+    assert "DistributedDataParallel" in result["model="] and "process_group=" in result["model="]
+    assert "DistributedDataParallel" in result["no model="] and "ranks would diverge" in result["no model="]
