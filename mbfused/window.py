@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mbfused import _checks, ops
+from mbfused import _checks, _native, ops
 from mbfused._backend import use_backend
 
 __all__ = ["AccumulationWindow", "WindowMisuse", "is_stale_window_buffer", "manager_of"]
@@ -53,7 +53,7 @@ def is_stale_window_buffer(param: Tensor) -> bool:
 class Slot:
     """One parameter's accumulation buffer and its state in the current window."""
 
-    __slots__ = ("arrived", "bucket", "buffer", "buffer_address", "external", "index", "last_grad",
+    __slots__ = ("arrived_in", "bucket", "buffer", "buffer_address", "external", "index", "last_grad",
                  "last_pass_count", "param", "written")
 
     def __init__(self, index: int, param: Tensor, buffer: Tensor, bucket: int) -> None:
@@ -63,7 +63,7 @@ class Slot:
         self.buffer_address = buffer.data_ptr() if buffer.numel() else 0
         self.bucket = bucket
         self.written = False  # holds this window's gradient (else its contents are stale)
-        self.arrived = False  # a gradient reached it by backward since the last step()
+        self.arrived_in = -1  # the last micro-batch (window serial) a backward reached it in
         self.external = False  # a layer of another library wrote main_grad itself
         self.last_pass_count = 0  # accumulations during the window's last micro-batch
         self.last_grad: Tensor | None = None  # the last micro-batch's gradient, if it reached step()
@@ -106,11 +106,24 @@ def _on_gradient(window: weakref.ref, index: int, param: Tensor) -> None:
     # Only a weak reference and an index: a hook must not keep the window's buffers alive.
     owner = window()
     if owner is not None:
-        # On CUDA this runs on the autograd engine's device thread, where the caller's
-        # use_backend() choice (a context variable) is not set: use the one in force at
-        # the optimizer's last step() or construction.
-        with use_backend(owner.backend):
-            owner.gradient_arrived(owner.slots[index])
+        owner.gradient_arrived(owner.slots[index])
+
+
+def _grads_of(params: list[Tensor]) -> list[Tensor | None]:
+    """``[p.grad for p in params]``, in C++ when the extension is built (it runs for every
+    parameter every micro-batch: Python's attribute access costs more than the kernel on
+    a list of a thousand small tensors)."""
+    native = _native.eager_entry("_grads_of")
+    grads = native(params) if native is not None else None
+    return grads if grads is not None else [p.grad for p in params]
+
+
+def _clear_grads(params: list[Tensor]) -> None:
+    """``p.grad = None`` for each of `params` (in C++ when built, as `_grads_of`)."""
+    native = _native.eager_entry("_clear_grads")
+    if native is None or not native(params):
+        for p in params:
+            p.grad = None
 
 
 def _remove_handles(handles: list) -> None:
@@ -174,6 +187,8 @@ class AccumulationWindow:
         self._unscale = unscale
         self._micro_scale: float | Tensor | None = None  # this micro-batch's, once known
         self._arrived: list[Slot] = []  # slots whose gradient arrived since the last collect()
+        self._serial = 0  # micro-batches collected since construction
+        self._written_count = 0  # slots written in this window
         self.buckets: list[Bucket] = []
         self.slots: list[Slot] = []
         self._slot_of: dict[int, Slot] = {}  # id(param) -> its slot
@@ -193,6 +208,8 @@ class AccumulationWindow:
         self.buckets.extend(buckets)
         new = sorted((s for b in buckets for s in b.slots), key=lambda s: s.index)
         self.slots.extend(new)
+        self._params = [s.param for s in self.slots]
+        self._buffers = [s.buffer for s in self.slots]
         this = weakref.ref(self)  # hooks must not keep a dropped window alive
         for slot in new:
             self._slot_of[id(slot.param)] = slot
@@ -268,7 +285,7 @@ class AccumulationWindow:
     def gradient_arrived(self, slot: Slot) -> None:
         """Backward hook: a gradient reached the slot's parameter (autograd's ``.grad``,
         or a dummy one from a layer that added the real one into ``main_grad``)."""
-        if slot.arrived:
+        if slot.arrived_in == self._serial:
             raise WindowMisuse(
                 f"parameter {slot.index}'s gradient arrived twice before step(): step() must be "
                 "called after every micro-batch's backward(). Turn off the framework's or the "
@@ -276,7 +293,7 @@ class AccumulationWindow:
                 "accumulate_grad_batches=1): MicroBatchOptimizer does it. One micro-batch with "
                 "several losses: sum them and call backward() once (with torch.utils.checkpoint, "
                 "use_reentrant=False).")
-        slot.arrived = True
+        slot.arrived_in = self._serial
         self._arrived.append(slot)
         if getattr(slot.param, GRAD_ADDED, False):
             self._main_grad_added(slot, external=True)
@@ -304,6 +321,7 @@ class AccumulationWindow:
         if not slot.written:
             slot.written = True
             setattr(slot.param, OVERWRITE, False)
+            self._written_count += 1
         slot.last_pass_count += self.last_micro_batch
         # Not checked for inf/nan: the window's norm decides (see norm_sq_if_complete).
         self.unchecked_written = True
@@ -316,7 +334,10 @@ class AccumulationWindow:
         if len(bucket.ready) == len(bucket.slots):
             bucket.ready.clear()
             slots = [s for s in bucket.slots if s.param.grad is not None]
-            with torch.no_grad():
+            # On CUDA this runs on the autograd engine's device thread, where the caller's
+            # use_backend() choice (a context variable) is not set: use the one in force
+            # at the optimizer's last step() or construction.
+            with torch.no_grad(), use_backend(self.backend):
                 self.accumulate(slots, in_backward=True)
 
     # -- accumulation -------------------------------------------------------------------
@@ -340,30 +361,37 @@ class AccumulationWindow:
                 grads[i] = grad.contiguous()
         return grads
 
-    def accumulate(self, slots: list[Slot], in_backward: bool = False) -> None:
+    def accumulate(self, slots: list[Slot], grads: list[Tensor] | None = None,
+                   in_backward: bool = False) -> None:
         """One fused pass per kind (first write of the window, or add) of the `slots`'
-        gradients into their buffers; the parameters' .grad are then released. Nothing is
-        written when a gradient is bad. `in_backward`: called from a backward hook."""
+        gradients (`grads`, else their .grad) into their buffers; the parameters' .grad
+        are then released. Nothing is written when a gradient is bad. `in_backward`:
+        called from a backward hook."""
         if not slots:
             return
+        params = self._params if slots is self.slots else [s.param for s in slots]
+        if grads is None:
+            grads = _grads_of(params)
         last = self.last_micro_batch
         norm_sq = self.norm_sq if last else None
         found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
         scale = self.micro_scale()
         # Buffers not yet written in this window are overwritten: one call when all
-        # slots are of one kind (the usual case), two otherwise.
-        fresh = [not s.written for s in slots]
-        if all(fresh) or not any(fresh):
-            buffers, grads = [s.buffer for s in slots], [s.param.grad for s in slots]
+        # slots are of one kind (the usual case), two otherwise. (Per slot only until
+        # every buffer of the window is written: this runs for every micro-batch.)
+        fresh = None if self._written_count == len(self.slots) else [not s.written for s in slots]
+        if fresh is None or all(fresh) or not any(fresh):
+            overwrite = fresh is not None and fresh[0]
+            buffers = self._buffers if slots is self.slots else [s.buffer for s in slots]
             try:
-                ops.accumulate_(buffers, grads, scale, overwrite=fresh[0], found_inf=found_inf,
+                ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
                                 norm_sq=norm_sq)
             except (TypeError, ValueError, RuntimeError):
                 # The op checks every argument before it writes anything. Checked here per
                 # parameter only now (it costs as much as the kernel on small tensors): to
                 # name the parameter, or to retry with contiguous copies of the gradients.
                 grads = self._ready_grads(slots)
-                ops.accumulate_(buffers, grads, scale, overwrite=fresh[0], found_inf=found_inf,
+                ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
                                 norm_sq=norm_sq)
         else:
             grads = self._ready_grads(slots)  # two calls: all checked before the first
@@ -371,30 +399,36 @@ class AccumulationWindow:
                 chosen = [i for i, f in enumerate(fresh) if f == kind]
                 ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
                                 overwrite=kind, found_inf=found_inf, norm_sq=norm_sq)
-        # Gradients that reach step() in the last micro-batch were alive until now anyway:
-        # they are kept as the storage the window's gradient is written into for
-        # parameters of another dtype than the buffers (no allocation at the end of the
-        # window). Those taken by backward hooks are freed at once, as hooks are for.
-        keep = last and not in_backward
-        for s, grad, was_fresh in zip(slots, grads, fresh, strict=True):
-            if was_fresh:
-                s.written = True
-                setattr(s.param, OVERWRITE, False)
-            s.last_pass_count += last
-            s.last_grad = grad if keep and grad.dtype == s.param.dtype else None
-            s.param.grad = None
+        if fresh is not None:
+            for s, was_fresh in zip(slots, fresh, strict=True):
+                if was_fresh:
+                    s.written = True
+                    setattr(s.param, OVERWRITE, False)
+                    self._written_count += 1
+        if last:
+            # Gradients that reach step() in the last micro-batch were alive until now
+            # anyway: they are kept as the storage the window's gradient is written into
+            # for parameters of another dtype than the buffers (no allocation at the end
+            # of the window). Those taken by backward hooks are freed at once.
+            for s, grad in zip(slots, grads, strict=True):
+                s.last_pass_count += 1
+                s.last_grad = grad if not in_backward and grad.dtype == s.param.dtype else None
+        _clear_grads(params)
 
     def collect(self, items: float | Tensor) -> bool:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
         the parameters, counts `items`. True when the window is complete."""
-        pending = [s for s in self.slots if s.param.grad is not None]
-        self.accumulate(pending)  # raises before anything is written if a gradient is bad
+        grads = _grads_of(self._params)
+        if all(g is not None for g in grads):
+            self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
+        else:
+            pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
+            self.accumulate([s for s, _ in pending], [g for _, g in pending])
         if self.bucket_bytes:
             for bucket in self.buckets:
                 bucket.ready.clear()  # buckets left incomplete by this backward
-        for s in self._arrived:
-            s.arrived = False
         self._arrived.clear()
+        self._serial += 1
         if self.micro_found_inf is not None:
             torch.maximum(self.found_inf, self.micro_found_inf, out=self.found_inf)
             # Read by a GradScaler updated every micro-batch; the next one gets a new flag.
@@ -427,6 +461,7 @@ class AccumulationWindow:
                 setattr(s.param, OVERWRITE, True)
             s.last_pass_count = 0
             s.last_grad = None
+        self._written_count = 0
 
     # -- the window's end ---------------------------------------------------------------
 
@@ -463,6 +498,7 @@ class AccumulationWindow:
             if on_some_rank and not s.written:
                 s.buffer.zero_()
                 s.written = True
+                self._written_count += 1
         for bucket in self.buckets:
             if not any(s.written for s in bucket.slots):
                 continue
@@ -482,8 +518,8 @@ class AccumulationWindow:
         outputs, used = [], set()
         for s in written:
             grad = s.last_grad
-            if grad is not None and s.param.dtype != self.accum_dtype and grad.data_ptr() not in used:
-                used.add(grad.data_ptr())
+            if grad is not None and s.param.dtype != self.accum_dtype and id(grad) not in used:
+                used.add(id(grad))
                 outputs.append(grad)
             else:
                 outputs.append(torch.empty_like(s.param, memory_format=torch.contiguous_format))
@@ -561,6 +597,7 @@ class AccumulationWindow:
             if written:
                 s.written = True
                 setattr(s.param, OVERWRITE, False)
+                self._written_count += 1
         for index, buffer in window["buffers"].items():
             self.slots[index].buffer.copy_(buffer)
         self.found_inf.copy_(window["found_inf"])
