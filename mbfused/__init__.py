@@ -5,8 +5,9 @@ Fused ops (in place, mixed dtypes, one pass):
     finalize_(acc, inv_scale=1.0, *, max_norm=None, found_inf=None, norm_sq=None, out=None)
     wgrad_accumulate_(main_grad, grad_output, input, scale=1.0, *, overwrite=False)
 
-Drop-in optimizer wrapper:
+Drop-in optimizer wrapper, a torch.optim.Optimizer (schedulers and GradScaler take it):
     MicroBatchOptimizer(optimizer, accumulation_steps, *, max_grad_norm=None, normalize="mean", ...)
+    WindowMisuse: what a training loop that would train silently wrong gets instead
 
 Autograd: nn.Linear (weight gradient accumulated in fp32 by wgrad_accumulate_),
 convert_linears(model), scale_grad(x, scale) (identity; backward multiplies by scale).
@@ -20,7 +21,7 @@ from mbfused._backend import available_backends, use_backend
 from mbfused._version import __version__
 from mbfused.nn import convert_linears, scale_grad
 from mbfused.ops import accumulate_, finalize_, wgrad_accumulate_
-from mbfused.optim import MicroBatchOptimizer
+from mbfused.optim import MicroBatchOptimizer, WindowMisuse
 
 __all__ = [
     "MicroBatchOptimizer",
@@ -33,4 +34,5 @@ __all__ = [
     "scale_grad",
     "use_backend",
     "wgrad_accumulate_",
+    "WindowMisuse",
 ]

@@ -156,10 +156,11 @@ class _Path:
             mbnn.convert_linears(model)
         mode = "param" if name == PATHS[2] else "bucket"
         self.wrapper = MicroBatchOptimizer(self.adamw, micro_batches, mode=mode)
-        # The probe's fp32 buffer, read when the window ends: without clipping the
-        # end-of-window coefficient is 1 and the buffer is the window's gradient.
-        buffer = next(s.buffer for s in self.wrapper._window.slots if s.param is self.probe)
-        self.adamw.register_step_pre_hook(lambda *_: setattr(self, "gradient", self._slice(buffer)))
+        # The probe's fp32 buffer, read when the window ends: it holds the window's sum,
+        # whose 1/N the end of the window applies (into the bf16 .grad, the buffer kept).
+        buffer = self.probe.main_grad
+        self.adamw.register_step_pre_hook(
+            lambda *_: setattr(self, "gradient", self._slice(buffer) / micro_batches))
 
     def window(self, batches: list[Tensor], clip: bool) -> None:
         if self.wrapper is None:

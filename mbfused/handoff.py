@@ -28,7 +28,7 @@ def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
-def _total_norm_and_coef(
+def total_norm_and_coef(
     grads: list[Tensor], inv_scale: float | Tensor, max_norm: float | None, norm_sq: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """finalize_'s total_norm and coefficient, computed on the device without writing."""
@@ -74,7 +74,7 @@ def fused_optimizer_step(
     # Validates the arguments exactly as finalize_ does, without writing anything.
     ops.check_finalize_inputs(grads, inv_scale, max_norm=max_norm, found_inf=found_inf,
                               norm_sq=norm_sq)
-    total_norm, coef = _total_norm_and_coef(grads, inv_scale, max_norm, norm_sq)
+    total_norm, coef = total_norm_and_coef(grads, inv_scale, max_norm, norm_sq)
     # 0-d, as GradScaler passes them (the fused kernels subtract found_inf from 0-d steps).
     optimizer.grad_scale = (1.0 / coef).reshape(())
     optimizer.found_inf = (found_inf if found_inf is not None

@@ -128,7 +128,7 @@ def _mbfused_launches_per_pass(numels: list[int]) -> int:
 
 
 def _fused_paths(acc, n: int, table_launches: int) -> dict[str, WindowCost]:
-    from mbfused.handoff import _total_norm_and_coef
+    from mbfused.handoff import total_norm_and_coef
 
     numel = sum(a.numel() for a in acc)
     # First micro-batch overwrites (reads bf16, writes fp32), the others read-modify-write;
@@ -141,7 +141,7 @@ def _fused_paths(acc, n: int, table_launches: int) -> dict[str, WindowCost]:
     # Fused-optimizer handoff: only the coefficient is computed (counted here); the
     # optimizer's own pass over the gradients is the same on every path, so not counted.
     norm_sq = torch.zeros((), device=acc[0].device)
-    handoff = _count(lambda: _total_norm_and_coef(acc, 1.0, 1.0, norm_sq))
+    handoff = _count(lambda: total_norm_and_coef(acc, 1.0, 1.0, norm_sq))
     handed = WindowCost("mbfused: accumulate_ x N + fused-optimizer handoff", n + handoff.ops,
                         acc_launches + handoff.launches, acc_bytes + handoff.bytes, numel)
     return {c.path: c for c in (finalize, handed)}

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from mbfused import _amp, ops
 from mbfused._backend import requested_backend
-from mbfused.handoff import fused_optimizer_step, supports_fused_handoff
+from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
 from mbfused.window import (ACCUM_DTYPES, MAIN_GRAD, AccumulationWindow, WindowMisuse, is_stale_window_buffer,
                             manager_of)
 
@@ -509,13 +509,19 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             if not skipped:
                 self._step_inner(self.optimizer.step)
         elif supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype:
-            for s in written:
-                s.param.grad = s.buffer
-            window.buffers_handed_out = True
-            total_norm = self._step_inner(fused_optimizer_step, self.optimizer, inv_scale,
-                                          max_norm=self.max_grad_norm, found_inf=window.found_inf,
-                                          norm_sq=norm_sq)
+            # Read before stepping: torch's fused kernels skip a step with found_inf set,
+            # but create the state of parameters that have none first.
             skipped = bool(window.found_inf.item())
+            if skipped:
+                total_norm = total_norm_and_coef([s.buffer for s in written], inv_scale,
+                                                 self.max_grad_norm, norm_sq)[0]
+            else:
+                for s in written:
+                    s.param.grad = s.buffer
+                window.buffers_handed_out = True
+                total_norm = self._step_inner(fused_optimizer_step, self.optimizer, inv_scale,
+                                              max_norm=self.max_grad_norm, found_inf=window.found_inf,
+                                              norm_sq=norm_sq)
         else:
             buffers = [s.buffer for s in written]
             out = None if same_dtype else window.outputs_for(written)

@@ -338,7 +338,15 @@ class AccumulationWindow:
             # use_backend() choice (a context variable) is not set: use the one in force
             # at the optimizer's last step() or construction.
             with torch.no_grad(), use_backend(self.backend):
-                self.accumulate(slots, in_backward=True)
+                try:
+                    self.accumulate(slots, in_backward=True)
+                except (TypeError, ValueError, RuntimeError) as error:
+                    # Buckets completed earlier in this backward are in the buffers
+                    # already and cannot be taken out again: the window is lost.
+                    self.found_inf.fill_(1.0)
+                    error.add_note("MicroBatchOptimizer: the current accumulation window will be "
+                                   "skipped (gradients of this backward were accumulated already)")
+                    raise
 
     # -- accumulation -------------------------------------------------------------------
 
@@ -485,7 +493,13 @@ class AccumulationWindow:
         items = self.items if isinstance(self.items, Tensor) else torch.tensor(float(self.items))
         unchecked = torch.tensor([float(self.unchecked_written)], device=self.device)
         meta = torch.cat([flags, self.found_inf, unchecked, items.reshape(1).to(self.device, torch.float32)])
-        dist.all_reduce(meta, group=group)
+        try:
+            dist.all_reduce(meta, group=group, async_op=True).wait()
+        except RuntimeError as error:  # the process group's timeout, or a rank that left
+            raise RuntimeError(
+                f"rank {dist.get_rank(group)}: the all-reduce that ends an accumulation window did not "
+                "complete. Every rank must call step() the same number of times: a rank with fewer "
+                "micro-batches (uneven data) never reaches the window's end") from error
         n = len(self.slots)
         on_host = meta.cpu()  # one synchronisation for the flags
         any_written = on_host[:n] > 0

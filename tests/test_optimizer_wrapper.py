@@ -369,6 +369,9 @@ def test_zero_grad_keeps_no_alias_to_the_buffers():
         ({"bucket_mb": 0}, ValueError, "bucket_mb must be a positive number"),
         ({"scaler": object()}, TypeError, "scaler must be a torch.amp.GradScaler"),
         ({"optimizer": object()}, TypeError, "optimizer must be a torch.optim.Optimizer"),
+        ({"accumulation_steps": 10**400}, ValueError, r"accumulation_steps must be at most 2\*\*62"),
+        ({"rounding": "stochastic"}, ValueError, "stochastic rounding is not available yet"),
+        ({"model": object()}, TypeError, "model must be a torch.nn.Module"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, message):
@@ -437,6 +440,26 @@ def test_sparse_gradients_are_refused():
     assert emb.weight.grad is not None and opt.micro_step == 0
 
 
+def test_a_bad_gradient_met_during_backward_skips_the_window_loudly():
+    """In bucket mode a bucket is accumulated during backward: buckets completed before
+    the bad gradient arrived cannot be taken back, so the window is skipped, and said so."""
+    torch.manual_seed(0)
+    dense, emb = torch.nn.Linear(3, 3), torch.nn.Embedding(10, 3, sparse=True)
+    opt = MicroBatchOptimizer(torch.optim.SGD([*emb.parameters(), *dense.parameters()], lr=0.1), 2,
+                              bucket_mb=1e-5)
+    before = [p.detach().clone() for p in (*emb.parameters(), *dense.parameters())]
+    with pytest.raises(ValueError, match=r"sparse_coo gradient") as error:
+        dense(emb(torch.tensor([1, 2]))).sum().backward()
+    assert "window will be skipped" in str(error.value.__notes__)
+    emb.weight.grad = None  # the loop goes on: the micro-batch ends, a good one follows
+    assert not opt.step()
+    emb.sparse = False
+    dense(emb(torch.tensor([1, 2]))).sum().backward()
+    assert not opt.step() and opt.last_step_skipped
+    after = [p.detach() for p in (*emb.parameters(), *dense.parameters())]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
 def _data_parallel_worker(rank, world, path, normalize, results):
     import torch.distributed as dist
 
@@ -453,6 +476,40 @@ def _data_parallel_worker(rank, world, path, normalize, results):
         results[rank] = {k: v.clone() for k, v in model.state_dict().items()}
     finally:
         dist.destroy_process_group()
+
+
+def _uneven_worker(rank, world, path, results):
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=3))
+    try:
+        model = Net()
+        opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N,
+                                  process_group=dist.group.WORLD)
+        batches = _batches()[:N if rank == 0 else N - 1]  # rank 1 runs out of data
+        try:
+            _wrapped_run(model, opt, batches)
+        except RuntimeError as error:
+            results[rank] = str(error)
+        if rank == 1:
+            time.sleep(6)  # alive, but never at the window's end
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_with_fewer_micro_batches_gets_an_error_naming_the_cause(tmp_path):
+    mp = torch.multiprocessing.get_context("spawn")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(_uneven_worker, args=(2, tmp_path / "store", results),
+                                              nprocs=2, start_method="spawn")
+        results = dict(results)
+    assert list(results) == [0]
+    assert "Every rank must call step() the same number of times" in results[0]
 
 
 @pytest.mark.parametrize("normalize", ["mean", "items"])
@@ -643,3 +700,35 @@ def test_on_cuda_matches_the_pure_pytorch_loop(kind, mode):
     stepped, _ = _wrapped_run(model, opt, batches)
     assert stepped == [False, False, False, True] * 2
     _assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_nan_item_count_is_refused():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2, normalize="items")
+    _loss(model, _batches()[0], "items").backward()
+    with pytest.raises(ValueError, match="num_items must be a non-negative finite number"):
+        opt.step(num_items=float("nan"))
+    assert opt.micro_step == 0
+    before = copy.deepcopy(model.state_dict())
+    # A tensor count is read on the host only at the window's end: the window is skipped there.
+    opt.step(num_items=torch.tensor(float("nan")))
+    _loss(model, _batches()[1], "items").backward()
+    with pytest.raises(ValueError, match="item count is nan or negative; the window was skipped"):
+        opt.step(num_items=torch.tensor(3.0))
+    assert opt.last_step_skipped and opt.micro_step == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("kind", ["adamw-fused", "sgd-fused"])
+def test_a_skipped_window_creates_no_optimizer_state_with_fused_optimizers(kind):
+    """torch's fused kernels skip a step with found_inf set, but create missing state
+    first; the plain optimizers create none: neither does the wrapper."""
+    make = {"adamw-fused": OPTIMIZERS["adamw-fused"],
+            "sgd-fused": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True)}[kind]
+    model = Net()
+    opt = MicroBatchOptimizer(make(model.parameters()), 2)
+    for k, x in enumerate(_batches()[:2]):
+        (_loss(model, x, "mean") * (float("inf") if k == 1 else 1.0)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.last_step_skipped and not opt.state
