@@ -439,9 +439,10 @@ class AccumulationWindow:
         self._serial += 1
         if self.micro_found_inf is not None:
             torch.maximum(self.found_inf, self.micro_found_inf, out=self.found_inf)
-            # Read by a GradScaler updated every micro-batch; the next one gets a new flag.
-            self.last_micro_found_inf = self.micro_found_inf
-            self.micro_found_inf = torch.zeros_like(self.micro_found_inf)
+            # Read by a GradScaler updated every micro-batch; the flag itself stays in
+            # place (the kernels' launch tables are cached per set of pointers).
+            self.last_micro_found_inf = self.micro_found_inf.clone()
+            self.micro_found_inf.zero_()
         self._micro_scale = None
         self.items = self.items + items
         self.micro_step += 1
