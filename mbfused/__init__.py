@@ -22,6 +22,7 @@ from mbfused._version import __version__
 from mbfused.nn import convert_linears, scale_grad
 from mbfused.ops import accumulate_, finalize_, wgrad_accumulate_
 from mbfused.optim import MicroBatchOptimizer, WindowMisuse
+from mbfused import distributed  # registers model= adapters (DDP) with mbfused.optim
 
 __all__ = [
     "MicroBatchOptimizer",

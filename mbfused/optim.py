@@ -25,6 +25,7 @@ from torch import Tensor
 from mbfused import _amp, ops
 from mbfused._backend import requested_backend
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
+from mbfused.reduction import WindowReduction
 from mbfused.window import (ACCUM_DTYPES, MAIN_GRAD, AccumulationWindow, WindowMisuse, is_stale_window_buffer,
                             manager_of)
 
@@ -53,6 +54,19 @@ def _refuse_direct_step(wrapper_ref: weakref.ref, optimizer, args, kwargs) -> No
             "so it would update on gradients the window has taken: call step() on the "
             "MicroBatchOptimizer after every micro-batch (it steps the wrapped optimizer at the "
             "window's end), and give GradScaler.step the MicroBatchOptimizer")
+
+
+# Adapters that take over the gradient synchronisation of a model given as model= (a
+# DistributedDataParallel one, ...): classes with matches(model), a constructor taking
+# (model, params), process_group, check(), after_window() and release().
+# mbfused.distributed registers them, so that this module never imports an engine's code.
+_MODEL_SYNCS: list[type] = []
+
+
+def register_model_sync(adapter: type) -> None:
+    """Lets MicroBatchOptimizer(model=...) take over models that `adapter` matches."""
+    if adapter not in _MODEL_SYNCS:
+        _MODEL_SYNCS.append(adapter)
 
 
 def _ddp_of(params: list[Tensor]):
@@ -132,12 +146,15 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             accumulated, a window with inf/nan is skipped, and ``scaler.update()`` is
             called at the end of every window. Or drive the scaler yourself as with any
             optimizer: ``scaler.step(opt); scaler.update()`` after every micro-batch.
-        process_group: data-parallel group (``torch.distributed``): at the end of a window
-            the buffers are summed over its ranks (one all-reduce per bucket, instead of one
-            per micro-batch), ``"mean"``/``"sum"`` gradients are averaged over ranks as DDP
-            does, and ``"items"`` counts are summed over ranks. Use it instead of DDP.
-        model: the model, when it is wrapped in ``DistributedDataParallel`` or sharded (not
-            supported yet: a clear error); a plain module is accepted and unused.
+        process_group: data-parallel group (``torch.distributed``) of a plain loop: the
+            buffers are summed over its ranks once per window (one all-reduce per bucket,
+            started during the last micro-batch's backward as buckets complete, instead of
+            one per micro-batch), ``"mean"``/``"sum"`` gradients are averaged over ranks as
+            DDP does, and ``"items"`` counts are summed over ranks.
+        model: the model, when it is wrapped in ``DistributedDataParallel``: the wrapper
+            switches DDP's own per-backward synchronisation off and reduces the window's
+            buffers over DDP's process group as with ``process_group``. A plain module is
+            accepted and unused.
 
     A window in which any gradient element is inf or nan is skipped (parameters and
     optimizer state unchanged) with or without a scaler. Ending a window reads one flag
@@ -187,9 +204,12 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
-        if model is not None:
-            self._check_model(model)
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         params = self._trainable_params(optimizer.param_groups)
+        model_sync = self._model_sync_for(model, params, process_group)
+        if model_sync is not None:
+            process_group = model_sync.process_group
         self._check_no_foreign_main_grad(params)
 
         # What torch.optim.Optimizer.__init__ sets up, less the parameters: param_groups,
@@ -212,6 +232,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
         self.process_group = process_group
         self.model = model
+        self._model_sync = model_sync
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped = False
         # Parameters frozen now: one that gets a gradient later would bypass the window.
@@ -228,20 +249,22 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             unscale=(lambda: _amp.inverse_scale(scaler)) if scaler is not None else (lambda: None),
             check_inf_per_micro_batch=scaler is not None)
         self._window.backend = requested_backend()  # for backward hooks; renewed by every step()
+        self._reduction = (WindowReduction(self._window, process_group)
+                           if process_group is not None else None)
         self._guard = optimizer.register_step_pre_hook(
             functools.partial(_refuse_direct_step, weakref.ref(self)))
 
     @staticmethod
-    def _check_model(model) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        from torch.nn.parallel import DistributedDataParallel
-
-        if isinstance(model, DistributedDataParallel):
-            raise NotImplementedError(
-                "model is a DistributedDataParallel module: MicroBatchOptimizer cannot take over "
-                "DDP's gradient synchronisation yet. Train the unwrapped module and pass "
-                "process_group= (one all-reduce per window)")
+    def _model_sync_for(model, params: list[Tensor], process_group):
+        """The adapter that takes over `model`'s gradient synchronisation, if it needs one."""
+        if model is None:
+            return None
+        adapter = next((a for a in _MODEL_SYNCS if a.matches(model)), None)
+        if adapter is None:
+            return None  # a plain module: nothing to take over
+        if process_group is not None:
+            raise ValueError("pass either model= (its process group is used) or process_group=, not both")
+        return adapter(model, params)
 
     @staticmethod
     def _trainable_params(groups: list[dict]) -> list[Tensor]:
@@ -292,6 +315,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         closed wrapper's ``step()`` raises; ``state_dict()`` still works."""
         self._window.close()
         self._guard.remove()
+        if self._model_sync is not None:
+            self._model_sync.release()
 
     # -- the Optimizer face -------------------------------------------------------------
 
@@ -401,13 +426,16 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                 "(added with the wrapped optimizer's add_param_group?): they would be updated with "
                 "the last micro-batch's gradient only. Call add_param_group on the "
                 "MicroBatchOptimizer instead")
+        if self._model_sync is not None:
+            self._model_sync.check()
         if not self._ddp_checked and self.process_group is None:
             self._ddp_checked = True
             if _ddp_of([s.param for s in self._window.slots]) is not None:
                 raise WindowMisuse(
                     "the parameters belong to a DistributedDataParallel module, whose gradient "
-                    "hooks race the window's: ranks would diverge. Train the unwrapped module and "
-                    "pass process_group= to MicroBatchOptimizer (one all-reduce per window)")
+                    "hooks race the window's: ranks would diverge. Pass the model: "
+                    "MicroBatchOptimizer(..., model=ddp_model) takes its synchronisation over "
+                    "(one reduction per window)")
 
     def _check_scaler_call(self) -> bool:
         """True when GradScaler.step(self) is calling: it sets grad_scale and found_inf."""
@@ -486,11 +514,9 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         window = self._window
         written = window.written_slots()
         world_size = 1
-        if self.process_group is not None:
-            import torch.distributed as dist
-
-            world_size = dist.get_world_size(self.process_group)
-            written = window.all_reduce(self.process_group)
+        if self._reduction is not None:
+            world_size = self._reduction.world_size
+            written = self._reduction.finish()
         bad_items = None
         if self.normalize == "items" and isinstance(window.items, Tensor):
             # A window of 0 items has no gradient: skip it, decided on the device (a
@@ -542,6 +568,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         if skipped:
             for s in written:
                 s.param.grad = None
+        if self._model_sync is not None:
+            self._model_sync.after_window()
         if update_scaler and self.scaler is not None:
             _amp.record_found_inf(self.scaler, self, window.found_inf.clone())
             self.scaler.update()

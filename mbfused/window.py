@@ -192,6 +192,9 @@ class AccumulationWindow:
         self.buckets: list[Bucket] = []
         self.slots: list[Slot] = []
         self._slot_of: dict[int, Slot] = {}  # id(param) -> its slot
+        # Called with a bucket's index when the last micro-batch's backward has completed
+        # it (a data-parallel reduction starts summing it over ranks then).
+        self.on_last_bucket_accumulated: Callable[[int], None] | None = None
         self._hooks: list = []
         self._attached: list[tuple[weakref.ref, int]] = []  # parameters given a main_grad
         # A window dropped without close() takes its hooks and attributes with it.
@@ -347,6 +350,8 @@ class AccumulationWindow:
                     error.add_note("MicroBatchOptimizer: the current accumulation window will be "
                                    "skipped (gradients of this backward were accumulated already)")
                     raise
+            if self.last_micro_batch and self.on_last_bucket_accumulated is not None:
+                self.on_last_bucket_accumulated(slot.bucket)
 
     # -- accumulation -------------------------------------------------------------------
 
@@ -485,46 +490,13 @@ class AccumulationWindow:
             return None
         return self.norm_sq
 
-    def all_reduce(self, group) -> list[Slot]:
-        """Sums the buffers, found_inf and the item count over the process group; returns
-        the slots written on any rank (those written on none stay without gradient)."""
-        import torch.distributed as dist
-
-        flags = torch.tensor([float(s.written) for s in self.slots], device=self.device)
-        items = self.items if isinstance(self.items, Tensor) else torch.tensor(float(self.items))
-        unchecked = torch.tensor([float(self.unchecked_written)], device=self.device)
-        meta = torch.cat([flags, self.found_inf, unchecked, items.reshape(1).to(self.device, torch.float32)])
-        try:
-            dist.all_reduce(meta, group=group, async_op=True).wait()
-        except RuntimeError as error:  # the process group's timeout, or a rank that left
-            raise RuntimeError(
-                f"rank {dist.get_rank(group)}: the all-reduce that ends an accumulation window did not "
-                "complete. Every rank must call step() the same number of times: a rank with fewer "
-                "micro-batches (uneven data) never reaches the window's end") from error
-        n = len(self.slots)
-        on_host = meta.cpu()  # one synchronisation for the flags
-        any_written = on_host[:n] > 0
-        self.found_inf.copy_(meta[n].clamp(max=1))
-        # Every rank must check the norm when any rank took unchecked gradients, or the
-        # ranks would disagree about skipping the window.
-        self.unchecked_written = bool(on_host[n + 1] > 0)
-        self.items = meta[-1]
-        for s, on_some_rank in zip(self.slots, any_written.tolist(), strict=True):
-            if on_some_rank and not s.written:
-                s.buffer.zero_()
+    def mark_written(self, slots: list[Slot]) -> None:
+        """Counts `slots` as holding this window's gradient (a data-parallel reduction
+        gave them one from other ranks; their buffers took part as zeros here)."""
+        for s in slots:
+            if not s.written:
                 s.written = True
                 self._written_count += 1
-        for bucket in self.buckets:
-            if not any(s.written for s in bucket.slots):
-                continue
-            if bucket.flat is not None:
-                for s in bucket.slots:
-                    if not s.written:
-                        s.buffer.zero_()
-                dist.all_reduce(bucket.flat, group=group)
-            else:
-                dist.all_reduce(bucket.slots[0].buffer, group=group)
-        return [s for s in self.slots if s.written]
 
     def outputs_for(self, written: list[Slot]) -> list[Tensor]:
         """Where the window's gradient is written for parameters of another dtype than

@@ -1,0 +1,79 @@
+"""The window's data-parallel reduction: its buffers summed over a process group once per
+window, bucket by bucket while the last micro-batch's backward is still running.
+
+Every rank must start its collectives in the same order, whatever order its buckets
+complete in (a parameter unused on one rank leaves its bucket incomplete there until
+``step()``). Buckets are therefore launched strictly in index order (backward order):
+a bucket completed early waits for those before it, and ``finish()`` launches whatever
+is left, then sums the window's flags (which parameters got a gradient, inf/nan, the
+item count) in one more all-reduce. Buffers that got no gradient on this rank take part
+as zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from mbfused.window import AccumulationWindow, Slot
+
+__all__ = ["WindowReduction"]
+
+
+class WindowReduction:
+    """Sums `window`'s buffers over `group` at the end of every window."""
+
+    def __init__(self, window: AccumulationWindow, group) -> None:
+        self.window = window
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self._works: list = []
+        self._completed: set[int] = set()  # buckets accumulated in the last micro-batch
+        self._next = 0  # the next bucket to launch
+        window.on_last_bucket_accumulated = self._bucket_completed
+
+    def _bucket_completed(self, index: int) -> None:
+        self._completed.add(index)
+        while self._next in self._completed:
+            self._launch(self._next)
+
+    def _launch(self, index: int) -> None:
+        bucket = self.window.buckets[index]
+        stale = [s.buffer for s in bucket.slots if not s.written]
+        if stale:
+            torch._foreach_zero_(stale)
+        flat = bucket.flat if bucket.flat is not None else bucket.slots[0].buffer
+        self._works.append(dist.all_reduce(flat, group=self.group, async_op=True))
+        self._next = index + 1
+
+    def finish(self) -> list[Slot]:
+        """Launches the buckets not launched yet, waits for all, and sums the window's
+        flags. Returns the slots written on any rank (those written on none stay without
+        gradient). Raises, naming the cause, when a rank never reaches this point."""
+        window = self.window
+        while self._next < len(window.buckets):
+            self._launch(self._next)
+        flags = torch.tensor([float(s.written) for s in window.slots], device=window.device)
+        items = window.items if isinstance(window.items, torch.Tensor) else torch.tensor(float(window.items))
+        unchecked = torch.tensor([float(window.unchecked_written)], device=window.device)
+        meta = torch.cat([flags, window.found_inf, unchecked, items.reshape(1).to(window.device, torch.float32)])
+        self._works.append(dist.all_reduce(meta, group=self.group, async_op=True))
+        works, self._works, self._completed, self._next = self._works, [], set(), 0
+        try:
+            for work in works:
+                work.wait()
+        except RuntimeError as error:  # the process group's timeout, or a rank that left
+            raise RuntimeError(
+                f"rank {dist.get_rank(self.group)}: the all-reduce that ends an accumulation window "
+                "did not complete. Every rank must call step() the same number of times: a rank with "
+                "fewer micro-batches (uneven data) never reaches the window's end") from error
+        n = len(window.slots)
+        on_host = meta.cpu()  # one synchronisation for the flags
+        window.found_inf.copy_(meta[n].clamp(max=1))
+        # Every rank must check the norm when any rank took unchecked gradients, or the
+        # ranks would disagree about skipping the window.
+        window.unchecked_written = bool(on_host[n + 1] > 0)
+        window.items = meta[-1]
+        window.mark_written([s for s, on_some_rank in zip(window.slots, (on_host[:n] > 0).tolist(), strict=True)
+                             if on_some_rank])
+        return window.written_slots()

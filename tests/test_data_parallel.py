@@ -1,0 +1,144 @@
+"""MicroBatchOptimizer(model=ddp) on two gloo ranks (DESIGN.md section 9).
+
+Each rank runs its own micro-batches through a DistributedDataParallel model; the
+wrapper switches DDP's per-backward all-reduce off and sums the window's fp32 buffers
+once per window. Checked against one process over both ranks' micro-batches (DDP's
+averaging over ranks): parameters within rtol 1e-5 (the sums are taken in another
+order), ranks bit-identical, DDP's own communication hook never called, and the
+wrapper's all-reduces counted (one per bucket plus one for the window's flags).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mbfused.optim import MicroBatchOptimizer
+
+N = 4
+WORLD = 2
+
+
+class Net(torch.nn.Module):
+    """A body every micro-batch uses and a head only some use (an unused parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x, use_head=False):
+        y = self.body(x)
+        return self.head(y) if use_head else y
+
+
+def _micro_batches(rank):
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(int(torch.randint(2, 8, (), generator=gen)), 8, generator=gen) for _ in range(N)]
+
+
+def _uses_head(rank, k):
+    return rank == 1 and k == 2
+
+
+def _loss(model, x, use_head, normalize):
+    out = model(x, use_head).square()
+    return out.sum() if normalize == "items" else out.mean()
+
+
+def _worker(rank, path, scenario, normalize, results):
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        counts = {"ddp hook": 0, "all_reduce": 0}
+        original = dist.all_reduce
+
+        def counting_all_reduce(*args, **kwargs):
+            counts["all_reduce"] += 1
+            return original(*args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+
+        def counting_hook(state, bucket):
+            counts["ddp hook"] += 1
+            return allreduce_hook(state, bucket)
+
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(Net(), find_unused_parameters=True)
+        ddp.register_comm_hook(dist.group.WORLD, counting_hook)
+        opt = MicroBatchOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), N, model=ddp,
+                                  max_grad_norm=0.05, normalize=normalize, bucket_mb=0.002)
+        stepped = []
+        for k, x in enumerate(_micro_batches(rank)):
+            no_sync = scenario == "no_sync" and k < N - 1  # the frameworks' pattern
+            with ddp.no_sync() if no_sync else torch.enable_grad():
+                loss = _loss(ddp, x, _uses_head(rank, k), normalize)
+                if scenario == "nan" and rank == 1 and k == 1:
+                    loss = loss * float("nan")
+                loss.backward()
+            stepped.append(opt.step(num_items=x.shape[0] if normalize == "items" else None))
+            opt.zero_grad()
+        results[rank] = {"params": {k: v.clone() for k, v in ddp.module.state_dict().items()},
+                         "stepped": stepped, "counts": counts, "buckets": len(opt._window.buckets)}
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, scenario, normalize="mean"):
+    mp = torch.multiprocessing.get_context("spawn")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(
+            _worker, args=(tmp_path / "store", scenario, normalize, results), nprocs=WORLD,
+            start_method="spawn")
+        return dict(results)
+
+
+def _one_process(normalize):
+    """The window over both ranks' micro-batches in one process, averaged as DDP does."""
+    torch.manual_seed(0)
+    ref = Net()
+    params = list(ref.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    items = 0
+    for rank in range(WORLD):
+        for k, x in enumerate(_micro_batches(rank)):
+            ref.zero_grad()
+            _loss(ref, x, _uses_head(rank, k), normalize).backward()
+            for t, p in zip(total, params, strict=True):
+                if p.grad is not None:
+                    t += p.grad / (N * WORLD if normalize == "mean" else 1)
+            items += x.shape[0]
+    for p, t in zip(params, total, strict=True):
+        p.grad = t / items if normalize == "items" else t
+    torch.nn.utils.clip_grad_norm_(params, 0.05)
+    torch.optim.AdamW(params, lr=1e-2).step()
+    return ref.state_dict()
+
+
+@pytest.mark.parametrize("scenario, normalize", [("plain", "mean"), ("no_sync", "mean"), ("plain", "items")])
+def test_ddp_window_equals_one_process_with_one_reduction(tmp_path, scenario, normalize):
+    results = _run(tmp_path, scenario, normalize)
+    expected = _one_process(normalize)
+    for rank in range(WORLD):
+        got = results[rank]
+        assert got["stepped"] == [False] * (N - 1) + [True]
+        assert got["counts"]["ddp hook"] == 0  # DDP's own reduction never ran
+        assert got["counts"]["all_reduce"] == got["buckets"] + 1  # once per bucket, once for the flags
+        for name, value in expected.items():
+            torch.testing.assert_close(got["params"][name], value, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+    for name, value in results[0]["params"].items():
+        assert torch.equal(value, results[1]["params"][name]), f"ranks differ in {name}"
+
+
+def test_a_nan_on_one_rank_skips_the_window_on_both(tmp_path):
+    results = _run(tmp_path, "nan")
+    torch.manual_seed(0)
+    initial = Net().state_dict()
+    for rank in range(WORLD):
+        assert results[rank]["stepped"] == [False] * N
+        for name, value in initial.items():
+            assert torch.equal(results[rank]["params"][name], value)
