@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -55,12 +56,29 @@ def _end_to_end(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_parallel(args: argparse.Namespace) -> int:
+    from mbfused import data_parallel_bench
+
+    def progress(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    results = data_parallel_bench.run(args.world, args.window, progress=progress)
+    print(data_parallel_bench.format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
     if args.end_to_end:
         return _end_to_end(args)
+    if args.data_parallel:
+        return _data_parallel(args)
     if args.model:
         from mbfused import model
 
@@ -142,10 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--model", action="store_true",
                        help="print the modeled GPU cost of a window (ops, launches, bytes) instead")
     bench.add_argument("--window", type=int, default=8,
-                       help="micro-batches per window for --model and --end-to-end")
+                       help="micro-batches per window for --model, --end-to-end and --data-parallel")
     bench.add_argument("--end-to-end", action="store_true",
                        help="whole training windows of a Llama model (needs transformers): the "
                             "pure-PyTorch loop against MicroBatchOptimizer")
+    bench.add_argument("--data-parallel", action="store_true",
+                       help="windows of a small transformer on --world gloo ranks (CPU): DDP's own "
+                            "synchronisation against MicroBatchOptimizer(model=ddp)")
+    bench.add_argument("--world", type=int, default=2, help="ranks for --data-parallel")
     bench.add_argument("--e2e-model", choices=("1b", "tiny"), default="1b",
                        help="Llama shape for --end-to-end (1b: TinyLlama-1.1B)")
     bench.add_argument("--e2e-batch", type=int, default=2, help="sequences per micro-batch")

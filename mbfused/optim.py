@@ -240,6 +240,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                            if not p.requires_grad]
         self._param_count = sum(len(group["params"]) for group in optimizer.param_groups)
         self._ddp_checked = False
+        self._bad_items: Tensor | None = None  # a tensor num_items of this window was nan or < 0
         self._stepping_inner = False
         self._take_over(params)
         scaler = self.scaler
@@ -253,6 +254,11 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                            if process_group is not None else None)
         self._guard = optimizer.register_step_pre_hook(
             functools.partial(_refuse_direct_step, weakref.ref(self)))
+        # Undone when the window closes: by close(), by another wrapper taking the
+        # parameters over, or when this wrapper is dropped.
+        self._window.on_close.append(self._guard.remove)
+        if model_sync is not None:
+            self._window.on_close.append(model_sync.release)
 
     @staticmethod
     def _model_sync_for(model, params: list[Tensor], process_group):
@@ -314,9 +320,6 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         """Stops consuming gradients: removes the backward hooks and ``main_grad``. A
         closed wrapper's ``step()`` raises; ``state_dict()`` still works."""
         self._window.close()
-        self._guard.remove()
-        if self._model_sync is not None:
-            self._model_sync.release()
 
     # -- the Optimizer face -------------------------------------------------------------
 
@@ -382,6 +385,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                              f"optimizer's are on {self._window.device}")
         self._check_no_foreign_main_grad(trainable)
         self.optimizer.add_param_group(dict(param_group, params=params))
+        self._take_over(trainable)
         self._untracked.extend(p for p in params if not p.requires_grad)
         self._param_count = sum(len(group["params"]) for group in self.param_groups)
         self._window.add_params(trainable)
@@ -428,14 +432,14 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                 "MicroBatchOptimizer instead")
         if self._model_sync is not None:
             self._model_sync.check()
-        if not self._ddp_checked and self.process_group is None:
-            self._ddp_checked = True
+        if not self._ddp_checked and self._model_sync is None:
             if _ddp_of([s.param for s in self._window.slots]) is not None:
                 raise WindowMisuse(
                     "the parameters belong to a DistributedDataParallel module, whose gradient "
                     "hooks race the window's: ranks would diverge. Pass the model: "
                     "MicroBatchOptimizer(..., model=ddp_model) takes its synchronisation over "
                     "(one reduction per window)")
+            self._ddp_checked = True
 
     def _check_scaler_call(self) -> bool:
         """True when GradScaler.step(self) is calling: it sets grad_scale and found_inf."""
@@ -467,21 +471,22 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                     or num_items.is_meta):
                 raise ValueError(f"num_items must be a number or a 1-element tensor (real), got shape "
                                  f"{list(num_items.shape)}, dtype {num_items.dtype}")
-            # Checked at the window's end, where the count is read on the host anyway.
             return num_items.detach().reshape(()).to(device=self._window.device, dtype=torch.float32)
         if (isinstance(num_items, bool) or not isinstance(num_items, numbers.Real)
                 or not math.isfinite(num_items) or num_items < 0):
             raise ValueError(f"num_items must be a non-negative finite number or a 1-element tensor, "
                              f"got {num_items!r}")
-        window_items = self._window.items
-        if (self.sync_gradients and self.process_group is None and not isinstance(window_items, Tensor)
-                and window_items + num_items == 0):
-            raise ValueError("num_items: the window holds 0 items in total, its gradient is undefined")
         return num_items
 
     def _step(self, items: float | Tensor, driven_by_scaler: bool) -> bool:
         window = self._window
         window.backend = requested_backend()
+        if isinstance(items, Tensor):
+            # A nan or negative count, read on the host only at the window's end: the
+            # window is skipped (on every rank) and the error raised there.
+            bad = (~torch.isfinite(items) | (items < 0)).reshape(1)
+            self._bad_items = bad if self._bad_items is None else self._bad_items | bad
+            torch.maximum(window.found_inf, bad.float(), out=window.found_inf)
         complete = window.collect(items)
         if driven_by_scaler:
             # The user's scaler.update() follows every scaler.step(opt): it judges this
@@ -493,12 +498,15 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             return self._end_window(update_scaler=not driven_by_scaler)
         finally:
             window.start()
+            self._bad_items = None
 
     def _inv_scale(self, world_size: int) -> float | Tensor:
         """The window's normalisation: 1/N, 1/items, and 1/ranks where DDP would average."""
         if self.normalize == "items":
             items = self._window.items
-            return (1.0 / items).reshape(1).to(torch.float32) if isinstance(items, Tensor) else 1.0 / items
+            if isinstance(items, Tensor):
+                return (1.0 / items).reshape(1).to(torch.float32)
+            return 1.0 / items if items else 0.0  # a window of 0 items is skipped
         if self.normalize == "mean":
             return 1.0 / (self.accumulation_steps * world_size)
         return 1.0 / world_size
@@ -517,14 +525,13 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         if self._reduction is not None:
             world_size = self._reduction.world_size
             written = self._reduction.finish()
-        bad_items = None
-        if self.normalize == "items" and isinstance(window.items, Tensor):
-            # A window of 0 items has no gradient: skip it, decided on the device (a
-            # Python count of 0 was refused by step()). A nan or negative count is an error.
-            items = window.items
-            bad_items = (~torch.isfinite(items) | (items < 0)).reshape(1)
-            window.found_inf.copy_(torch.maximum(window.found_inf, ((items == 0) | bad_items).float()
-                                                 .reshape(1)))
+        if self.normalize == "items":
+            # A window of 0 items has no gradient: it is skipped (a tensor count decided on
+            # the device).
+            if isinstance(window.items, Tensor):
+                torch.maximum(window.found_inf, (window.items == 0).float().reshape(1), out=window.found_inf)
+            elif window.items == 0:
+                window.found_inf.fill_(1.0)
         inv_scale = self._inv_scale(world_size)
         norm_sq = window.norm_sq_if_complete(written) if self.process_group is None else None
         same_dtype = all(s.param.dtype == self.accum_dtype for s in written)
@@ -542,9 +549,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                 total_norm = total_norm_and_coef([s.buffer for s in written], inv_scale,
                                                  self.max_grad_norm, norm_sq)[0]
             else:
-                for s in written:
-                    s.param.grad = s.buffer
-                window.buffers_handed_out = True
+                window.hand_out(written, [s.buffer for s in written])
                 total_norm = self._step_inner(fused_optimizer_step, self.optimizer, inv_scale,
                                               max_norm=self.max_grad_norm, found_inf=window.found_inf,
                                               norm_sq=norm_sq)
@@ -561,9 +566,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                                                      (~torch.isfinite(total_norm)).float().reshape(1)))
             skipped = bool(window.found_inf.item())
             if not skipped:
-                for s, grad in zip(written, out if out is not None else buffers, strict=True):
-                    s.param.grad = grad
-                window.buffers_handed_out = out is None
+                window.hand_out(written, out if out is not None else buffers)
                 self._step_inner(self.optimizer.step)
         if skipped:
             for s in written:
@@ -575,7 +578,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             self.scaler.update()
         self.last_grad_norm = total_norm
         self.last_step_skipped = skipped
-        if bad_items is not None and skipped and bool(bad_items.item()):
+        if self._bad_items is not None and skipped and bool(self._bad_items.item()):
             raise ValueError("num_items: the window's item count is nan or negative; the window "
                              "was skipped")
         return not skipped
@@ -632,18 +635,16 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             if not isinstance(saved, dict) or len(saved.get("params", ())) != len(mine["params"]):
                 raise ValueError(f"state_dict's parameter group {i} does not match this optimizer's "
                                  f"({len(mine['params'])} parameters)")
-        ids = [pid for group in groups for pid in group["params"]]
+        saved_ids = [pid for group in groups for pid in group["params"]]
+        param_of = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"]), strict=True))
         for pid, state in inner["state"].items():
-            if pid not in ids:
+            if pid not in param_of:
                 raise ValueError(f"state_dict has state for parameter {pid!r}, which no group holds")
-            param = self._param_by_position(ids.index(pid))
+            param = param_of[pid]
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
                     raise ValueError(f"state_dict's state {key!r} of parameter {pid!r} has shape "
                                      f"{list(value.shape)} but the parameter has {list(param.shape)}")
-
-    def _param_by_position(self, position: int) -> Tensor:
-        return [p for group in self.param_groups for p in group["params"]][position]
 
     def _check_window_state(self, ours: dict) -> None:
         if not isinstance(ours, dict):

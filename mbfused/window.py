@@ -53,14 +53,13 @@ def is_stale_window_buffer(param: Tensor) -> bool:
 class Slot:
     """One parameter's accumulation buffer and its state in the current window."""
 
-    __slots__ = ("arrived_in", "bucket", "buffer", "buffer_address", "external", "index", "last_grad",
+    __slots__ = ("arrived_in", "bucket", "buffer", "external", "index", "last_grad",
                  "last_pass_count", "param", "written")
 
     def __init__(self, index: int, param: Tensor, buffer: Tensor, bucket: int) -> None:
         self.index = index  # position among the window's parameters (messages, state_dict)
         self.param = param
         self.buffer = buffer  # accum_dtype, contiguous, shaped like the parameter
-        self.buffer_address = buffer.data_ptr() if buffer.numel() else 0
         self.bucket = bucket
         self.written = False  # holds this window's gradient (else its contents are stale)
         self.arrived_in = -1  # the last micro-batch (window serial) a backward reached it in
@@ -132,10 +131,13 @@ def _remove_handles(handles: list) -> None:
     handles.clear()
 
 
-def _release(handles: list, attached: list[tuple[weakref.ref, int]]) -> None:
+def _release(handles: list, attached: list[tuple[weakref.ref, int]], on_close: list) -> None:
     """Removes a window's hooks and the attributes it put on its parameters (main_grad
-    would keep its buffers alive). `attached`: (weak parameter, id of its buffer)."""
+    would keep its buffers alive), and runs what its owner asked to run then.
+    `attached`: (weak parameter, id of its buffer)."""
     _remove_handles(handles)
+    while on_close:
+        on_close.pop()()
     for param_ref, buffer_id in attached:
         param = param_ref()
         if param is not None and id(getattr(param, MAIN_GRAD, None)) == buffer_id:
@@ -183,7 +185,9 @@ class AccumulationWindow:
         self.norm_sq = torch.zeros(1, dtype=torch.float32, device=self.device)
         self.items: float | Tensor = 0
         self.unchecked_written = False  # a buffer got a gradient that was not checked for inf/nan
-        self.buffers_handed_out = False  # some .grad is an accumulation buffer (zero_grad releases it)
+        # ids of the tensors handed to the optimizer as .grad at the window's end, until
+        # zero_grad(): a backward before that would add into them
+        self.handed_out: set[int] = set()
         self._unscale = unscale
         self._micro_scale: float | Tensor | None = None  # this micro-batch's, once known
         self._arrived: list[Slot] = []  # slots whose gradient arrived since the last collect()
@@ -197,8 +201,10 @@ class AccumulationWindow:
         self.on_last_bucket_accumulated: Callable[[int], None] | None = None
         self._hooks: list = []
         self._attached: list[tuple[weakref.ref, int]] = []  # parameters given a main_grad
+        # Run when the window closes or is dropped (callables that do not refer to it).
+        self.on_close: list[Callable[[], None]] = []
         # A window dropped without close() takes its hooks and attributes with it.
-        weakref.finalize(self, _release, self._hooks, self._attached)
+        weakref.finalize(self, _release, self._hooks, self._attached, self.on_close)
         self.add_params(params)
 
     # -- parameters ---------------------------------------------------------------------
@@ -231,7 +237,7 @@ class AccumulationWindow:
 
     def close(self) -> None:
         """Stops consuming gradients: removes the hooks and the parameters' attributes."""
-        _release(self._hooks, self._attached)
+        _release(self._hooks, self._attached, self.on_close)
         self.closed = True
 
     def _make_buckets(self, params: list[Tensor], first_index: int, first_bucket: int) -> list[Bucket]:
@@ -366,10 +372,6 @@ class AccumulationWindow:
             if grad.dtype not in ACCUM_DTYPES:
                 raise ValueError(f"parameter {slot.index}'s gradient has dtype {grad.dtype}; supported "
                                  "dtypes are torch.float32, torch.bfloat16 and torch.float16")
-            if grad.data_ptr() == slot.buffer_address and slot.buffer_address:
-                raise RuntimeError(
-                    f"parameter {slot.index}'s .grad is still the gradient of the last window: "
-                    "call zero_grad() after every step()")
             if not grad.is_contiguous():
                 grads[i] = grad.contiguous()
         return grads
@@ -385,6 +387,11 @@ class AccumulationWindow:
         params = self._params if slots is self.slots else [s.param for s in slots]
         if grads is None:
             grads = _grads_of(params)
+        if self.handed_out and any(id(g) in self.handed_out for g in grads):
+            index = next(s.index for s, g in zip(slots, grads, strict=True) if id(g) in self.handed_out)
+            raise WindowMisuse(
+                f"parameter {index}'s .grad is still the gradient of the last window, and the last "
+                "backward added into it: call zero_grad() after every step()")
         last = self.last_micro_batch
         norm_sq = self.norm_sq if last else None
         found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
@@ -512,13 +519,21 @@ class AccumulationWindow:
                 outputs.append(torch.empty_like(s.param, memory_format=torch.contiguous_format))
         return outputs
 
+    def hand_out(self, written: list[Slot], grads: list[Tensor]) -> None:
+        """Gives the window's gradient to the optimizer as the parameters' .grad."""
+        for s, grad in zip(written, grads, strict=True):
+            s.param.grad = grad
+        self.handed_out = {id(g) for g in grads}
+
     def release_handed_out(self) -> None:
-        """Takes back the buffers handed to the optimizer as .grad at the window's end."""
-        if self.buffers_handed_out:
+        """zero_grad(): takes back the buffers handed out as .grad at the window's end (the
+        next backward must not add into them); other handed-out tensors are the
+        optimizer's to clear."""
+        if self.handed_out:
             for s in self.slots:
-                if s.param.grad is not None and s.param.grad.data_ptr() == s.buffer.data_ptr():
+                if s.param.grad is s.buffer:
                     s.param.grad = None
-            self.buffers_handed_out = False
+            self.handed_out = set()
 
     # -- checkpoints --------------------------------------------------------------------
 

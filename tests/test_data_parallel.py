@@ -142,3 +142,20 @@ def test_a_nan_on_one_rank_skips_the_window_on_both(tmp_path):
         assert results[rank]["stepped"] == [False] * N
         for name, value in initial.items():
             assert torch.equal(results[rank]["params"][name], value)
+
+
+def test_the_data_parallel_benchmark_counts_what_each_path_sends():
+    """DDP synchronising every micro-batch sends N times the gradient; no_sync and the
+    wrapper once (fp32 here, 4 bytes per parameter; the wrapper adds its flags)."""
+    from mbfused import data_parallel_bench
+
+    n = 2
+    results = {r.path: r for r in data_parallel_bench.run(WORLD, n, width=16, layers=1, batch=2,
+                                                         seq_len=4, windows=1)}
+    every, last, wrapper = (results[p] for p in data_parallel_bench.PATHS)
+    assert every.bytes_per_window == n * 4 * every.parameters
+    assert last.bytes_per_window == 4 * last.parameters
+    flags = wrapper.bytes_per_window - 4 * wrapper.parameters
+    assert 0 < flags < 68 * 64  # per tensor: 64-byte alignment padding and one flag; 3 more flags
+    assert all(r.window_ms > 0 and r.peak_rss_mb > 0 for r in results.values())
+    assert "MicroBatchOptimizer(model=ddp)" in data_parallel_bench.format_table(list(results.values()))

@@ -4,6 +4,8 @@ silent")."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -136,8 +138,27 @@ def _ddp_worker(path: str, result: dict) -> None:
             opt.step()
         except WindowMisuse as error:
             result["no model="] = str(error)
+        try:
+            opt.step()  # retried after catching the error: still refused
+        except WindowMisuse as error:
+            result["retried"] = str(error)
         opt.close()
         ddp.zero_grad()
+        # process_group= does not make a DDP model safe: its hooks still race the window's
+        opt = MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N,
+                                  process_group=dist.group.WORLD)
+        ddp(torch.randn(3, 8)).sum().backward()
+        try:
+            opt.step()
+        except WindowMisuse as error:
+            result["process_group="] = str(error)
+        opt.close()
+        ddp.zero_grad()
+        opt = MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N, model=ddp)
+        assert not ddp.require_backward_grad_sync
+        del opt  # a dropped wrapper gives DDP its synchronisation back
+        gc.collect()
+        result["released"] = ddp.require_backward_grad_sync
         opt = MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N, model=ddp)
         ddp.require_backward_grad_sync = True  # e.g. a framework's own switch
         ddp(torch.randn(3, 8)).sum().backward()
@@ -156,3 +177,5 @@ def test_a_ddp_model_without_model_or_with_its_sync_back_on_is_refused(tmp_path)
     _ddp_worker(str(tmp_path / "rendezvous"), result)
     assert "DistributedDataParallel" in result["no model="] and "model=ddp_model" in result["no model="]
     assert "switched back on" in result["sync back on"]
+    assert "model=ddp_model" in result["retried"] and "model=ddp_model" in result["process_group="]
+    assert result["released"] is True

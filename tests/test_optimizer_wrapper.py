@@ -351,7 +351,21 @@ def test_zero_grad_keeps_no_alias_to_the_buffers():
     _loss(model, _batches()[1], "mean").backward()
     assert opt.step()
     _loss(model, _batches()[2], "mean").backward()  # no zero_grad: backward adds into the buffer
-    with pytest.raises(RuntimeError, match="still the gradient of the last window: call zero_grad"):
+    with pytest.raises(RuntimeError, match=r"still the gradient of the last window.*call zero_grad"):
+        opt.step()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_forgotten_zero_grad_is_caught_for_sixteen_bit_parameters_too(mode, dtype):
+    """Their window gradient is a tensor of their own dtype, not a buffer: a backward
+    without zero_grad() adds into it, which would count the last window again."""
+    model = Net(dtype)
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 1, mode=mode)
+    _loss(model, _batches(dtype=dtype)[0], "mean").backward()
+    assert opt.step()
+    with pytest.raises(RuntimeError, match=r"still the gradient of the last window.*call zero_grad"):
+        _loss(model, _batches(dtype=dtype)[1], "mean").backward()
         opt.step()
 
 
@@ -405,11 +419,7 @@ def test_bad_step_arguments_change_nothing():
             opt.step(num_items=bad)
         assert opt.micro_step == 0
         assert all(torch.equal(p.grad, g) for p, g in zip(model.body.parameters(), grads, strict=True))
-    assert not opt.step(num_items=0)
-    _loss(model, x, "items").backward()
-    with pytest.raises(ValueError, match="0 items in total"):
-        opt.step(num_items=0)
-    assert opt.micro_step == 1
+    assert not opt.step(num_items=0)  # a window of 0 items is skipped: see below
     mean = MicroBatchOptimizer(OPTIMIZERS["sgd"](Net().parameters()), 2)
     with pytest.raises(ValueError, match="num_items is only used with normalize='items'"):
         mean.step(num_items=3)
@@ -732,3 +742,50 @@ def test_a_skipped_window_creates_no_optimizer_state_with_fused_optimizers(kind)
         opt.step()
         opt.zero_grad()
     assert opt.last_step_skipped and not opt.state
+
+
+def test_a_window_of_zero_items_is_skipped():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2, normalize="items")
+    before = copy.deepcopy(model.state_dict())
+    for x in _batches()[:2]:
+        _loss(model, x, "items").backward()
+        stepped = opt.step(num_items=0)
+        opt.zero_grad()
+    assert not stepped and opt.last_step_skipped
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_negative_tensor_item_count_is_an_error_even_when_the_total_is_positive():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2, normalize="items")
+    _loss(model, _batches()[0], "items").backward()
+    opt.step(num_items=torch.tensor(-3.0))
+    _loss(model, _batches()[1], "items").backward()
+    with pytest.raises(ValueError, match="nan or negative"):
+        opt.step(num_items=torch.tensor(5.0))
+    assert opt.last_step_skipped
+
+
+def test_a_group_with_another_wrappers_parameters_takes_them_over():
+    model, extra = Net(), torch.nn.Parameter(torch.ones(3))
+    first = MicroBatchOptimizer(OPTIMIZERS["sgd"]([extra]), N)
+    second = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
+    with pytest.warns(UserWarning, match="another MicroBatchOptimizer managed these parameters"):
+        second.add_param_group({"params": [extra]})
+    with pytest.raises(RuntimeError, match="closed"):
+        first.step()
+    (extra.sum() + _loss(model, _batches()[0], "mean")).backward()
+    second.step()
+    assert extra.grad is None and extra.main_grad is second._window.slots[-1].buffer
+
+
+def test_a_dropped_wrapper_leaves_no_hook_on_the_wrapped_optimizer():
+    model = Net()
+    inner = OPTIMIZERS["sgd"](model.parameters())
+    for _ in range(3):
+        MicroBatchOptimizer(inner, N)
+        gc.collect()
+    assert not inner._optimizer_step_pre_hooks
+    _loss(model, _batches()[0], "mean").backward()
+    inner.step()  # a plain optimizer again

@@ -1,0 +1,140 @@
+"""Data-parallel windows on gloo ranks: DDP's own synchronisation against the wrapper's.
+
+``python -m mbfused bench --data-parallel`` spawns `world` CPU ranks that train a small
+transformer for a few windows of N micro-batches, one path per set of processes:
+
+- ``DDP, sync every micro-batch``: loss / N, DDP all-reduces every backward, clip, step;
+- ``DDP, no_sync + last``: the same with ``no_sync()`` around all but the last micro-batch
+  (the frameworks' pattern: one all-reduce per window, of gradients accumulated in the
+  parameters' own dtype);
+- ``MicroBatchOptimizer(model=ddp)``: DDP's synchronisation taken over, one all-reduce of
+  the fp32 buffers per window, started during the last backward.
+
+Per path: median time per window, bytes every rank hands to all-reduce per window
+(counted in ``torch.distributed.all_reduce``, which DDP's default communication hook
+and the wrapper both call), and the peak resident memory of a rank (the process's
+high-water mark, so each path runs in processes of its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+
+__all__ = ["PATHS", "DataParallelResult", "format_table", "run"]
+
+PATHS = ("DDP, sync every micro-batch", "DDP, no_sync + last", "MicroBatchOptimizer(model=ddp)")
+
+
+@dataclasses.dataclass
+class DataParallelResult:
+    path: str
+    world: int
+    micro_batches: int
+    parameters: int
+    window_ms: float
+    bytes_per_window: int
+    peak_rss_mb: float
+
+
+def _model(width: int, layers: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width, batch_first=True)
+    return torch.nn.Sequential(torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False),
+                               torch.nn.Linear(width, width))
+
+
+def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from mbfused.optim import MicroBatchOptimizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        sent = [0]
+        ddp = torch.nn.parallel.DistributedDataParallel(_model(sizes["width"], sizes["layers"]))
+        # DDP's default reduction as a Python hook: it calls torch.distributed.all_reduce,
+        # where the bytes of both kinds of path are counted.
+        ddp.register_comm_hook(dist.group.WORLD, allreduce_hook)
+        original = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            sent[0] += tensor.numel() * tensor.element_size()
+            return original(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        n = sizes["micro_batches"]
+        adamw = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
+        wrapper = (MicroBatchOptimizer(adamw, n, max_grad_norm=1.0, model=ddp)
+                   if path == PATHS[2] else None)
+        gen = torch.Generator().manual_seed(rank)
+        batches = [torch.randn(sizes["batch"], sizes["seq_len"], sizes["width"], generator=gen)
+                   for _ in range(n)]
+
+        def window() -> None:
+            for k, x in enumerate(batches):
+                if wrapper is not None:
+                    ddp(x).square().mean().backward()
+                    wrapper.step()
+                    wrapper.zero_grad()
+                elif path == PATHS[1] and k < n - 1:
+                    with ddp.no_sync():  # around the forward too: it arms the reduction
+                        (ddp(x).square().mean() / n).backward()
+                else:
+                    (ddp(x).square().mean() / n).backward()
+            if wrapper is None:
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+                adamw.step()
+                adamw.zero_grad()
+
+        window()  # warm-up (DDP builds its buckets in the first backward)
+        times, sent[0] = [], 0
+        for _ in range(sizes["windows"]):
+            dist.barrier()
+            start = time.perf_counter()
+            window()
+            times.append(time.perf_counter() - start)
+        if rank == 0:
+            results["result"] = DataParallelResult(
+                path, world, n, sum(p.numel() for p in ddp.parameters()),
+                statistics.median(times) * 1e3, sent[0] // sizes["windows"],
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(world: int = 2, micro_batches: int = 4, *, width: int = 256, layers: int = 2, batch: int = 4,
+        seq_len: int = 64, windows: int = 3, progress=lambda message: None) -> list[DataParallelResult]:
+    sizes = {"width": width, "layers": layers, "batch": batch, "seq_len": seq_len,
+             "micro_batches": micro_batches, "windows": windows}
+    results = []
+    context = torch.multiprocessing.get_context("spawn")
+    for path in PATHS:
+        progress(f"{path}: {world} gloo ranks")
+        with tempfile.TemporaryDirectory() as tmp, context.Manager() as manager:
+            shared = manager.dict()
+            torch.multiprocessing.start_processes(
+                _worker, args=(world, os.path.join(tmp, "store"), path, sizes, shared), nprocs=world,
+                start_method="spawn")
+            results.append(shared["result"])
+    return results
+
+
+def format_table(results: list[DataParallelResult]) -> str:
+    first = results[0]
+    lines = [f"data parallel: {first.world} gloo ranks on CPU, a {first.parameters / 1e6:.1f}M-parameter "
+             f"fp32 transformer, N={first.micro_batches} micro-batches per window",
+             f"{'path':34s} {'window ms':>10s} {'sent MB/window':>15s} {'B/param':>8s} {'peak RSS MB':>12s}",
+             "-" * 83]
+    for r in results:
+        lines.append(f"{r.path:34s} {r.window_ms:10.1f} {r.bytes_per_window / 1e6:15.2f} "
+                     f"{r.bytes_per_window / r.parameters:8.2f} {r.peak_rss_mb:12.0f}")
+    return "\n".join(lines)
