@@ -26,8 +26,8 @@ from mbfused import _amp, ops
 from mbfused._backend import requested_backend
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
 from mbfused.reduction import WindowReduction
-from mbfused.window import (ACCUM_DTYPES, MAIN_GRAD, AccumulationWindow, WindowMisuse, is_stale_window_buffer,
-                            manager_of)
+from mbfused.window import (ACCUM_DTYPES, MAIN_GRAD, AccumulationWindow, WindowMisuse, is_sharded,
+                            is_stale_window_buffer, manager_of)
 
 __all__ = ["MicroBatchOptimizer", "WindowMisuse", "fused_optimizer_step", "supports_fused_handoff"]
 
@@ -84,14 +84,12 @@ def _ddp_of(params: list[Tensor]):
     return None
 
 
-def _refuse_sharded(params: list[Tensor]) -> None:
-    if torch.distributed.is_available():
-        from torch.distributed.tensor import DTensor
-
-        if any(isinstance(p, DTensor) for p in params):
-            raise NotImplementedError(
-                "the optimizer's parameters are DTensors (a model sharded with FSDP2 fully_shard or "
-                "tensor parallelism): MicroBatchOptimizer does not take over sharded gradients yet")
+def _sum_of_squares(window: AccumulationWindow, written) -> Tensor:
+    """sum(buffer^2) over the written buffers, a 1-element fp32 tensor."""
+    if not written:
+        return torch.zeros(1, device=window.device)
+    norms = torch._foreach_norm([s.buffer for s in written])
+    return torch.stack(norms).float().square().sum().reshape(1)
 
 
 class MicroBatchOptimizer(torch.optim.Optimizer):
@@ -151,10 +149,12 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             started during the last micro-batch's backward as buckets complete, instead of
             one per micro-batch), ``"mean"``/``"sum"`` gradients are averaged over ranks as
             DDP does, and ``"items"`` counts are summed over ranks.
-        model: the model, when it is wrapped in ``DistributedDataParallel``: the wrapper
+        model: the model, when it is wrapped in ``DistributedDataParallel`` (the wrapper
             switches DDP's own per-backward synchronisation off and reduces the window's
-            buffers over DDP's process group as with ``process_group``. A plain module is
-            accepted and unused.
+            buffers over DDP's process group as with ``process_group``) or sharded with
+            FSDP2's ``fully_shard`` (buffers shaped like the local shards take the shards
+            as the reduce-scatter delivers them; clipping by the global norm). A plain
+            module is accepted and unused.
 
     A window in which any gradient element is inf or nan is skipped (parameters and
     optimizer state unchanged) with or without a scaler. Ending a window reads one flag
@@ -210,6 +210,11 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         model_sync = self._model_sync_for(model, params, process_group)
         if model_sync is not None:
             process_group = model_sync.process_group
+        if any(is_sharded(p) for p in params) and (model_sync is None or model_sync.reduces_buffers):
+            raise ValueError(
+                "the optimizer's parameters are DTensors (a model sharded with FSDP2's fully_shard): "
+                "pass the model, MicroBatchOptimizer(..., model=model), so that the window takes the "
+                "gradient shards as the reduce-scatter delivers them")
         self._check_no_foreign_main_grad(params)
 
         # What torch.optim.Optimizer.__init__ sets up, less the parameters: param_groups,
@@ -250,7 +255,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             unscale=(lambda: _amp.inverse_scale(scaler)) if scaler is not None else (lambda: None),
             check_inf_per_micro_batch=scaler is not None)
         self._window.backend = requested_backend()  # for backward hooks; renewed by every step()
-        self._reduction = (WindowReduction(self._window, process_group)
+        self._reduction = (WindowReduction(self._window, process_group,
+                                           reduce_buffers=model_sync is None or model_sync.reduces_buffers)
                            if process_group is not None else None)
         self._guard = optimizer.register_step_pre_hook(
             functools.partial(_refuse_direct_step, weakref.ref(self)))
@@ -280,7 +286,6 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-        _refuse_sharded(params)
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(
@@ -500,16 +505,23 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             window.start()
             self._bad_items = None
 
-    def _inv_scale(self, world_size: int) -> float | Tensor:
-        """The window's normalisation: 1/N, 1/items, and 1/ranks where DDP would average."""
+    def _inv_scale(self) -> float | Tensor:
+        """The window's normalisation: 1/N, 1/items, and 1/ranks where DDP would average
+        (or ranks/items where the gradients arrive averaged over the ranks)."""
+        world_size, averaged = 1, False
+        if self._reduction is not None:
+            world_size = self._reduction.world_size
+            averaged = self._model_sync is not None and self._model_sync.averages_over_ranks
         if self.normalize == "items":
             items = self._window.items
+            ranks = world_size if averaged else 1
             if isinstance(items, Tensor):
-                return (1.0 / items).reshape(1).to(torch.float32)
-            return 1.0 / items if items else 0.0  # a window of 0 items is skipped
+                return (ranks / items).reshape(1).to(torch.float32)
+            return ranks / items if items else 0.0  # a window of 0 items is skipped
+        per_rank = 1 if averaged else world_size
         if self.normalize == "mean":
-            return 1.0 / (self.accumulation_steps * world_size)
-        return 1.0 / world_size
+            return 1.0 / (self.accumulation_steps * per_rank)
+        return 1.0 / per_rank
 
     def _step_inner(self, fn, *args, **kwargs):
         self._stepping_inner = True
@@ -521,10 +533,15 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
     def _end_window(self, update_scaler: bool) -> bool:
         window = self._window
         written = window.written_slots()
-        world_size = 1
+        norm_sq = window.norm_sq_if_complete(written)
         if self._reduction is not None:
-            world_size = self._reduction.world_size
-            written = self._reduction.finish()
+            if self._reduction.reduce_buffers:
+                norm_sq = None  # summed again by finalize_ over the reduced buffers
+                written = self._reduction.finish()
+            else:
+                # Shards: the window's norm is the root of their squares summed over ranks.
+                norm_sq = norm_sq.clone() if norm_sq is not None else _sum_of_squares(window, written)
+                written = self._reduction.finish(norm_sq)
         if self.normalize == "items":
             # A window of 0 items has no gradient: it is skipped (a tensor count decided on
             # the device).
@@ -532,8 +549,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                 torch.maximum(window.found_inf, (window.items == 0).float().reshape(1), out=window.found_inf)
             elif window.items == 0:
                 window.found_inf.fill_(1.0)
-        inv_scale = self._inv_scale(world_size)
-        norm_sq = window.norm_sq_if_complete(written) if self.process_group is None else None
+        inv_scale = self._inv_scale()
         same_dtype = all(s.param.dtype == self.accum_dtype for s in written)
         if not written:
             # No parameter got a gradient: the optimizer steps on none, as in a plain loop.
@@ -541,7 +557,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             skipped = bool(window.found_inf.item())
             if not skipped:
                 self._step_inner(self.optimizer.step)
-        elif supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype:
+        elif (supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype
+              and not window.sharded):
             # Read before stepping: torch's fused kernels skip a step with found_inf set,
             # but create the state of parameters that have none first.
             skipped = bool(window.found_inf.item())

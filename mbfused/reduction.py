@@ -21,16 +21,19 @@ __all__ = ["WindowReduction"]
 
 
 class WindowReduction:
-    """Sums `window`'s buffers over `group` at the end of every window."""
+    """Sums `window`'s buffers over `group` at the end of every window; with
+    `reduce_buffers=False` (buffers that hold shards, already reduced) its flags only."""
 
-    def __init__(self, window: AccumulationWindow, group) -> None:
+    def __init__(self, window: AccumulationWindow, group, reduce_buffers: bool = True) -> None:
         self.window = window
         self.group = group
         self.world_size = dist.get_world_size(group)
+        self.reduce_buffers = reduce_buffers
         self._works: list = []
         self._completed: set[int] = set()  # buckets accumulated in the last micro-batch
         self._next = 0  # the next bucket to launch
-        window.on_last_bucket_accumulated = self._bucket_completed
+        if reduce_buffers:
+            window.on_last_bucket_accumulated = self._bucket_completed
 
     def _bucket_completed(self, index: int) -> None:
         self._completed.add(index)
@@ -46,17 +49,19 @@ class WindowReduction:
         self._works.append(dist.all_reduce(flat, group=self.group, async_op=True))
         self._next = index + 1
 
-    def finish(self) -> list[Slot]:
+    def finish(self, norm_sq: torch.Tensor | None = None) -> list[Slot]:
         """Launches the buckets not launched yet, waits for all, and sums the window's
-        flags. Returns the slots written on any rank (those written on none stay without
-        gradient). Raises, naming the cause, when a rank never reaches this point."""
+        flags, and `norm_sq` (in place) when given. Returns the slots written on any rank
+        (those written on none stay without gradient). Raises, naming the cause, when a
+        rank never reaches this point."""
         window = self.window
-        while self._next < len(window.buckets):
+        while self.reduce_buffers and self._next < len(window.buckets):
             self._launch(self._next)
         flags = torch.tensor([float(s.written) for s in window.slots], device=window.device)
         items = window.items if isinstance(window.items, torch.Tensor) else torch.tensor(float(window.items))
         unchecked = torch.tensor([float(window.unchecked_written)], device=window.device)
-        meta = torch.cat([flags, window.found_inf, unchecked, items.reshape(1).to(window.device, torch.float32)])
+        meta = torch.cat([flags, window.found_inf, unchecked, items.reshape(1).to(window.device, torch.float32),
+                          *([norm_sq.reshape(1)] if norm_sq is not None else [])])
         self._works.append(dist.all_reduce(meta, group=self.group, async_op=True))
         works, self._works, self._completed, self._next = self._works, [], set(), 0
         try:
@@ -73,7 +78,13 @@ class WindowReduction:
         # Every rank must check the norm when any rank took unchecked gradients, or the
         # ranks would disagree about skipping the window.
         window.unchecked_written = bool(on_host[n + 1] > 0)
-        window.items = meta[-1]
-        window.mark_written([s for s, on_some_rank in zip(window.slots, (on_host[:n] > 0).tolist(), strict=True)
-                             if on_some_rank])
+        window.items = meta[n + 2]
+        if norm_sq is not None:
+            norm_sq.copy_(meta[n + 3].reshape(norm_sq.shape))
+        gained = [s for s, on_some_rank in zip(window.slots, (on_host[:n] > 0).tolist(), strict=True)
+                  if on_some_rank and not s.written]
+        if gained and not self.reduce_buffers:
+            # Shards that got a gradient on another rank only: this rank's part is zero.
+            torch._foreach_zero_([s.buffer for s in gained])
+        window.mark_written(gained)
         return window.written_slots()

@@ -28,6 +28,11 @@ from torch import Tensor
 from mbfused import _checks, _native, ops
 from mbfused._backend import use_backend
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = None
+
 __all__ = ["AccumulationWindow", "WindowMisuse", "is_stale_window_buffer", "manager_of"]
 
 ACCUM_DTYPES = _checks.SUPPORTED_DTYPES  # what the fused ops take, buffers and gradients alike
@@ -108,6 +113,15 @@ def _on_gradient(window: weakref.ref, index: int, param: Tensor) -> None:
         owner.gradient_arrived(owner.slots[index])
 
 
+def is_sharded(t: Tensor) -> bool:
+    """A DTensor (an FSDP2 parameter or gradient): the window works on its local shard."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_sharded(t) else t
+
+
 def _grads_of(params: list[Tensor]) -> list[Tensor | None]:
     """``[p.grad for p in params]``, in C++ when the extension is built (it runs for every
     parameter every micro-batch: Python's attribute access costs more than the kernel on
@@ -175,6 +189,7 @@ class AccumulationWindow:
         self.accum_dtype = accum_dtype
         self.bucket_bytes = bucket_bytes
         self.device = params[0].device if params else torch.device("cpu")
+        self.sharded = any(is_sharded(p) for p in params)  # FSDP2: buffers hold local shards
         self.backend: str | None = None  # the use_backend() choice for backward hooks
         self.closed = False
         self.micro_step = 0
@@ -246,10 +261,11 @@ class AccumulationWindow:
         Buffers start at zero, for layers that add into main_grad on their first write."""
         element = torch.empty((), dtype=self.accum_dtype).element_size()
         align = 64 // element
+        shapes = [_local(p).shape for p in params]  # a sharded parameter's buffer holds its shard
         groups: list[list[int]] = []
         size = 0
         for i in reversed(range(len(params))):
-            nbytes = params[i].numel() * element
+            nbytes = shapes[i].numel() * element
             if not groups or self.bucket_bytes == 0 or size + nbytes > self.bucket_bytes:
                 groups.append([])
                 size = 0
@@ -259,7 +275,7 @@ class AccumulationWindow:
         for b, members in enumerate(groups, start=first_bucket):
             if self.bucket_bytes == 0:
                 p = params[members[0]]
-                buffer = torch.zeros(p.shape, dtype=self.accum_dtype, device=p.device)
+                buffer = torch.zeros(shapes[members[0]], dtype=self.accum_dtype, device=p.device)
                 buckets.append(Bucket([Slot(first_index + members[0], p, buffer, b)], None))
                 continue
             # Every buffer starts on a 64-byte boundary: the kernels' vector loads (128-bit
@@ -268,9 +284,9 @@ class AccumulationWindow:
             offsets, end = [], 0
             for i in members:
                 offsets.append(end)
-                end += -(-params[i].numel() // align) * align
+                end += -(-shapes[i].numel() // align) * align
             flat = torch.zeros(end, dtype=self.accum_dtype, device=self.device)
-            slots = [Slot(first_index + i, params[i], flat[o:o + params[i].numel()].view(params[i].shape), b)
+            slots = [Slot(first_index + i, params[i], flat[o:o + shapes[i].numel()].view(shapes[i]), b)
                      for i, o in zip(members, offsets, strict=True)]
             buckets.append(Bucket(slots, flat))
         return buckets
@@ -387,6 +403,8 @@ class AccumulationWindow:
         params = self._params if slots is self.slots else [s.param for s in slots]
         if grads is None:
             grads = _grads_of(params)
+        if self.sharded:
+            grads = [_local(g) for g in grads]
         if self.handed_out and any(id(g) in self.handed_out for g in grads):
             index = next(s.index for s, g in zip(slots, grads, strict=True) if id(g) in self.handed_out)
             raise WindowMisuse(
@@ -516,14 +534,17 @@ class AccumulationWindow:
                 used.add(id(grad))
                 outputs.append(grad)
             else:
-                outputs.append(torch.empty_like(s.param, memory_format=torch.contiguous_format))
+                outputs.append(torch.empty_like(_local(s.param), memory_format=torch.contiguous_format))
         return outputs
 
     def hand_out(self, written: list[Slot], grads: list[Tensor]) -> None:
         """Gives the window's gradient to the optimizer as the parameters' .grad."""
         for s, grad in zip(written, grads, strict=True):
+            if is_sharded(s.param):
+                grad = DTensor.from_local(grad, s.param.device_mesh, s.param.placements, run_check=False,
+                                          shape=s.param.shape, stride=s.param.stride())
             s.param.grad = grad
-        self.handed_out = {id(g) for g in grads}
+        self.handed_out = {id(s.param.grad) for s in written}
 
     def release_handed_out(self) -> None:
         """zero_grad(): takes back the buffers handed out as .grad at the window's end (the
@@ -531,7 +552,9 @@ class AccumulationWindow:
         optimizer's to clear."""
         if self.handed_out:
             for s in self.slots:
-                if s.param.grad is s.buffer:
+                grad = s.param.grad
+                if grad is s.buffer or (grad is not None and is_sharded(grad)
+                                        and _local(grad).data_ptr() == s.buffer.data_ptr()):
                     s.param.grad = None
             self.handed_out = set()
 

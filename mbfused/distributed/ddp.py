@@ -22,6 +22,10 @@ __all__ = ["DDPSync"]
 class DDPSync:
     """Takes over `ddp`'s gradient synchronisation for a MicroBatchOptimizer of `params`."""
 
+    # The window's buffers are summed over the ranks at its end (not averaged).
+    reduces_buffers = True
+    averages_over_ranks = False
+
     @staticmethod
     def matches(model: torch.nn.Module) -> bool:
         return isinstance(model, DistributedDataParallel)

@@ -1,0 +1,58 @@
+"""FSDP2 (``fully_shard``) under MicroBatchOptimizer: sharded buffers, shards accumulated
+as the reduce-scatter delivers them.
+
+FSDP2 reduce-scatters every backward's gradients into the sharded parameters' ``.grad``
+(averaged over the ranks) and then runs their post-accumulate-grad hooks: the window's
+hooks add each shard into a buffer shaped like the parameter's local shard (accum bytes
+/ world size per parameter) and free it at once. Nothing else needs reducing at the
+window's end but its flags and the squared norm of the shards, for clipping by the
+global norm.
+
+Two policies: by default FSDP2 reduce-scatters after every micro-batch (the lowest
+memory: the unsharded gradients are freed at once). To reduce-scatter once per window
+instead (less communication, but unsharded gradients kept in FSDP2's own dtype across
+the window), call ``model.set_requires_gradient_sync(opt.sync_gradients)`` before each
+micro-batch's backward: the window then receives the shards once, on its last
+micro-batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import FSDPModule
+
+__all__ = ["FSDPSync"]
+
+
+class FSDPSync:
+    """Takes over the gradients of a ``fully_shard`` model for a MicroBatchOptimizer."""
+
+    # The window's buffers are shards: only its flags and norm are reduced over ranks, and
+    # the gradients arrive averaged over them (FSDP2's reduce-scatter divides by the world).
+    reduces_buffers = False
+    averages_over_ranks = True
+
+    @staticmethod
+    def matches(model: torch.nn.Module) -> bool:
+        return isinstance(model, FSDPModule)
+
+    def __init__(self, model: FSDPModule, params: list[torch.Tensor]) -> None:
+        own = {id(p) for p in model.parameters()}
+        if not all(id(p) in own for p in params):
+            raise ValueError("model: the optimizer's parameters must be the fully_shard model's own "
+                             "(model.parameters())")
+        meshes = {p.device_mesh for p in params}
+        if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
+            raise NotImplementedError("model: the parameters must be sharded over one 1-D device mesh "
+                                      "(HSDP and 2-D meshes are not supported)")
+        self.model = model
+        self.process_group = next(iter(meshes)).get_group()
+
+    def check(self) -> None:
+        return None
+
+    def after_window(self) -> None:
+        return None
+
+    def release(self) -> None:
+        return None

@@ -1,0 +1,134 @@
+"""MicroBatchOptimizer(model=fsdp_model) on two gloo ranks with FSDP2's fully_shard
+(DESIGN.md section 9).
+
+FSDP2 reduce-scatters each backward's gradients into the sharded parameters (averaged
+over the ranks); the window accumulates the shards into buffers shaped like them and
+clips by the global norm. Checked against one process over both ranks' micro-batches:
+parameters within rtol 1e-5 (fp32; the sums are taken in another order), ranks
+identical, buffers of 1/world of the parameters per rank.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mbfused.optim import MicroBatchOptimizer
+
+N = 4
+WORLD = 2
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(8, 32)
+        self.second = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+def _micro_batches(rank):
+    gen = torch.Generator().manual_seed(200 + rank)
+    return [torch.randn(int(torch.randint(2, 8, (), generator=gen)), 8, generator=gen) for _ in range(N)]
+
+
+def _loss(model, x, normalize):
+    out = model(x).float().square()
+    return out.sum() if normalize == "items" else out.mean()
+
+
+def _worker(rank, path, scenario, normalize, results):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if scenario == "bf16" else MixedPrecisionPolicy())
+        fully_shard(model.first, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        opt = MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, model=model,
+                                  max_grad_norm=0.05, normalize=normalize, bucket_mb=0.001)
+        stepped = []
+        for k, x in enumerate(_micro_batches(rank)):
+            if scenario == "once per window":
+                model.set_requires_gradient_sync(opt.sync_gradients)
+            loss = _loss(model, x, normalize)
+            if scenario == "nan" and rank == 0 and k == 2:
+                loss = loss * float("nan")
+            loss.backward()
+            stepped.append(opt.step(num_items=x.shape[0] if normalize == "items" else None))
+            opt.zero_grad()
+        results[rank] = {
+            "params": {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()},
+            "stepped": stepped,
+            "buffer elements": sum(s.buffer.numel() for s in opt._window.slots),
+            "parameter elements": sum(p.numel() for p in model.parameters()),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, scenario, normalize="mean"):
+    mp = torch.multiprocessing.get_context("spawn")
+    with mp.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(
+            _worker, args=(tmp_path / "store", scenario, normalize, results), nprocs=WORLD,
+            start_method="spawn")
+        return dict(results)
+
+
+def _one_process(normalize):
+    torch.manual_seed(0)
+    ref = Net()
+    params = list(ref.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    items = 0
+    for rank in range(WORLD):
+        for x in _micro_batches(rank):
+            ref.zero_grad()
+            _loss(ref, x, normalize).backward()
+            for t, p in zip(total, params, strict=True):
+                t += p.grad / (N * WORLD if normalize == "mean" else 1)
+            items += x.shape[0]
+    for p, t in zip(params, total, strict=True):
+        p.grad = t / items if normalize == "items" else t
+    torch.nn.utils.clip_grad_norm_(params, 0.05)
+    torch.optim.AdamW(params, lr=1e-2).step()
+    return dict(ref.named_parameters())
+
+
+@pytest.mark.parametrize("scenario, normalize, rtol", [
+    ("every micro-batch", "mean", 1e-5),
+    ("once per window", "mean", 1e-5),
+    ("every micro-batch", "items", 1e-5),
+    ("bf16", "mean", 2e-2),  # bf16 compute, fp32 reduce and buffers
+])
+def test_fsdp2_window_equals_one_process(tmp_path, scenario, normalize, rtol):
+    results = _run(tmp_path, scenario, normalize)
+    expected = _one_process(normalize)
+    for rank in range(WORLD):
+        got = results[rank]
+        assert got["stepped"] == [False] * (N - 1) + [True]
+        # Buffers shaped like the local shards: 1/world of the parameters (even split here).
+        assert got["buffer elements"] == got["parameter elements"] // WORLD
+        for name, value in expected.items():
+            torch.testing.assert_close(got["params"][name], value.detach(), rtol=rtol, atol=rtol / 10,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+    for name, value in results[0]["params"].items():
+        assert torch.equal(value, results[1]["params"][name]), f"ranks differ in {name}"
+
+
+def test_a_nan_on_one_rank_skips_the_fsdp2_window_on_both(tmp_path):
+    results = _run(tmp_path, "nan")
+    torch.manual_seed(0)
+    initial = dict(Net().named_parameters())
+    for rank in range(WORLD):
+        assert results[rank]["stepped"] == [False] * N
+        for name, value in initial.items():
+            assert torch.equal(results[rank]["params"][name], value.detach())
