@@ -8,12 +8,17 @@ transformer for a few windows of N micro-batches, one path per set of processes:
   (the frameworks' pattern: one all-reduce per window, of gradients accumulated in the
   parameters' own dtype);
 - ``MicroBatchOptimizer(model=ddp)``: DDP's synchronisation taken over, one all-reduce of
-  the fp32 buffers per window, started during the last backward.
+  the fp32 buffers per window, started during the last backward;
+- ``FSDP2``: ``fully_shard`` per layer, loss / N, a reduce-scatter per backward into the
+  sharded gradients, clip, step;
+- ``FSDP2 + MicroBatchOptimizer(model=)``: the same model, the shards accumulated by the
+  window into sharded buffers.
 
-Per path: median time per window, bytes every rank hands to all-reduce per window
-(counted in ``torch.distributed.all_reduce``, which DDP's default communication hook
-and the wrapper both call), and the peak resident memory of a rank (the process's
-high-water mark, so each path runs in processes of its own).
+Per path: median time per window, bytes every rank hands to collectives per window
+(counted in ``torch.distributed.all_reduce``, which DDP's default communication hook and
+the wrapper call, and in the all-gathers and reduce-scatters FSDP2 calls: their full,
+unsharded size), and the peak resident memory of a rank (the process's high-water mark,
+so each path runs in processes of its own).
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ import torch
 
 __all__ = ["PATHS", "DataParallelResult", "format_table", "run"]
 
-PATHS = ("DDP, sync every micro-batch", "DDP, no_sync + last", "MicroBatchOptimizer(model=ddp)")
+PATHS = ("DDP, sync every micro-batch", "DDP, no_sync + last", "MicroBatchOptimizer(model=ddp)",
+         "FSDP2", "FSDP2 + MicroBatchOptimizer(model=)")
+_FSDP_PATHS = PATHS[3:]
+_WRAPPER_PATHS = (PATHS[2], PATHS[4])
 
 
 @dataclasses.dataclass
@@ -60,21 +68,22 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         sent = [0]
-        ddp = torch.nn.parallel.DistributedDataParallel(_model(sizes["width"], sizes["layers"]))
-        # DDP's default reduction as a Python hook: it calls torch.distributed.all_reduce,
-        # where the bytes of both kinds of path are counted.
-        ddp.register_comm_hook(dist.group.WORLD, allreduce_hook)
-        original = dist.all_reduce
+        _count_collectives(sent)
+        model = _model(sizes["width"], sizes["layers"])
+        if path in _FSDP_PATHS:
+            from torch.distributed.fsdp import fully_shard
 
-        def counting_all_reduce(tensor, *args, **kwargs):
-            sent[0] += tensor.numel() * tensor.element_size()
-            return original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counting_all_reduce
+            for layer in model[0].layers:
+                fully_shard(layer)
+            net = fully_shard(model)
+        else:
+            net = torch.nn.parallel.DistributedDataParallel(model)
+            # DDP's default reduction as a Python hook: it calls all_reduce, where it is counted.
+            net.register_comm_hook(dist.group.WORLD, allreduce_hook)
         n = sizes["micro_batches"]
-        adamw = torch.optim.AdamW(ddp.parameters(), lr=1e-4)
-        wrapper = (MicroBatchOptimizer(adamw, n, max_grad_norm=1.0, model=ddp)
-                   if path == PATHS[2] else None)
+        adamw = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        wrapper = (MicroBatchOptimizer(adamw, n, max_grad_norm=1.0, model=net)
+                   if path in _WRAPPER_PATHS else None)
         gen = torch.Generator().manual_seed(rank)
         batches = [torch.randn(sizes["batch"], sizes["seq_len"], sizes["width"], generator=gen)
                    for _ in range(n)]
@@ -82,16 +91,16 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
         def window() -> None:
             for k, x in enumerate(batches):
                 if wrapper is not None:
-                    ddp(x).square().mean().backward()
+                    net(x).square().mean().backward()
                     wrapper.step()
                     wrapper.zero_grad()
                 elif path == PATHS[1] and k < n - 1:
-                    with ddp.no_sync():  # around the forward too: it arms the reduction
-                        (ddp(x).square().mean() / n).backward()
+                    with net.no_sync():  # around the forward too: it arms the reduction
+                        (net(x).square().mean() / n).backward()
                 else:
-                    (ddp(x).square().mean() / n).backward()
+                    (net(x).square().mean() / n).backward()
             if wrapper is None:
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 adamw.step()
                 adamw.zero_grad()
 
@@ -104,7 +113,7 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
             times.append(time.perf_counter() - start)
         if rank == 0:
             results["result"] = DataParallelResult(
-                path, world, n, sum(p.numel() for p in ddp.parameters()),
+                path, world, n, sum(p.numel() for p in net.parameters()),
                 statistics.median(times) * 1e3, sent[0] // sizes["windows"],
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     finally:
@@ -128,10 +137,29 @@ def run(world: int = 2, micro_batches: int = 4, *, width: int = 256, layers: int
     return results
 
 
+def _count_collectives(sent: list[int]) -> None:
+    """Adds the bytes of every all-reduce, all-gather and reduce-scatter to sent[0]."""
+    import torch.distributed as dist
+
+    def counting(collective, tensor_of):
+        def call(*args, **kwargs):
+            tensor = tensor_of(*args, **kwargs)
+            sent[0] += tensor.numel() * tensor.element_size()
+            return collective(*args, **kwargs)
+        return call
+
+    dist.all_reduce = counting(dist.all_reduce, lambda tensor, *a, **k: tensor)
+    if hasattr(dist, "all_gather_single"):  # what FSDP2 calls (torch >= 2.14)
+        dist.all_gather_single = counting(dist.all_gather_single, lambda output, *a, **k: output)
+        dist.reduce_scatter_single = counting(
+            dist.reduce_scatter_single, lambda *a, **k: k["input"] if "input" in k else a[1])
+
+
 def format_table(results: list[DataParallelResult]) -> str:
     first = results[0]
     lines = [f"data parallel: {first.world} gloo ranks on CPU, a {first.parameters / 1e6:.1f}M-parameter "
-             f"fp32 transformer, N={first.micro_batches} micro-batches per window",
+             f"fp32 transformer, N={first.micro_batches} micro-batches per window; sent: bytes a rank "
+             "hands to collectives (FSDP2: all-gathers and reduce-scatters at full size)",
              f"{'path':34s} {'window ms':>10s} {'sent MB/window':>15s} {'B/param':>8s} {'peak RSS MB':>12s}",
              "-" * 83]
     for r in results:

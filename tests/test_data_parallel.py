@@ -152,10 +152,15 @@ def test_the_data_parallel_benchmark_counts_what_each_path_sends():
     n = 2
     results = {r.path: r for r in data_parallel_bench.run(WORLD, n, width=16, layers=1, batch=2,
                                                          seq_len=4, windows=1)}
-    every, last, wrapper = (results[p] for p in data_parallel_bench.PATHS)
+    every, last, wrapper, fsdp, fsdp_wrapper = (results[p] for p in data_parallel_bench.PATHS)
     assert every.bytes_per_window == n * 4 * every.parameters
     assert last.bytes_per_window == 4 * last.parameters
     flags = wrapper.bytes_per_window - 4 * wrapper.parameters
     assert 0 < flags < 68 * 64  # per tensor: 64-byte alignment padding and one flag; 3 more flags
+    # FSDP2 gathers the parameters and reduce-scatters the gradients every micro-batch,
+    # with or without the wrapper (which adds its flags, where the pure loop's clipping
+    # all-reduces a norm).
+    assert fsdp.bytes_per_window >= n * 2 * 4 * fsdp.parameters
+    assert abs(fsdp_wrapper.bytes_per_window - fsdp.bytes_per_window) < 8 * 64
     assert all(r.window_ms > 0 and r.peak_rss_mb > 0 for r in results.values())
     assert "MicroBatchOptimizer(model=ddp)" in data_parallel_bench.format_table(list(results.values()))
