@@ -62,7 +62,7 @@ def _data_parallel(args: argparse.Namespace) -> int:
     def progress(message: str) -> None:
         print(f"  ... {message}", file=sys.stderr, flush=True)
 
-    results = data_parallel_bench.run(args.world, args.window, progress=progress)
+    results = data_parallel_bench.run(args.world or 2, args.window, progress=progress)
     print(data_parallel_bench.format_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -82,9 +82,14 @@ def _bench(args: argparse.Namespace) -> int:
     if args.model:
         from mbfused import model
 
+        from mbfused import data_parallel_bench
+
         for name in args.lists or list(benchmarks.TENSOR_LISTS):
             print(model.format_model(name, model.model_window(name, args.window), args.window))
             print()
+        world = args.world or 8  # a node of GPUs
+        costs = data_parallel_bench.modeled_wire_costs(world, args.window)
+        print(data_parallel_bench.format_wire_costs(costs, world, args.window))
         return 0
     device = args.device
     repeats = args.repeats or (5 if args.quick else 20)
@@ -167,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--data-parallel", action="store_true",
                        help="windows of a small transformer on --world gloo ranks (CPU): DDP's own "
                             "synchronisation against MicroBatchOptimizer(model=ddp)")
-    bench.add_argument("--world", type=int, default=2, help="ranks for --data-parallel")
+    bench.add_argument("--world", type=int, default=None,
+                       help="ranks: gloo processes for --data-parallel (default 2), GPUs in the "
+                            "data-parallel table of --model (default 8)")
     bench.add_argument("--e2e-model", choices=("1b", "tiny"), default="1b",
                        help="Llama shape for --end-to-end (1b: TinyLlama-1.1B)")
     bench.add_argument("--e2e-batch", type=int, default=2, help="sequences per micro-batch")

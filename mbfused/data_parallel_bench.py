@@ -166,3 +166,40 @@ def format_table(results: list[DataParallelResult]) -> str:
         lines.append(f"{r.path:34s} {r.window_ms:10.1f} {r.bytes_per_window / 1e6:15.2f} "
                      f"{r.bytes_per_window / r.parameters:8.2f} {r.peak_rss_mb:12.0f}")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class WireCost:
+    """Modeled per-parameter cost of a data-parallel window on a GPU cluster."""
+
+    path: str
+    wire_bytes: float  # bytes a rank sends per parameter per window (ring collectives)
+    gradient_bytes: float  # bytes per parameter per rank that live across the window
+
+
+def modeled_wire_costs(world: int, n: int) -> list[WireCost]:
+    """bf16 parameters, N micro-batches per window, `world` ranks, ring algorithms: an
+    all-reduce sends 2(w-1)/w of its tensor per rank, an all-gather or reduce-scatter
+    (w-1)/w. FSDP2 gathers the bf16 parameters in the forward and again in the backward
+    (resharded after the forward) and reduce-scatters in fp32."""
+    all_reduce, one_way = 2 * (world - 1) / world, (world - 1) / world
+    fsdp_micro_batch = one_way * 2 * 2 + one_way * 4
+    return [
+        WireCost("DDP, sync every micro-batch (bf16 grads)", n * all_reduce * 2, 2),
+        WireCost("DDP, no_sync + last (bf16 grads summed in bf16)", all_reduce * 2, 2),
+        WireCost("DDP, no_sync + last, fp32 grads (grad_dtype)", all_reduce * 4, 4),
+        WireCost("MicroBatchOptimizer(model=ddp), fp32 buffers", all_reduce * 4, 4),
+        WireCost("FSDP2 (fp32 reduce-scatter every micro-batch)", n * fsdp_micro_batch, 4 / world),
+        WireCost("FSDP2 + MicroBatchOptimizer, reduce-scatter every micro-batch",
+                 n * fsdp_micro_batch, 4 / world),
+        WireCost("FSDP2 + MicroBatchOptimizer, reduce-scatter once per window",
+                 n * one_way * 2 * 2 + one_way * 4, 2 + 4 / world),
+    ]
+
+
+def format_wire_costs(costs: list[WireCost], world: int, n: int) -> str:
+    lines = [f"modeled data parallel on a GPU cluster: {world} ranks, N={n}, bf16 parameters, ring "
+             "collectives; per parameter: bytes a rank sends per window, gradient bytes held per rank",
+             f"{'path':64s} {'wire B':>7s} {'grad B':>7s}", "-" * 80]
+    lines += [f"{c.path:64s} {c.wire_bytes:7.2f} {c.gradient_bytes:7.2f}" for c in costs]
+    return "\n".join(lines)

@@ -164,3 +164,18 @@ def test_the_data_parallel_benchmark_counts_what_each_path_sends():
     assert abs(fsdp_wrapper.bytes_per_window - fsdp.bytes_per_window) < 8 * 64
     assert all(r.window_ms > 0 and r.peak_rss_mb > 0 for r in results.values())
     assert "MicroBatchOptimizer(model=ddp)" in data_parallel_bench.format_table(list(results.values()))
+
+
+def test_the_modeled_wire_costs_follow_the_ring_algorithms():
+    from mbfused import data_parallel_bench
+
+    world, n = 8, 4
+    costs = data_parallel_bench.modeled_wire_costs(world, n)
+    every, last_bf16, last_fp32, wrapper, fsdp, fsdp_wrapper, fsdp_once = costs
+    assert every.wire_bytes == n * last_bf16.wire_bytes  # an all-reduce per micro-batch
+    assert wrapper.wire_bytes == last_fp32.wire_bytes == 2 * last_bf16.wire_bytes  # fp32, once
+    assert wrapper.wire_bytes == 2 * (world - 1) / world * 4
+    assert fsdp_wrapper.wire_bytes == fsdp.wire_bytes > fsdp_once.wire_bytes
+    assert fsdp_wrapper.gradient_bytes == 4 / world  # buffers sharded like the parameters
+    table = data_parallel_bench.format_wire_costs(costs, world, n)
+    assert "MicroBatchOptimizer(model=ddp)" in table and f"{world} ranks" in table
