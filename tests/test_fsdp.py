@@ -10,6 +10,8 @@ identical, buffers of 1/world of the parameters per rank.
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -45,16 +47,27 @@ def _worker(rank, path, scenario, normalize, results):
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = Net()
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                   if scenario == "bf16" else MixedPrecisionPolicy())
-        fully_shard(model.first, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        opt = MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, model=model,
-                                  max_grad_norm=0.05, normalize=normalize, bucket_mb=0.001)
+
+        def build():
+            torch.manual_seed(0)
+            model = Net()
+            fully_shard(model.first, mp_policy=policy)
+            fully_shard(model, mp_policy=policy)
+            return model, MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, model=model,
+                                              max_grad_norm=0.05, normalize=normalize, bucket_mb=0.001)
+
+        model, opt = build()
         stepped = []
         for k, x in enumerate(_micro_batches(rank)):
+            if scenario == "resume" and k == 2:
+                # A checkpoint mid-window: this rank's shards of the window, into a new process's
+                # model and wrapper (the parameters have not moved yet in this window).
+                saved = io.BytesIO()
+                torch.save(opt.state_dict(), saved)
+                model, opt = build()
+                opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=False))
             if scenario == "once per window":
                 model.set_requires_gradient_sync(opt.sync_gradients)
             loss = _loss(model, x, normalize)
@@ -108,6 +121,7 @@ def _one_process(normalize):
     ("once per window", "mean", 1e-5),
     ("every micro-batch", "items", 1e-5),
     ("bf16", "mean", 2e-2),  # bf16 compute, fp32 reduce and buffers
+    ("resume", "mean", 1e-5),  # a checkpoint mid-window, loaded into a new wrapper
 ])
 def test_fsdp2_window_equals_one_process(tmp_path, scenario, normalize, rtol):
     results = _run(tmp_path, scenario, normalize)
