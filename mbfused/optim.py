@@ -253,7 +253,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             params, accumulation_steps, accum_dtype=accum_dtype,
             bucket_bytes=bucket_mb * 2**20 if mode == "bucket" else 0,
             unscale=(lambda: _amp.inverse_scale(scaler)) if scaler is not None else (lambda: None),
-            check_inf_per_micro_batch=scaler is not None)
+            loss_scaled=scaler is not None)
         self._window.backend = requested_backend()  # for backward hooks; renewed by every step()
         self._reduction = (WindowReduction(self._window, process_group,
                                            reduce_buffers=model_sync is None or model_sync.reduces_buffers)

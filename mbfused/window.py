@@ -13,6 +13,29 @@ micro-batch when there is one, and otherwise unnormalised: the window's 1/N (or
 1/items) is applied once at its end, so that a layer which adds its weight gradient
 into ``main_grad`` itself (Megatron, Transformer Engine, ``mbfused.nn.Linear``) and one
 whose gradient arrives as ``.grad`` sum in the same units.
+
+Where gradients come in (all end in ``accumulate``, one fused pass per call):
+``gradient_arrived`` (the backward hook of every managed parameter), which completes a
+bucket and accumulates it during backward; ``main_grad_written`` (``mbfused.nn.Linear``
+added into the buffer itself); ``collect`` (the optimizer's ``step()``: whatever is still
+on ``.grad``). Where the window's gradient goes out: ``hand_out`` (as ``.grad`` to the
+optimizer at the window's end), taken back by ``release_handed_out`` (``zero_grad()``).
+
+A slot's state in the current window:
+
+- ``written``: its buffer holds this window's gradient (else stale: overwritten by the
+  first accumulation, which saves a zeroing pass);
+- ``arrived_in``: the micro-batch its gradient last arrived in by backward (a second
+  arrival before ``step()`` is a loop that accumulates by itself);
+- ``external``: a layer of another library adds into ``main_grad`` itself (its buffer is
+  zeroed when a window starts: such layers may ignore ``overwrite_main_grad``);
+- ``last_pass_count``: accumulations in the last micro-batch (the squared norm summed by
+  that pass covers the window only when each written buffer had exactly one);
+- ``last_grad``: the last micro-batch's gradient, reused as the storage of the window's
+  gradient for parameters of another dtype than the buffers.
+
+The window's ``unchecked_written`` says a gradient came in without an inf/nan check (from
+``main_grad`` writes): the window's norm decides then.
 """
 
 from __future__ import annotations
@@ -86,8 +109,10 @@ class Bucket:
 
 
 # Each parameter's current window, so that a second wrapper of the same parameters closes
-# the first instead of racing it for the gradients: id(param) -> (weak param, weak window).
-# Keyed by id: a WeakKeyDictionary would compare tensors with ==.
+# the first instead of racing it for the gradients, and so that mbfused.nn.Linear finds
+# the window of its weight: id(param) -> (weak param, weak window). Keyed by id (a
+# WeakKeyDictionary would compare tensors with ==); an entry goes when its parameter dies
+# (the weak reference's callback), and a closed or dropped window is no one's manager.
 _MANAGER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
@@ -178,13 +203,15 @@ class AccumulationWindow:
         unscale: returns the inverse loss scale of the current micro-batch (a 1-element
             fp32 tensor), or None when gradients are not loss-scaled; asked once per
             micro-batch, when its first gradient arrives.
-        check_inf_per_micro_batch: keep a non-finite flag per micro-batch as well
-            (``micro_found_inf``), for a GradScaler that is updated every micro-batch.
+        loss_scaled: a GradScaler scales the loss. Each micro-batch then keeps a
+            non-finite flag of its own as well (``micro_found_inf``), for a scaler updated
+            every micro-batch, and a gradient a layer adds into ``main_grad`` itself is
+            refused (it cannot be unscaled).
     """
 
     def __init__(self, params: list[Tensor], accumulation_steps: int, *, accum_dtype: torch.dtype,
                  bucket_bytes: float, unscale: Callable[[], Tensor | None],
-                 check_inf_per_micro_batch: bool = False) -> None:
+                 loss_scaled: bool = False) -> None:
         self.accumulation_steps = accumulation_steps
         self.accum_dtype = accum_dtype
         self.bucket_bytes = bucket_bytes
@@ -195,7 +222,7 @@ class AccumulationWindow:
         self.micro_step = 0
         self.found_inf = torch.zeros(1, dtype=torch.float32, device=self.device)
         self.micro_found_inf = (torch.zeros(1, dtype=torch.float32, device=self.device)
-                                if check_inf_per_micro_batch else None)
+                                if loss_scaled else None)
         self.last_micro_found_inf: Tensor | None = None
         self.norm_sq = torch.zeros(1, dtype=torch.float32, device=self.device)
         self.items: float | Tensor = 0
@@ -204,6 +231,7 @@ class AccumulationWindow:
         # zero_grad(): a backward before that would add into them
         self.handed_out: set[int] = set()
         self._unscale = unscale
+        self.loss_scaled = loss_scaled
         self._micro_scale: float | Tensor | None = None  # this micro-batch's, once known
         self._arrived: list[Slot] = []  # slots whose gradient arrived since the last collect()
         self._serial = 0  # micro-batches collected since construction
@@ -333,7 +361,7 @@ class AccumulationWindow:
 
     def _main_grad_added(self, slot: Slot, *, external: bool) -> None:
         if external:
-            if not isinstance(self.micro_scale(), float):
+            if self.loss_scaled:
                 raise WindowMisuse(
                     f"parameter {slot.index}'s gradient was added into main_grad by its layer "
                     "(grad_added_to_main_grad) while the loss is scaled by a GradScaler: such a "
