@@ -9,7 +9,14 @@ import sys
 import pytest
 import torch
 from accumulate_cases import assert_rejected_unchanged, assert_same, clone_all, make_grads, run_both
-from conftest import DTYPE_PAIRS, SIZES, cpu_backends, requires_native
+from conftest import (
+    DTYPE_PAIRS,
+    DTYPES,
+    SIZES,
+    cpu_backends,
+    every_cpu_tensor_backend,
+    requires_native,
+)
 
 import mbfused
 from mbfused import reference
@@ -289,6 +296,21 @@ def _bad_inputs():
 def test_bad_input_raises_and_changes_nothing(backend, case):
     _, make, error, fragment = case
     assert_rejected_unchanged(backend, mbfused.accumulate_, make(), error, fragment)
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_negative_zero_scale_keeps_its_sign(backend, overwrite, as_tensor):
+    # grad * -0.0 is -0.0 for a positive grad and +0.0 for a negative one, as in the
+    # reference; a +0.0 scale would give the opposite signs.
+    grads = [torch.tensor([1.5, -2.0, 0.0, -0.0]).to(dtype) for dtype in DTYPES]
+    acc = [torch.tensor([0.0, -0.0, -0.0, 0.0]).to(dtype) for dtype in reversed(DTYPES)]
+    scale = torch.tensor([-0.0]) if as_tensor else -0.0
+    (ours, _), (theirs, _) = run_both(backend, acc, grads, scale, overwrite=overwrite)
+    assert_same(ours, theirs)
+    assert ours[0].signbit().tolist() == ([True, False, True, False] if overwrite
+                                          else [False, False, True, False])
 
 
 def _opcheck_samples():

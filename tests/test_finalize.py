@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accumulate_cases import assert_rejected_unchanged, assert_same, clone_all, make_grads
-from conftest import DTYPE_PAIRS, DTYPES, cpu_backends, requires_native
+from accumulate_cases import (
+    assert_rejected_unchanged,
+    assert_same,
+    assert_same_bits,
+    clone_all,
+    make_grads,
+)
+from conftest import DTYPE_PAIRS, DTYPES, cpu_backends, every_cpu_tensor_backend, requires_native
 
 import mbfused
 from mbfused import reference
@@ -151,6 +157,22 @@ def test_empty_list_returns_norm_and_writes_nothing(backend):
     assert norm.item() == 2.0
     _, norm, _ = _torch_window_end([torch.zeros(0)], 1.0, 1.0)
     assert norm.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("inv_scale", [-0.0, torch.tensor([-0.0])], ids=["float", "tensor"])
+@pytest.mark.parametrize("with_norm_sq", [False, True])
+def test_negative_zero_inv_scale_gives_a_positive_zero_norm(backend, inv_scale, with_norm_sq):
+    # |inv_scale| is +0.0, so the norm is +0.0; the coefficient keeps the sign: acc * -0.0.
+    acc = [torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.5, -0.0], dtype=torch.float16)]
+    norm_sq = torch.tensor([5.25]) if with_norm_sq else None
+    for out_dtype in (None, torch.bfloat16):
+        (ours, ours_out, ours_norm), (theirs, theirs_out, theirs_norm) = run_both(
+            backend, acc, inv_scale, out_dtype=out_dtype, norm_sq=norm_sq)
+        assert_same(ours_out or ours, theirs_out or theirs)
+        assert_same_bits(ours_norm, theirs_norm, "total_norm")
+        assert ours_norm.item() == 0.0 and not ours_norm.signbit()
+        assert (ours_out or ours)[0].signbit().tolist() == [True, False, True]
 
 
 def _bad_finalize_inputs():
