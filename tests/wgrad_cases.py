@@ -29,10 +29,13 @@ __all__ = [
     "test_bad_input_raises_and_changes_nothing",
     "test_matches_the_torch_reference",
     "test_more_exact_than_a_16_bit_weight_gradient",
+    "test_negative_zero_scale_keeps_its_sign",
     "test_no_tokens_and_empty_buffers",
+    "test_no_tokens_give_a_zero_product_times_the_scale",
     "test_opcheck",
     "test_overwrite_discards_nan_in_main_grad",
     "test_scale_as_tensor_equals_scale_as_float",
+    "test_special_scales_follow_the_reference",
     "test_strided_operands_equal_contiguous_ones",
     "test_torch_compile_fullgraph",
 ]
@@ -214,6 +217,44 @@ def test_bad_input_raises_and_changes_nothing(target, case):
         mbfused.wgrad_accumulate_(**kwargs)
     for t, b in zip(tensors, before, strict=True):
         assert torch.equal(t.detach(), b), case
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 0.0, -0.0, float("inf"), float("-inf"), 1e300], ids=str)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_special_scales_follow_the_reference(target, scale, overwrite):
+    """The reference's ``main_grad + (product * scale)`` in IEEE arithmetic: a nan scale
+    makes every element nan, 0 * an infinite or nan product is nan, an infinite scale
+    times a zero product is nan. (A GEMM's alpha is no such multiply: the CPU BLAS
+    ignored a nan alpha and skipped the product for alpha = 0.) 1e300 is inf in fp32.
+    64 x 48 features and 100 tokens: the size at which the CPU BLAS takes the path that
+    ignored a nan alpha (smaller products went another way)."""
+    _, device = target
+    main_grad, go, x = make_inputs(64, 48, (100,), torch.bfloat16, torch.float32, device, seed=2)
+    go[3, 2] = float("inf")  # row 2 of the product: inf, and nan where x is 0 or nan
+    x[:, 0] = 0.0  # column 0: zero products
+    x[7, 4] = float("nan")  # column 4: nan
+    main_grad[1, 1], main_grad[5, 3] = float("-inf"), float("nan")
+    ours = run(target, main_grad, go, x, scale, overwrite=overwrite)
+    theirs = main_grad.clone()
+    reference.wgrad_accumulate_(theirs, go, x, scale, overwrite=overwrite)
+    # No finite nonzero product survives these scales: the results are exact.
+    torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_no_tokens_give_a_zero_product_times_the_scale(target, overwrite):
+    # As in the reference, where the product of no tokens is zeros: 0 * nan is nan.
+    main_grad, go, x = make_inputs(6, 5, (0,), torch.bfloat16, torch.bfloat16, target[1])
+    assert run(target, main_grad, go, x, float("nan"), overwrite=overwrite).isnan().all()
+    result = run(target, main_grad, go, x, -0.0, overwrite=True)
+    assert (result == 0).all() and result.signbit().all()  # 0 * -0.0
+
+
+def test_negative_zero_scale_keeps_its_sign(target):
+    # Positive products times -0.0 are -0.0, as in the reference (+0.0 with a +0.0 scale).
+    main_grad, go, x = make_inputs(7, 9, (20,), torch.float16, torch.bfloat16, target[1])
+    result = run(target, main_grad, go.abs() + 0.5, x.abs() + 0.5, -0.0, overwrite=True)
+    assert (result == 0).all() and result.signbit().all()
 
 
 def test_opcheck(target):
