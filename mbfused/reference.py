@@ -126,7 +126,9 @@ def _as_fp32_tensor(value: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         return value.reshape(())
     # A fill on the device, not a host-to-device copy: no sync, and CUDA-graph capturable.
-    return torch.full((), float(value), dtype=torch.float32, device=device)
+    # Filled in fp64 and cast: a float beyond the fp32 range rounds to inf, as the scalar
+    # operand of an fp32 op does (an fp32 fill refuses it).
+    return torch.full((), float(value), dtype=torch.float64, device=device).float()
 
 
 def _sum_of_squares(tensors: Sequence[Tensor], device: torch.device) -> Tensor:

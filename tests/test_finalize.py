@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from accumulate_cases import (
@@ -157,6 +159,22 @@ def test_empty_list_returns_norm_and_writes_nothing(backend):
     assert norm.item() == 2.0
     _, norm, _ = _torch_window_end([torch.zeros(0)], 1.0, 1.0)
     assert norm.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("inv_scale", [1e300, -1e39, torch.tensor([float("inf")])], ids=str)
+@pytest.mark.parametrize("with_norm_sq", [False, True])
+def test_inv_scale_beyond_the_fp32_range_is_infinite(backend, inv_scale, with_norm_sq):
+    # A Python float rounds to fp32 as the scalar of any fp32 op does: to inf beyond the
+    # range, on every backend (the torch backend refused it with a message about floats).
+    acc = [torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.5, -0.0], dtype=torch.bfloat16)]
+    norm_sq = torch.tensor([5.5]) if with_norm_sq else None
+    (ours, _, ours_norm), (theirs, _, theirs_norm) = run_both(backend, acc, inv_scale, norm_sq=norm_sq)
+    assert_same(ours, theirs)
+    assert_same_bits(ours_norm, theirs_norm, "total_norm")
+    assert ours_norm.item() == math.inf
+    assert ours[0][0].item() == math.copysign(math.inf, float(inv_scale))
+    assert math.isnan(ours[0][2].item())  # 0 * inf
 
 
 @pytest.mark.parametrize("backend", every_cpu_tensor_backend())
