@@ -87,10 +87,9 @@ def finalize_(
     holds a nonzero value nothing changes; else ``acc *= coef``, or with ``out``,
     ``out[i] = cast(acc[i] * coef)``. No host synchronisation.
     """
-    if len(acc):
-        device = acc[0].device
-    else:
-        device = norm_sq.device if norm_sq is not None else torch.device("cpu")
+    # The call's device: acc's or, with no acc, that of the first tensor given.
+    tensors = (*acc[:1], inv_scale if isinstance(inv_scale, Tensor) else None, found_inf, norm_sq)
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     inv = _as_fp32_tensor(inv_scale, device)
     sum_sq = norm_sq.reshape(()) if norm_sq is not None else _sum_of_squares(acc, device).float()
     total_norm, coef = window_coefficient(sum_sq, inv, max_norm)

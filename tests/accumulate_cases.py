@@ -68,13 +68,32 @@ def assert_same(ours, theirs):
         assert_same_bits(a, b, f"acc[{i}]")
 
 
+def tensors_in(values):
+    """The tensors among call arguments, in lists and tuples too; meta tensors have no
+    contents and are left out."""
+    found = []
+    for v in values:
+        for t in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                found.append(t)
+    return found
+
+
+def snapshot(tensors):
+    return [bits(t).clone() for t in tensors]
+
+
+def assert_unchanged(tensors, before):
+    """Every byte of every tensor as in `before` (snapshot)."""
+    for i, (t, b) in enumerate(zip(tensors, before, strict=True)):
+        assert torch.equal(bits(t), b), f"argument tensor {i} ({list(t.shape)}, {t.dtype}) changed"
+
+
 def assert_rejected_unchanged(backend, op, kwargs, error, fragment):
     """`op(**kwargs)` on `backend` raises `error` naming `fragment`, and every tensor
     among the arguments (meta tensors aside) keeps its exact contents."""
-    tensors = [t for v in kwargs.values() for t in (v if isinstance(v, list) else [v])
-               if isinstance(t, torch.Tensor) and t.device.type != "meta"]
-    before = [t.detach().clone() for t in tensors]
+    tensors = tensors_in(kwargs.values())
+    before = snapshot(tensors)
     with mbfused.use_backend(backend), pytest.raises(error, match=re.escape(fragment)):
         op(**kwargs)
-    for t, b in zip(tensors, before):
-        assert torch.equal(t.detach(), b) or (t.isnan() == b.isnan()).all()
+    assert_unchanged(tensors, before)

@@ -225,6 +225,33 @@ def _bad_finalize_inputs():
          "acc[0] is an inference tensor"),
         ("out inference tensor", lambda: dict(acc=base(), out=[torch.zeros(4, 5), *_inference([torch.zeros(6)])]),
          ValueError, "out[1] is an inference tensor"),
+        # An empty out is an out of the wrong length, not "in place".
+        ("empty out", lambda: dict(acc=base(), inv_scale=0.5, out=[]), ValueError,
+         "out has 0 tensors but acc has 2"),
+        # An empty acc: nothing to scale, but every other argument is checked all the same.
+        ("empty acc, norm_sq shape", lambda: dict(acc=[], norm_sq=torch.zeros(2)), ValueError,
+         "norm_sq must be a 1-element torch.float32 tensor on cpu, got shape [2]"),
+        ("empty acc, inv_scale requires grad", lambda: dict(acc=[], inv_scale=torch.ones(1, requires_grad=True)),
+         ValueError, "inv_scale requires grad"),
+        ("empty acc, found_inf dtype", lambda: dict(acc=[], found_inf=torch.zeros(1, dtype=torch.float64)),
+         ValueError, "found_inf must be a 1-element torch.float32 tensor on cpu"),
+        ("empty acc, inv_scale on another device", lambda: dict(
+            acc=[], inv_scale=torch.ones(1, device="meta"), norm_sq=torch.ones(1)), ValueError,
+         "norm_sq must be a 1-element torch.float32 tensor on meta, got shape [1], dtype torch.float32 on cpu"),
+        # Messages that named neither argument nor index.
+        ("acc None", lambda: dict(acc=None), TypeError, "acc must be a list or tuple of tensors, got NoneType"),
+        ("out holds a non-tensor", lambda: dict(acc=base(), out=[torch.zeros(4, 5), None]), TypeError,
+         "out[1] must be a Tensor, got NoneType"),
+        ("sparse acc", lambda: dict(acc=[torch.ones(4, 5), torch.ones(6).to_sparse()]), ValueError,
+         "acc[1] must be a dense (strided) tensor"),
+        ("sparse out", lambda: dict(acc=base(), out=[torch.zeros(4, 5).to_sparse(), torch.zeros(6)]),
+         ValueError, "out[0] must be a dense (strided) tensor"),
+        ("inv_scale beyond floats", lambda: dict(acc=base(), inv_scale=-(10**400)), ValueError,
+         "inv_scale is beyond the range of a float"),
+        ("max_norm beyond floats", lambda: dict(acc=base(), max_norm=10**400), ValueError,
+         "max_norm is beyond the range of a float"),
+        ("norm_sq not a tensor", lambda: dict(acc=base(), norm_sq=4.0), TypeError,
+         "norm_sq must be a Tensor, got float"),
     ]
 
 
@@ -243,7 +270,7 @@ def test_inference_tensors_are_read_when_out_is_given(backend):
     assert out[0].tolist() == [2.0] * 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
 @pytest.mark.parametrize("case", _bad_finalize_inputs(), ids=lambda c: c[0])
 def test_bad_input_raises_and_changes_nothing(backend, case):
     _, make, error, fragment = case
