@@ -25,6 +25,7 @@ __all__ = [
     "baseline_wgrad_add_",
     "baseline_wgrad_add_float_",
     "baseline_window_",
+    "clip_coefficient",
     "finalize_",
     "wgrad_accumulate_",
     "window_coefficient",
@@ -115,10 +116,15 @@ def window_coefficient(sum_sq: Tensor, inv_scale: Tensor, max_norm: float | None
     two steps (csrc/accumulate_math.h, kernels/finalize.py).
     """
     total_norm = sum_sq.double().sqrt().float() * inv_scale.abs()
-    coef = inv_scale
-    if max_norm is not None:
-        coef = inv_scale * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    return total_norm, coef
+    return total_norm, clip_coefficient(total_norm, inv_scale, max_norm)
+
+
+def clip_coefficient(total_norm: Tensor, inv_scale: Tensor, max_norm: float | None) -> Tensor:
+    """finalize_'s coefficient for a total norm (see window_coefficient): the part the
+    backends compute the same way from a norm they may sum in another order."""
+    if max_norm is None:
+        return inv_scale
+    return inv_scale * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 def _as_fp32_tensor(value: float | Tensor, device: torch.device) -> Tensor:

@@ -61,13 +61,13 @@ def run(target, main_grad, go, x, scale=1.0, **kwargs):
 def exact_and_bound(main_grad, go, x, scale, overwrite=False):
     """The exact result (fp64) and the largest error an fp32 GEMM may make on it."""
     out_features, in_features = main_grad.shape
-    a = go.reshape(-1, out_features).double().cpu()
-    b = x.reshape(-1, in_features).double().cpu()
+    tokens = go.shape[:-1].numel()  # not -1: ambiguous when a feature count is 0
+    a = go.reshape(tokens, out_features).double().cpu()
+    b = x.reshape(tokens, in_features).double().cpu()
     s = float(scale)
     base = torch.zeros_like(main_grad, dtype=torch.float64, device="cpu") if overwrite \
         else main_grad.double().cpu()
     exact = base + s * (a.t() @ b)
-    tokens = a.shape[0]
     magnitude = abs(s) * (a.abs().t() @ b.abs())
     bound = (tokens + 4) * FP32_EPS * magnitude + 2 * FP32_EPS * base.abs() + 1e-30
     return exact, bound
