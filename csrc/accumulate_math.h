@@ -66,7 +66,8 @@ C10_HOST_DEVICE inline Dst scaled_element(Src src, float coef) {
 
 // finalize_'s coefficient, in fp32, rounded step by step as the reference
 // (mbfused.reference.window_coefficient) and torch.nn.utils.clip_grad_norm_ do:
-// total_norm = sqrt(sum_sq) * |inv_scale| with a correctly rounded sqrt, and
+// total_norm = sqrt(sum_sq) * |inv_scale| with a correctly rounded sqrt (|-0| is +0: a
+// norm is never negative zero), and
 // coef = inv_scale * min(clip, 1) with clip = max_norm / (total_norm + 1e-6), which
 // PyTorch evaluates as reciprocal(total_norm + 1e-6) * max_norm (a plain division
 // differs in the last bit for about a quarter of the norms). min() is written so that
@@ -78,8 +79,7 @@ struct FinalizeCoefficient {
 
 C10_HOST_DEVICE inline FinalizeCoefficient finalize_coefficient(
     float sum_sq, float inv_scale, bool has_max_norm, float max_norm) {
-  const float magnitude = inv_scale < 0.0f ? -inv_scale : inv_scale;
-  const float total_norm = sqrtf(sum_sq) * magnitude;
+  const float total_norm = sqrtf(sum_sq) * fabsf(inv_scale);
   float coef = inv_scale;
   if (has_max_norm) {
     const float clip = (1.0f / (total_norm + 1e-6f)) * max_norm;

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -94,6 +96,7 @@ void check_state_tensor(const std::optional<at::Tensor>& t, const char* label, c
   if (!t.has_value()) {
     return;
   }
+  TORCH_CHECK_VALUE(t->layout() == at::kStrided, label, " must be a dense (strided) tensor");
   TORCH_CHECK_VALUE(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == device,
                     label, " must be a 1-element torch.float32 tensor on ", device, ", got shape ",
                     shape_str(t->sizes()), ", dtype ", dtype_name(t->scalar_type()), " on ", t->device());
@@ -189,6 +192,21 @@ void check_state(const std::optional<at::Tensor>& state, const char* label, cons
   }
 }
 
+// The device of a list op's call: acc[0]'s or, with empty lists, that of the first
+// 1-element tensor given (checked against it all the same); none without any tensor.
+std::optional<at::Device> call_device(c10::ArrayRef<at::Tensor> acc,
+                                      std::initializer_list<const std::optional<at::Tensor>*> states) {
+  if (!acc.empty()) {
+    return acc[0].device();
+  }
+  for (const std::optional<at::Tensor>* state : states) {
+    if (state->has_value()) {
+      return (*state)->device();
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 void check_accumulate_args(
@@ -197,10 +215,11 @@ void check_accumulate_args(
     const std::optional<at::Tensor>& norm_sq) {
   TORCH_CHECK_VALUE(acc.size() == grads.size(), "acc has ", num(acc.size()),
                     " tensors but grads has ", num(grads.size()));
-  if (acc.empty()) {
+  const std::optional<at::Device> call = call_device(acc, {&scale_tensor, &found_inf, &norm_sq});
+  if (!call.has_value()) {
     return;
   }
-  const at::Device device = acc[0].device();
+  const at::Device device = *call;
   std::vector<Span> spans;
   spans.reserve(2 * acc.size() + 3);
   for (size_t i = 0; i < acc.size(); ++i) {
@@ -222,10 +241,11 @@ void check_finalize_args(
                     num(*max_norm));
   TORCH_CHECK_VALUE(out.empty() || out.size() == acc.size(), "out has ", num(out.size()),
                     " tensors but acc has ", num(acc.size()));
-  if (acc.empty()) {
+  const std::optional<at::Device> call = call_device(acc, {&inv_scale_tensor, &found_inf, &norm_sq});
+  if (!call.has_value()) {
     return;
   }
-  const at::Device device = acc[0].device();
+  const at::Device device = *call;
   const bool in_place = out.empty();
   std::vector<Span> spans;
   spans.reserve(2 * acc.size() + 3);
@@ -270,10 +290,7 @@ void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output
                     "grad_output has shape ", shape_str(grad_output.sizes()), " but input has ",
                     shape_str(input.sizes()), ": their leading (token) dimensions must match");
   std::vector<Span> spans;
-  if (scale_tensor.has_value()) {
-    check_state_tensor(scale_tensor, "scale", device);
-    add_span(spans, *scale_tensor, Name{"scale", SIZE_MAX}, /*written=*/false);
-  }
+  check_state(scale_tensor, "scale", device, /*written=*/false, spans);
   add_span(spans, main_grad, main_name, /*written=*/true);
   add_span(spans, grad_output, Name{"grad_output", SIZE_MAX}, /*written=*/false);
   add_span(spans, input, Name{"input", SIZE_MAX}, /*written=*/false);

@@ -220,7 +220,10 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
   const ListTensors acc(acc_obj);
   const ListTensors out(out_obj == Py_None ? empty_tuple() : out_obj);
   const StateTensors state(inv_scale_tensor_obj, found_inf_obj, norm_sq_obj);
-  if (!acc.plain() || !out.plain() || !state.plain || acc.tensors().empty()) {
+  // The compiled op takes an empty out for "in place": an out of another length than
+  // acc, empty included, is the dispatcher's to refuse.
+  const bool out_fits = out_obj == Py_None || out.tensors().size() == acc.tensors().size();
+  if (!acc.plain() || !out.plain() || !state.plain || acc.tensors().empty() || !out_fits) {
     Py_RETURN_NONE;
   }
   const std::optional<double> max_norm =

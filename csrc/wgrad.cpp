@@ -10,11 +10,14 @@
 
 #include <ATen/ops/addcmul.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 namespace mbfused {
@@ -25,36 +28,61 @@ constexpr int64_t kCpuBlockElements = int64_t{8} << 20;
 
 at::Tensor as_fp32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
-// main_grad <- beta * main_grad + alpha * a^T @ x, with a [tokens, out], x [tokens, in].
-void gemm_cpu(const at::Tensor& main_grad, const at::Tensor& a, const at::Tensor& x, float alpha,
-              bool overwrite) {
+// A GEMM's alpha stands for the reference's multiply after the product only when the
+// scale is finite and nonzero: a BLAS skips the product for alpha = 0 (inf and nan of
+// the operands are lost) and the CPU one ignored a nan alpha (5000 where the reference
+// gives nan). With no tokens there is no GEMM: the product is zeros, and 0 * scale keeps
+// the reference's signs and nans. Other scales go through an explicit fp32 product.
+bool scale_fits_alpha(float scale, int64_t tokens) {
+  return tokens > 0 && std::isfinite(scale) && scale != 0.0f;
+}
+
+// dst <- (overwrite ? 0 : dst) + alpha * a^T @ x on the CPU BLAS, with a [tokens, out] and
+// x [tokens, in].
+void gemm_cpu(const at::Tensor& dst, const at::Tensor& a, const at::Tensor& x, float alpha, bool overwrite) {
   const int64_t tokens = a.size(0);
   if (tokens == 0) {
     if (overwrite) {
-      main_grad.zero_();
+      dst.zero_();
     }
     return;
   }
   const bool widen = a.scalar_type() != at::kFloat || x.scalar_type() != at::kFloat;
   const int64_t block = widen ? std::max<int64_t>(1, kCpuBlockElements / (a.size(1) + x.size(1))) : tokens;
-  at::Tensor out = main_grad;  // addmm_out takes the output by non-const reference
+  at::Tensor out = dst;  // addmm_out takes the output by non-const reference
   for (int64_t first = 0; first < tokens; first += block) {
     const int64_t rows = std::min(block, tokens - first);
-    // beta = 0 on the first block of an overwrite: main_grad is not read (NaN discarded).
+    // beta = 0 on the first block of an overwrite: dst is not read (NaN discarded).
     const double beta = (overwrite && first == 0) ? 0.0 : 1.0;
-    at::addmm_out(out, main_grad, as_fp32(a.narrow(0, first, rows)).t(), as_fp32(x.narrow(0, first, rows)),
-                  beta, alpha);
+    at::addmm_out(out, dst, as_fp32(a.narrow(0, first, rows)).t(), as_fp32(x.narrow(0, first, rows)), beta,
+                  alpha);
   }
 }
 
-void gemm_cuda(const at::Tensor& main_grad, const at::Tensor& a, const at::Tensor& x, double scale,
-               const std::optional<at::Tensor>& scale_tensor, bool overwrite) {
+void wgrad_cpu(const at::Tensor& main_grad, const at::Tensor& a, const at::Tensor& x, float scale, bool overwrite) {
+  if (scale_fits_alpha(scale, a.size(0))) {
+    gemm_cpu(main_grad, a, x, scale, overwrite);
+    return;
+  }
+  // The reference's order: the product, times scale, then added (or written).
+  at::Tensor product = at::empty_like(main_grad);
+  gemm_cpu(product, a, x, 1.0f, /*overwrite=*/true);
+  product.mul_(scale);
+  if (overwrite) {
+    main_grad.copy_(product);
+  } else {
+    main_grad.add_(product);
+  }
+}
+
+void wgrad_cuda(const at::Tensor& main_grad, const at::Tensor& a, const at::Tensor& x, double scale,
+                const std::optional<at::Tensor>& scale_tensor, bool overwrite) {
   // One 16-bit dtype: cuBLAS reads it directly and writes fp32. Otherwise fp32 operands.
   const bool direct = a.scalar_type() == x.scalar_type() && a.scalar_type() != at::kFloat;
   const at::Tensor lhs = direct ? a.t() : as_fp32(a).t();
   const at::Tensor rhs = direct ? x : as_fp32(x);
   at::Tensor out = main_grad;
-  if (!scale_tensor.has_value()) {
+  if (!scale_tensor.has_value() && scale_fits_alpha(static_cast<float>(scale), a.size(0))) {
     const double beta = overwrite ? 0.0 : 1.0;
     if (direct) {
       at::addmm_out(out, main_grad, lhs, rhs, at::kFloat, beta, scale);
@@ -63,11 +91,13 @@ void gemm_cuda(const at::Tensor& main_grad, const at::Tensor& a, const at::Tenso
     }
     return;
   }
-  // A scale on the device cannot be a GEMM alpha without a host sync: one fp32 product,
-  // then one fused pass main_grad (+)= product * scale.
+  // A scale on the device (as an alpha it would cost a host sync), or one no alpha stands
+  // for (scale_fits_alpha): one fp32 product, then one fused pass main_grad (+)= product * scale.
   // 0-d: a 1-element scale of any shape ([1], [1, 1, 1]) must not broadcast main_grad's.
   const at::Tensor product = direct ? at::mm(lhs, rhs, at::kFloat) : at::mm(lhs, rhs);
-  const at::Tensor s = scale_tensor->reshape({});
+  const at::Tensor s = scale_tensor.has_value()
+                           ? scale_tensor->reshape({})
+                           : at::full(at::IntArrayRef{}, static_cast<float>(scale), main_grad.options());
   if (overwrite) {
     at::mul_out(out, product, s);
   } else {
@@ -84,12 +114,12 @@ void wgrad_accumulate_native(const at::Tensor& main_grad, const at::Tensor& grad
   const at::Tensor a = grad_output.reshape({-1, main_grad.size(0)});
   const at::Tensor x = input.reshape({-1, main_grad.size(1)});
   if (main_grad.is_cuda()) {
-    gemm_cuda(main_grad, a, x, scale, scale_tensor, overwrite);
+    wgrad_cuda(main_grad, a, x, scale, scale_tensor, overwrite);
   } else {
     TORCH_CHECK_VALUE(main_grad.is_cpu(), "wgrad_accumulate_ runs CPU and CUDA tensors; main_grad is on ",
                       main_grad.device());
-    const float alpha = scale_tensor.has_value() ? scale_tensor->item<float>() : static_cast<float>(scale);
-    gemm_cpu(main_grad, a, x, alpha, overwrite);
+    wgrad_cpu(main_grad, a, x, scale_tensor.has_value() ? scale_tensor->item<float>() : static_cast<float>(scale),
+              overwrite);
   }
 }
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import math
 import os
+import struct
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -106,6 +108,27 @@ def tuning_once(tuned: set, key: tuple):
     except BaseException:
         tuned.discard(key)
         raise
+
+
+def fp32_bits(value: float) -> int:
+    """The bits of ``float32(value)`` as a signed 32-bit integer, rounded to nearest as
+    a C cast and PyTorch's fp32 ops round a Python scalar (beyond the fp32 range: inf).
+
+    Kernels take Python scalars as these bits (``fp32_from_bits``), not as floats: the
+    interpreter passes a float argument on as a Python float, and Triton makes a constant
+    of a float that equals 0 a +0.0, so a scale of -0.0 lost its sign there.
+    """
+    try:
+        packed = struct.pack("<f", value)
+    except OverflowError:  # struct refuses what a cast rounds to an infinity
+        packed = struct.pack("<f", math.copysign(math.inf, value))
+    return struct.unpack("<i", packed)[0]
+
+
+@triton.jit
+def fp32_from_bits(bits):
+    """The fp32 scalar whose bits ``fp32_bits`` gave."""
+    return bits.to(tl.int32).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -32,6 +32,8 @@ from ._common import (
     benchmark,
     block_chunk,
     check_device,
+    fp32_bits,
+    fp32_from_bits,
     from_fp32,
     on_tensors_device,
     plan,
@@ -78,12 +80,12 @@ def _accumulate_tile(
 # alignment buys nothing, and specialising on it (it varies with list lengths and group
 # offsets) would compile up to 8 variants of each kernel.
 @triton.autotune(configs=_CONFIGS, key=["ACC_DTYPE", "GRAD_DTYPE", "ALIGNED"], do_bench=benchmark)
-@triton.jit(do_not_specialize_on_alignment=[
+@triton.jit(do_not_specialize=["scale_bits"], do_not_specialize_on_alignment=[
     "acc_ptrs", "grad_ptrs", "numels", "first_blocks", "block_tensors", "partials_ptr"])
 def accumulate_kernel(
     acc_ptrs, grad_ptrs, numels, first_blocks, block_tensors,
     scale_ptr, found_inf_ptr, partials_ptr,
-    scale_value,
+    scale_bits,
     ACC_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
     OVERWRITE: tl.constexpr, CHECK_FINITE: tl.constexpr, NORM: tl.constexpr,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr,
@@ -92,15 +94,13 @@ def accumulate_kernel(
 
     ``acc_ptrs``, ``grad_ptrs``, ``numels``: per-tensor int64 tables; ``first_blocks``:
     the launch's first block of each tensor; ``block_tensors``: block -> tensor index.
-    ``scale_ptr`` (or ``scale_value`` when it is None), ``found_inf_ptr`` and
+    ``scale_ptr`` (or ``scale_bits``, see ``fp32_bits``, when it is None), ``found_inf_ptr`` and
     ``partials_ptr`` (one fp32 per block) as in accumulate_.
     """
     block, tensor, start, length = block_chunk(block_tensors, first_blocks, numels, CHUNK)
     acc_ptr = as_pointer(tl.load(acc_ptrs + tensor), ACC_DTYPE, ALIGNED) + start
     grad_ptr = as_pointer(tl.load(grad_ptrs + tensor), GRAD_DTYPE, ALIGNED) + start
-    # A Python float reaches the interpreter as a Python float: tl.full rounds it to fp32
-    # as PyTorch does with the scalar operand of an fp32 op (GPU launches pass fp32).
-    scale = tl.load(scale_ptr) if scale_ptr is not None else tl.full([], scale_value, tl.float32)
+    scale = tl.load(scale_ptr) if scale_ptr is not None else fp32_from_bits(scale_bits)
 
     squares = tl.zeros([BLOCK], dtype=tl.float32)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
@@ -184,7 +184,7 @@ def accumulate_(
     if launches is None:
         return
     partials = None if norm_sq is None else torch.empty(launches.blocks, device=device)
-    scale_ptr, scale_value = (scale, 1.0) if isinstance(scale, Tensor) else (None, float(scale))
+    scale_ptr, scale_bits = (scale, 0) if isinstance(scale, Tensor) else (None, fp32_bits(scale))
     # Summing squares: the one fixed config (NORM_CONFIG), so the norm's bits never
     # depend on a timing; else the tuned one.
     kernel, options = (accumulate_kernel.fn, NORM_LAUNCH) if partials is not None else (accumulate_kernel, {})
@@ -196,7 +196,7 @@ def accumulate_(
             launches.dst_ptrs, launches.src_ptrs, launches.numels, launches.first_blocks,
             launches.block_tensors[blocks],
             scale_ptr, found_inf, None if partials is None else partials[blocks],
-            scale_value,
+            scale_bits,
             ACC_DTYPE=TL_DTYPES[group.dst_dtype], GRAD_DTYPE=TL_DTYPES[group.src_dtype],
             ALIGNED=group.aligned, OVERWRITE=overwrite, CHECK_FINITE=found_inf is not None,
             NORM=norm_sq is not None, CHUNK=CHUNK,

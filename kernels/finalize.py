@@ -41,6 +41,8 @@ from ._common import (
     benchmark,
     block_chunk,
     check_device,
+    fp32_bits,
+    fp32_from_bits,
     from_fp32,
     on_tensors_device,
     plan,
@@ -50,6 +52,8 @@ from ._common import (
 )
 
 __all__ = ["finalize_"]
+
+_ONE_BITS = fp32_bits(1.0)
 
 # Layout of the two-float buffer that coefficient_kernel writes and scale_kernel reads.
 _COEF = tl.constexpr(0)
@@ -85,41 +89,39 @@ def sum_squares_kernel(
     tl.store(partials_ptr + block, tl.sum(squares, axis=0))
 
 
-@triton.jit(do_not_specialize=["count"])
+@triton.jit(do_not_specialize=["count", "inv_scale_bits", "max_norm_bits"])
 def coefficient_kernel(
     partials_ptr, count, norm_sq_ptr, inv_scale_ptr, found_inf_ptr, total_norm_ptr, scalars_ptr,
-    inv_scale_value, max_norm, BLOCK: tl.constexpr,
+    inv_scale_bits, max_norm_bits, BLOCK: tl.constexpr,
 ):
     """One program: total_norm, the coefficient and the skip flag, in fp32.
 
     The sum of squares is ``norm_sq`` when given, else the fixed-order fp64 sum of the
-    ``count`` partials. ``inv_scale_ptr`` (or ``inv_scale_value`` when it is None);
-    ``max_norm`` None means no clipping.
+    ``count`` partials. ``inv_scale_ptr`` (or ``inv_scale_bits`` when it is None) and
+    ``max_norm_bits``, None for no clipping: Python scalars as ``fp32_bits``.
     """
     if norm_sq_ptr is not None:
         sum_sq = tl.load(norm_sq_ptr)
     else:
         sum_sq = sum_partials(partials_ptr, count, BLOCK)
-    # A Python float reaches the interpreter as a Python float: tl.full rounds it to fp32
-    # as PyTorch does with the scalar operand of an fp32 op (GPU launches pass fp32).
     if inv_scale_ptr is not None:
         inv_scale = tl.load(inv_scale_ptr)
     else:
-        inv_scale = tl.full([], inv_scale_value, tl.float32)
+        inv_scale = fp32_from_bits(inv_scale_bits)
     # sqrt_rn and div_rn round correctly, as CUDA's sqrtf and torch's reciprocal do
     # (Triton's sqrt and / lower to approximations on GPUs). PyTorch 2.14's fp32 sqrt on
     # CPU tensors does not: one ulp off for ~17% of inputs, so under the interpreter the
     # reference's norm can differ in the last bit.
     total_norm = tl.sqrt_rn(sum_sq) * tl.abs(inv_scale)
     coef = inv_scale
-    if max_norm is not None:
+    if max_norm_bits is not None:
         # The reference's `max_norm / (total_norm + 1e-6)` is Tensor.__rtruediv__, which
         # PyTorch computes as reciprocal(total_norm + 1e-6) * max_norm: two roundings,
         # reproduced here (a division differs in the last bit for ~28% of the norms when
         # max_norm is not a power of two). clip_grad_norm_ computes it the same way.
         denominator = total_norm + 1e-6
         clip = tl.math.div_rn(tl.full([], 1.0, tl.float32), denominator)
-        clip = clip * tl.full([], max_norm, tl.float32)
+        clip = clip * fp32_from_bits(max_norm_bits)
         # min(1, clip) that keeps a nan clip nan, as torch.clamp(max=1) does.
         coef = inv_scale * tl.where(clip > 1.0, 1.0, clip)
     tl.store(total_norm_ptr, total_norm)
@@ -240,16 +242,17 @@ def finalize_(
             partials = torch.empty(1, device=device)
     total_norm = torch.empty((), dtype=torch.float32, device=device)
     scalars = torch.empty(2, dtype=torch.float32, device=device)
-    inv_scale_ptr, inv_scale_value = (
-        (inv_scale, 1.0) if isinstance(inv_scale, Tensor) else (None, float(inv_scale)))
+    inv_scale_ptr, inv_scale_bits = (
+        (inv_scale, 0) if isinstance(inv_scale, Tensor) else (None, fp32_bits(inv_scale)))
     coefficient_kernel[(1,)](
         partials, blocks, norm_sq, inv_scale_ptr, found_inf, total_norm, scalars,
-        inv_scale_value, max_norm, BLOCK=SUM_PARTIALS_BLOCK, enable_fp_fusion=False,
+        inv_scale_bits, None if max_norm is None else fp32_bits(max_norm),
+        BLOCK=SUM_PARTIALS_BLOCK, enable_fp_fusion=False,
     )
 
     # In place with a coefficient known on the host to be exactly 1: nothing to write.
     if scaled is None or (in_place and inv_scale_ptr is None and max_norm is None
-                          and inv_scale_value == 1.0):
+                          and inv_scale_bits == _ONE_BITS):
         return total_norm
     for group in scaled.groups:
         _tune_on_scratch(group, in_place, device)

@@ -20,7 +20,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import INTERPRETING, TL_DTYPES, benchmark, check_device, on_tensors_device, to_fp32
+from ._common import (
+    INTERPRETING,
+    TL_DTYPES,
+    benchmark,
+    check_device,
+    fp32_bits,
+    fp32_from_bits,
+    on_tensors_device,
+    to_fp32,
+)
 
 __all__ = ["wgrad_accumulate_"]
 
@@ -63,9 +72,9 @@ def _operand(stored, DTYPE: tl.constexpr, WIDEN: tl.constexpr):
     restore_value=["main_ptr"],
     do_bench=benchmark,
 )
-@triton.jit
+@triton.jit(do_not_specialize=["scale_bits"])
 def wgrad_kernel(
-    main_ptr, go_ptr, x_ptr, scale_ptr, scale,
+    main_ptr, go_ptr, x_ptr, scale_ptr, scale_bits,
     tokens, out_features, in_features,
     stride_go_t, stride_go_o, stride_x_t, stride_x_i,
     GO_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, WIDEN: tl.constexpr,
@@ -94,8 +103,7 @@ def wgrad_kernel(
             product = tl.dot(tl.trans(go), x, product, input_precision="ieee")
         else:
             product = tl.dot(tl.trans(go), x, product)
-    if HAS_SCALE_TENSOR:
-        scale = tl.load(scale_ptr)
+    scale = tl.load(scale_ptr) if HAS_SCALE_TENSOR else fp32_from_bits(scale_bits)
     # Product and sum rounded separately (the launch disables fp fusion), as in the
     # reference: main_grad + (product * scale).
     update = product * scale
@@ -134,13 +142,13 @@ def wgrad_accumulate_(
     go = grad_output.reshape(-1, out_features)
     x = input.reshape(-1, in_features)
     one_16bit_dtype = go.dtype == x.dtype and go.dtype != torch.float32
-    scale_ptr, scale_value = (scale, 1.0) if isinstance(scale, Tensor) else (None, float(scale))
+    scale_ptr, scale_bits = (scale, 0) if isinstance(scale, Tensor) else (None, fp32_bits(scale))
 
     def grid(meta):
         return (triton.cdiv(out_features, meta["BLOCK_M"]) * triton.cdiv(in_features, meta["BLOCK_N"]),)
 
     wgrad_kernel[grid](
-        main_grad, _words(go), _words(x), scale_ptr, scale_value,
+        main_grad, _words(go), _words(x), scale_ptr, scale_bits,
         go.shape[0], out_features, in_features,
         go.stride(0), go.stride(1), x.stride(0), x.stride(1),
         GO_DTYPE=TL_DTYPES[go.dtype], X_DTYPE=TL_DTYPES[x.dtype],

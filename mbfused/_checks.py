@@ -21,8 +21,7 @@ def _shape(t: Tensor) -> str:
 def _check_operand(t: Tensor, label: str, device: torch.device, reference: str) -> None:
     """A tensor the op reads or writes: supported dtype, on `device`, dense.
     `reference` names the tensor that fixes the call's device in messages."""
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
+    check_tensor(t, label)
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{label} has dtype {t.dtype}; supported dtypes are torch.float32, "
@@ -43,9 +42,9 @@ def _check_list_tensor(t: Tensor, label: str, device: torch.device, reference: s
         )
 
 
-def _check_state_tensor(t: Tensor | None, label: str, device: torch.device) -> None:
-    if t is None:
-        return
+def _check_state_tensor(t: Tensor, label: str, device: torch.device) -> None:
+    if t.layout != torch.strided:
+        raise ValueError(f"{label} must be a dense (strided) tensor")
     if not (t.numel() == 1 and t.dtype == torch.float32 and t.device == device):
         raise ValueError(
             f"{label} must be a 1-element torch.float32 tensor on {device}, got shape "
@@ -98,6 +97,44 @@ def _span(t: Tensor, label: str, written: bool) -> list[tuple[int, int, str, boo
     return [(begin, begin + (last + 1) * t.element_size(), label, written)]
 
 
+def check_tensor(t: object, label: str) -> None:
+    """A tensor argument of the public ops: anything else is named before the dispatcher
+    sees it (its own message names no index)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
+
+
+def check_lengths(first: Sequence, first_label: str, second: Sequence, second_label: str) -> None:
+    if len(first) != len(second):
+        raise ValueError(
+            f"{first_label} has {len(first)} tensors but {second_label} has {len(second)}")
+
+
+def call_device(tensors: Sequence[Tensor], *states: Tensor | None) -> torch.device | None:
+    """The device of a list op's call: its first list tensor's or, with empty lists, the
+    first given 1-element tensor's (they are checked against it all the same); None when
+    the call has no tensor at all."""
+    if len(tensors):
+        return tensors[0].device
+    return next((t.device for t in states if t is not None), None)
+
+
+def _check_state(
+    t: Tensor | None, label: str, device: torch.device, *, written: bool,
+    spans: list[tuple[int, int, str, bool]] | None,
+) -> None:
+    """A 1-element fp32 tensor of a call (scale, inv_scale, found_inf, norm_sq); its
+    memory span joins `spans` unless that is None (no overlap check)."""
+    if t is None:
+        return
+    _check_state_tensor(t, label, device)
+    _check_no_grad(t, label)
+    if written:
+        _check_writable(t, label)
+    if spans is not None:
+        spans += _span(t, label, written)
+
+
 def check_accumulate_args(
     acc: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -112,12 +149,11 @@ def check_accumulate_args(
     ``check_memory=False`` skips the overlap checks, which need real data pointers
     (fake tensors under torch.compile have none).
     """
-    if len(acc) != len(grads):
-        raise ValueError(f"acc has {len(acc)} tensors but grads has {len(grads)}")
-    if len(acc) == 0:
+    check_lengths(acc, "acc", grads, "grads")
+    device = call_device(acc, scale_tensor, found_inf, norm_sq)
+    if device is None:
         return
-    device = acc[0].device
-    spans: list[tuple[int, int, str, bool]] = []
+    spans: list[tuple[int, int, str, bool]] | None = [] if check_memory else None
     for i, (a, g) in enumerate(zip(acc, grads, strict=True)):
         _check_list_tensor(a, f"acc[{i}]", device)
         _check_no_grad(a, f"acc[{i}]")
@@ -126,20 +162,12 @@ def check_accumulate_args(
         _check_no_grad(g, f"grads[{i}]")
         if g.shape != a.shape:
             raise ValueError(f"grads[{i}] has shape {_shape(g)} but acc[{i}] has {_shape(a)}")
-        if check_memory:
+        if spans is not None:
             spans += _span(a, f"acc[{i}]", True) + _span(g, f"grads[{i}]", False)
-    if scale_tensor is not None:
-        _check_state_tensor(scale_tensor, "scale", device)
-        if check_memory:
-            spans += _span(scale_tensor, "scale", False)
-    for state, label in ((found_inf, "found_inf"), (norm_sq, "norm_sq")):
-        if state is not None:
-            _check_state_tensor(state, label, device)
-            _check_no_grad(state, label)
-            _check_writable(state, label)
-            if check_memory:
-                spans += _span(state, label, True)
-    if check_memory:
+    _check_state(scale_tensor, "scale", device, written=False, spans=spans)
+    _check_state(found_inf, "found_inf", device, written=True, spans=spans)
+    _check_state(norm_sq, "norm_sq", device, written=True, spans=spans)
+    if spans is not None:
         _check_no_overlap(spans)
 
 
@@ -156,36 +184,33 @@ def check_finalize_args(
     """Raises on any argument finalize_ cannot take; writes nothing (see check_accumulate_args)."""
     if max_norm is not None and not max_norm > 0:
         raise ValueError(f"max_norm must be a positive number, got {max_norm}")
-    if out is not None and len(out) != len(acc):
-        raise ValueError(f"out has {len(out)} tensors but acc has {len(acc)}")
-    if len(acc) == 0:
+    if out is not None:
+        check_lengths(out, "out", acc, "acc")
+    device = call_device(acc, inv_scale_tensor, found_inf, norm_sq)
+    if device is None:
         return
-    device = acc[0].device
     in_place = out is None
-    spans: list[tuple[int, int, str, bool]] = []
+    spans: list[tuple[int, int, str, bool]] | None = [] if check_memory else None
     for i, a in enumerate(acc):
         _check_list_tensor(a, f"acc[{i}]", device)
         _check_no_grad(a, f"acc[{i}]")
         if in_place:
             _check_writable(a, f"acc[{i}]")
-        if check_memory:
+        if spans is not None:
             spans += _span(a, f"acc[{i}]", in_place)
         if not in_place:
             o = out[i]
             _check_list_tensor(o, f"out[{i}]", device)
             _check_no_grad(o, f"out[{i}]")
             _check_writable(o, f"out[{i}]")
-            if check_memory:
+            if spans is not None:
                 spans += _span(o, f"out[{i}]", True)
             if o.shape != a.shape:
                 raise ValueError(f"out[{i}] has shape {_shape(o)} but acc[{i}] has {_shape(a)}")
-    for state, label in ((inv_scale_tensor, "inv_scale"), (found_inf, "found_inf"), (norm_sq, "norm_sq")):
-        if state is not None:
-            _check_state_tensor(state, label, device)
-            _check_no_grad(state, label)
-            if check_memory:
-                spans += _span(state, label, False)
-    if check_memory:
+    _check_state(inv_scale_tensor, "inv_scale", device, written=False, spans=spans)
+    _check_state(found_inf, "found_inf", device, written=False, spans=spans)
+    _check_state(norm_sq, "norm_sq", device, written=False, spans=spans)
+    if spans is not None:
         _check_no_overlap(spans)
 
 
@@ -200,8 +225,7 @@ def check_wgrad_args(
     """Raises on any argument wgrad_accumulate_ cannot take; writes nothing (see
     check_accumulate_args). grad_output and input may have any strides."""
     for t, label in ((main_grad, "main_grad"), (grad_output, "grad_output"), (input, "input")):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{label} must be a Tensor, got {type(t).__name__}")
+        check_tensor(t, label)
     if main_grad.dtype != torch.float32:
         raise TypeError(
             f"main_grad has dtype {main_grad.dtype}; wgrad_accumulate_ accumulates into "
@@ -234,11 +258,9 @@ def check_wgrad_args(
             f"grad_output has shape {_shape(grad_output)} but input has {_shape(input)}: "
             "their leading (token) dimensions must match"
         )
-    if scale_tensor is not None:
-        _check_state_tensor(scale_tensor, "scale", device)
-    if check_memory:
-        _check_no_overlap(
-            _span(main_grad, "main_grad", True) + _span(grad_output, "grad_output", False)
-            + _span(input, "input", False)
-            + ([] if scale_tensor is None else _span(scale_tensor, "scale", False))
-        )
+    spans: list[tuple[int, int, str, bool]] | None = [] if check_memory else None
+    _check_state(scale_tensor, "scale", device, written=False, spans=spans)
+    if spans is not None:
+        spans += (_span(main_grad, "main_grad", True) + _span(grad_output, "grad_output", False)
+                  + _span(input, "input", False))
+        _check_no_overlap(spans)

@@ -9,7 +9,7 @@ mbfused.kernels, or the pure-PyTorch reference.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -39,21 +39,48 @@ _lib.define(
 )
 
 
+def _as_float(value: object, name: str, description: str) -> float:
+    """A Python number as the float the schema takes; `name` is named in every refusal."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {description}, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:  # an int that no float holds; a float's own inf is an input
+        raise ValueError(f"{name} is beyond the range of a float (magnitude above 1.8e308)") from None
+
+
 def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Tensor | None]:
     """A scale as the op's (float, tensor) pair: a tensor avoids host syncs and recompiles."""
     if isinstance(scale, Tensor):
         return 1.0, scale
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(
-            f"{name} must be a Python number or a 1-element torch.float32 tensor, got "
-            f"{type(scale).__name__}"
-        )
-    return float(scale), None
+    return _as_float(scale, name, "a Python number or a 1-element torch.float32 tensor"), None
 
 
-def _as_sequence(tensors: Sequence[Tensor]) -> list[Tensor] | tuple[Tensor, ...]:
+def _as_sequence(tensors: Sequence[Tensor], name: str) -> list[Tensor] | tuple[Tensor, ...]:
     """Lists and tuples as they are (no copy per call), any other iterable as a list."""
-    return tensors if isinstance(tensors, (list, tuple)) else list(tensors)
+    if isinstance(tensors, (list, tuple)):
+        return tensors
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Iterable):
+        raise TypeError(f"{name} must be a list or tuple of tensors, got {type(tensors).__name__}")
+    return list(tensors)
+
+
+def _check_tensors(tensors: Sequence, name: str) -> None:
+    """Every element a tensor, named with its index: the dispatcher's refusal names only
+    the list. Run where the compiled eager entry did not take the call (it takes nothing
+    else but plain tensors)."""
+    for i, t in enumerate(tensors):
+        _checks.check_tensor(t, f"{name}[{i}]")
+
+
+def _check_optional_tensor(value: object, name: str) -> None:
+    if value is not None:
+        _checks.check_tensor(value, name)
+
+
+def _check_flag(value: object, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _eager_entry(name: str, acc: Sequence) -> Callable | None:
@@ -71,14 +98,6 @@ def _eager_entry(name: str, acc: Sequence) -> Callable | None:
     if acc[0].device.type not in ("cpu", "cuda") or backend_for(acc[0].device) not in ("cpu", "cuda"):
         return None
     return _native.eager_entry(name)
-
-
-def _device_of(tensors) -> torch.device:
-    """The device of the first tensor among `tensors` (None entries skipped); CPU if none."""
-    for t in tensors:
-        if t is not None:
-            return t.device
-    return torch.device("cpu")
 
 
 def accumulate_(
@@ -111,10 +130,15 @@ def accumulate_(
         ValueError / TypeError naming the offending argument; nothing is written then.
     """
     scale_value, scale_tensor = _split_scale(scale)
-    acc, grads = _as_sequence(acc), _as_sequence(grads)
+    acc, grads = _as_sequence(acc, "acc"), _as_sequence(grads, "grads")
+    _check_flag(overwrite, "overwrite")
+    _check_optional_tensor(found_inf, "found_inf")
+    _check_optional_tensor(norm_sq, "norm_sq")
     eager = _eager_entry("_accumulate_eager", acc)
     if eager is not None and eager(acc, grads, scale_value, scale_tensor, overwrite, found_inf, norm_sq):
         return
+    _check_tensors(acc, "acc")
+    _check_tensors(grads, "grads")
     torch.ops.mbfused.accumulate_.default(
         list(acc), list(grads), scale_value, scale_tensor,
         overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq)
@@ -151,14 +175,14 @@ def finalize_(
     Returns:
         The total norm of ``acc * inv_scale`` as a 0-d fp32 tensor on the device.
     """
-    inv_value, inv_tensor = _split_scale(inv_scale, "inv_scale")
-    acc, max_norm = _as_sequence(acc), _max_norm(max_norm)
-    out = None if out is None else _as_sequence(out)
+    acc, inv_value, inv_tensor, max_norm, out = _finalize_arguments(
+        acc, inv_scale, max_norm, found_inf, norm_sq, out)
     eager = _eager_entry("_finalize_eager", acc)
     if eager is not None:
         total_norm = eager(acc, inv_value, inv_tensor, max_norm, found_inf, norm_sq, out)
         if total_norm is not None:
             return total_norm
+    _check_finalize_lists(acc, out)
     return torch.ops.mbfused.finalize_.default(
         list(acc), inv_value, inv_tensor, max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq,
         out=None if out is None else list(out))
@@ -191,7 +215,10 @@ def wgrad_accumulate_(
     Raises:
         ValueError / TypeError naming the offending argument; nothing is written then.
     """
+    for t, name in ((main_grad, "main_grad"), (grad_output, "grad_output"), (input, "input")):
+        _checks.check_tensor(t, name)
     scale_value, scale_tensor = _split_scale(scale)
+    _check_flag(overwrite, "overwrite")
     torch.ops.mbfused.wgrad_accumulate_.default(
         main_grad, grad_output, input, scale_value, scale_tensor, overwrite=overwrite)
 
@@ -206,17 +233,29 @@ def check_finalize_inputs(
     out: Sequence[Tensor] | None = None,
 ) -> None:
     """Raises exactly as finalize_ would on these arguments; writes nothing."""
-    _, inv_tensor = _split_scale(inv_scale, "inv_scale")
-    _checks.check_finalize_args(list(acc), inv_tensor, _max_norm(max_norm), found_inf, norm_sq,
+    acc, _, inv_tensor, max_norm, out = _finalize_arguments(
+        acc, inv_scale, max_norm, found_inf, norm_sq, out)
+    _check_finalize_lists(acc, out)
+    _checks.check_finalize_args(list(acc), inv_tensor, max_norm, found_inf, norm_sq,
                                 None if out is None else list(out))
 
 
-def _max_norm(max_norm: float | None) -> float | None:
-    if max_norm is None:
-        return None
-    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-        raise TypeError(f"max_norm must be a Python number or None, got {type(max_norm).__name__}")
-    return float(max_norm)
+def _finalize_arguments(acc, inv_scale, max_norm, found_inf, norm_sq, out):
+    """finalize_'s arguments as the schema takes them: (acc, inv_scale as a float,
+    inv_scale as a tensor or None, max_norm, out); wrong Python types refused by name."""
+    inv_value, inv_tensor = _split_scale(inv_scale, "inv_scale")
+    max_norm = None if max_norm is None else _as_float(max_norm, "max_norm", "a Python number or None")
+    _check_optional_tensor(found_inf, "found_inf")
+    _check_optional_tensor(norm_sq, "norm_sq")
+    acc = _as_sequence(acc, "acc")
+    out = None if out is None else _as_sequence(out, "out")
+    return acc, inv_value, inv_tensor, max_norm, out
+
+
+def _check_finalize_lists(acc: Sequence, out: Sequence | None) -> None:
+    _check_tensors(acc, "acc")
+    if out is not None:
+        _check_tensors(out, "out")
 
 
 def _mark_written(tensors: Sequence[Tensor], *states: Tensor | None) -> None:
@@ -229,11 +268,34 @@ def _mark_written(tensors: Sequence[Tensor], *states: Tensor | None) -> None:
     torch.autograd.graph.increment_version([*tensors, *(t for t in states if t is not None)])
 
 
+def _native_backend(op_name: str, check: Callable[..., None]) -> Callable:
+    """A compiled backend: the op ``mbfused::<op_name>`` on the backend's arguments.
+
+    The dispatcher picks the kernel by the tensors' dispatch keys, and refuses keys no
+    kernel is registered for (a sparse tensor, say) before the kernel's own checks run,
+    with a message that names no argument: `check`, the Python backends' validation
+    with the same messages, then says which one.
+    """
+
+    def backend(*args):
+        try:
+            return getattr(torch.ops.mbfused, op_name).default(*args)
+        except NotImplementedError:
+            check(*args)
+            raise
+
+    return backend
+
+
+def _check_accumulate(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq) -> None:
+    _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq)
+
+
 def _accumulate_python(run: Callable[..., None]) -> Callable[..., None]:
     """A Python backend of accumulate_: validate everything, then run."""
 
     def backend(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq):
-        _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq)
+        _check_accumulate(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq)
         run(acc, grads, scale if scale_tensor is None else scale_tensor,
             overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq)
 
@@ -246,13 +308,9 @@ def _accumulate_triton(*args) -> None:
     _accumulate_python(triton_accumulate.accumulate_)(*args)
 
 
-def _accumulate_native(*args) -> None:
-    torch.ops.mbfused._accumulate_native_.default(*args)
-
-
 _ACCUMULATE_BACKENDS: dict[str, Callable[..., None]] = {
-    "cpu": _accumulate_native,
-    "cuda": _accumulate_native,
+    "cpu": _native_backend("_accumulate_native_", _check_accumulate),
+    "cuda": _native_backend("_accumulate_native_", _check_accumulate),
     "triton": _accumulate_triton,
     "torch": _accumulate_python(reference.accumulate_),
 }
@@ -262,10 +320,12 @@ _ACCUMULATE_BACKENDS: dict[str, Callable[..., None]] = {
 def _accumulate_impl(
     acc, grads, scale=1.0, scale_tensor=None, *, overwrite=False, found_inf=None, norm_sq=None
 ) -> None:
-    if not acc and not grads:
+    args = (acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq)
+    if not acc:
+        # Nothing to run, but the call is checked all the same (lengths, scale, state tensors).
+        _check_accumulate(*args)
         return
-    backend = backend_for(_device_of(acc))
-    _ACCUMULATE_BACKENDS[backend](acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq)
+    _ACCUMULATE_BACKENDS[backend_for(acc[0].device)](*args)
     _mark_written(acc, found_inf, norm_sq)
 
 
@@ -276,14 +336,18 @@ def _accumulate_fake(
     _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq, check_memory=False)
 
 
+def _check_finalize(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out) -> None:
+    # Below the public op, [] stands for "in place" (the compiled schema has no None).
+    _checks.check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out or None)
+
+
 def _finalize_python(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """A Python backend of finalize_: validate everything, then run."""
 
     def backend(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out):
-        out = out if out else None
-        _checks.check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
+        _check_finalize(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
         return run(acc, inv_scale if inv_scale_tensor is None else inv_scale_tensor,
-                   max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq, out=out)
+                   max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq, out=out or None)
 
     return backend
 
@@ -294,13 +358,9 @@ def _finalize_triton(*args) -> Tensor:
     return _finalize_python(triton_finalize.finalize_)(*args)
 
 
-def _finalize_native(*args) -> Tensor:
-    return torch.ops.mbfused._finalize_native_.default(*args)
-
-
 _FINALIZE_BACKENDS: dict[str, Callable[..., Tensor]] = {
-    "cpu": _finalize_native,
-    "cuda": _finalize_native,
+    "cpu": _native_backend("_finalize_native_", _check_finalize),
+    "cuda": _native_backend("_finalize_native_", _check_finalize),
     "triton": _finalize_triton,
     "torch": _finalize_python(reference.finalize_),
 }
@@ -311,14 +371,14 @@ def _finalize_impl(
     acc, inv_scale=1.0, inv_scale_tensor=None, *, max_norm=None, found_inf=None, norm_sq=None,
     out=None,
 ) -> Tensor:
-    out = [] if out is None else out  # the backends take [] for "in place"
+    if out is not None:
+        # Refused here: below, an empty out would be taken for "in place".
+        _checks.check_lengths(out, "out", acc, "acc")
+    args = (acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out or [])
     if not acc:
         # Nothing to scale; the norm is still defined (and may come from norm_sq).
-        return _finalize_python(reference.finalize_)(
-            acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
-    backend = backend_for(_device_of((*acc, norm_sq, found_inf)))
-    total_norm = _FINALIZE_BACKENDS[backend](
-        acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
+        return _FINALIZE_BACKENDS["torch"](*args)
+    total_norm = _FINALIZE_BACKENDS[backend_for(acc[0].device)](*args)
     _mark_written(out or acc)
     return total_norm
 
@@ -330,7 +390,8 @@ def _finalize_fake(
 ) -> Tensor:
     _checks.check_finalize_args(
         acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out, check_memory=False)
-    return torch.empty((), dtype=torch.float32, device=_device_of((*acc, norm_sq, found_inf)))
+    device = _checks.call_device(acc, inv_scale_tensor, found_inf, norm_sq) or torch.device("cpu")
+    return torch.empty((), dtype=torch.float32, device=device)
 
 
 def native_error() -> str | None:
@@ -338,11 +399,15 @@ def native_error() -> str | None:
     return _native.load_error()
 
 
+def _check_wgrad(main_grad, grad_output, input, scale, scale_tensor, overwrite) -> None:
+    _checks.check_wgrad_args(main_grad, grad_output, input, scale_tensor)
+
+
 def _wgrad_python(run: Callable[..., None]) -> Callable[..., None]:
     """A Python backend of wgrad_accumulate_: validate everything, then run."""
 
     def backend(main_grad, grad_output, input, scale, scale_tensor, overwrite):
-        _checks.check_wgrad_args(main_grad, grad_output, input, scale_tensor)
+        _check_wgrad(main_grad, grad_output, input, scale, scale_tensor, overwrite)
         run(main_grad, grad_output, input, scale if scale_tensor is None else scale_tensor,
             overwrite=overwrite)
 
@@ -355,13 +420,9 @@ def _wgrad_triton(*args) -> None:
     _wgrad_python(triton_wgrad.wgrad_accumulate_)(*args)
 
 
-def _wgrad_native(*args) -> None:
-    torch.ops.mbfused._wgrad_accumulate_native_.default(*args)
-
-
 _WGRAD_BACKENDS: dict[str, Callable[..., None]] = {
-    "cpu": _wgrad_native,
-    "cuda": _wgrad_native,
+    "cpu": _native_backend("_wgrad_accumulate_native_", _check_wgrad),
+    "cuda": _native_backend("_wgrad_accumulate_native_", _check_wgrad),
     "triton": _wgrad_triton,
     "torch": _wgrad_python(reference.wgrad_accumulate_),
 }
@@ -369,8 +430,8 @@ _WGRAD_BACKENDS: dict[str, Callable[..., None]] = {
 
 @torch.library.impl(_lib, "wgrad_accumulate_", "CompositeExplicitAutograd")
 def _wgrad_impl(main_grad, grad_output, input, scale=1.0, scale_tensor=None, *, overwrite=False) -> None:
-    backend = backend_for(main_grad.device)
-    _WGRAD_BACKENDS[backend](main_grad, grad_output, input, scale, scale_tensor, overwrite)
+    _WGRAD_BACKENDS[backend_for(main_grad.device)](
+        main_grad, grad_output, input, scale, scale_tensor, overwrite)
     _mark_written([main_grad])
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "baseline_wgrad_add_",
     "baseline_wgrad_add_float_",
     "baseline_window_",
+    "clip_coefficient",
     "finalize_",
     "wgrad_accumulate_",
     "window_coefficient",
@@ -87,10 +88,9 @@ def finalize_(
     holds a nonzero value nothing changes; else ``acc *= coef``, or with ``out``,
     ``out[i] = cast(acc[i] * coef)``. No host synchronisation.
     """
-    if len(acc):
-        device = acc[0].device
-    else:
-        device = norm_sq.device if norm_sq is not None else torch.device("cpu")
+    # The call's device: acc's or, with no acc, that of the first tensor given.
+    tensors = (*acc[:1], inv_scale if isinstance(inv_scale, Tensor) else None, found_inf, norm_sq)
+    device = next((t.device for t in tensors if t is not None), torch.device("cpu"))
     inv = _as_fp32_tensor(inv_scale, device)
     sum_sq = norm_sq.reshape(()) if norm_sq is not None else _sum_of_squares(acc, device).float()
     total_norm, coef = window_coefficient(sum_sq, inv, max_norm)
@@ -116,17 +116,24 @@ def window_coefficient(sum_sq: Tensor, inv_scale: Tensor, max_norm: float | None
     two steps (csrc/accumulate_math.h, kernels/finalize.py).
     """
     total_norm = sum_sq.double().sqrt().float() * inv_scale.abs()
-    coef = inv_scale
-    if max_norm is not None:
-        coef = inv_scale * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-    return total_norm, coef
+    return total_norm, clip_coefficient(total_norm, inv_scale, max_norm)
+
+
+def clip_coefficient(total_norm: Tensor, inv_scale: Tensor, max_norm: float | None) -> Tensor:
+    """finalize_'s coefficient for a total norm (see window_coefficient): the part the
+    backends compute the same way from a norm they may sum in another order."""
+    if max_norm is None:
+        return inv_scale
+    return inv_scale * (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
 
 
 def _as_fp32_tensor(value: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         return value.reshape(())
     # A fill on the device, not a host-to-device copy: no sync, and CUDA-graph capturable.
-    return torch.full((), float(value), dtype=torch.float32, device=device)
+    # Filled in fp64 and cast: a float beyond the fp32 range rounds to inf, as the scalar
+    # operand of an fp32 op does (an fp32 fill refuses it).
+    return torch.full((), float(value), dtype=torch.float64, device=device).float()
 
 
 def _sum_of_squares(tensors: Sequence[Tensor], device: torch.device) -> Tensor:

@@ -36,21 +36,64 @@ def run_both(backend, acc, grads, scale=1.0, **kwargs):
     return (ours, ours_state), (theirs, theirs_state)
 
 
+# Integer dtypes of each element size: a float tensor viewed as its bits.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t):
+    """The tensor's bit patterns (dense tensors; a sparse one as its values)."""
+    t = t.detach()
+    if t.layout == torch.sparse_coo:
+        t = t._values()
+    return t.view(_BITS[t.element_size()]) if t.dtype.is_floating_point or t.dtype.is_complex else t
+
+
+def assert_same_bits(ours, theirs, what="tensor"):
+    """Bit-identical, signs of zero included, NaN payloads aside."""
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, what
+    nan = ours.isnan()
+    assert torch.equal(nan, theirs.isnan()), f"{what}: nan elsewhere"
+    differ = (bits(ours) != bits(theirs)) & ~nan
+    if differ.any():
+        where = tuple(i.item() for i in differ.nonzero()[0])
+        raise AssertionError(f"{what} differs at {list(where)}: {ours[where].item()!r} (bits "
+                             f"{bits(ours)[where].item()}), expected {theirs[where].item()!r} "
+                             f"(bits {bits(theirs)[where].item()})")
+
+
 def assert_same(ours, theirs):
     """Bit-identical up to NaN payloads: the backends round exactly as the reference."""
     assert len(ours) == len(theirs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a.dtype == b.dtype and a.shape == b.shape, i
-        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"acc[{i}] differs")
+        assert_same_bits(a, b, f"acc[{i}]")
+
+
+def tensors_in(values):
+    """The tensors among call arguments, in lists and tuples too; meta tensors have no
+    contents and are left out."""
+    found = []
+    for v in values:
+        for t in v if isinstance(v, (list, tuple)) else [v]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                found.append(t)
+    return found
+
+
+def snapshot(tensors):
+    return [bits(t).clone() for t in tensors]
+
+
+def assert_unchanged(tensors, before):
+    """Every byte of every tensor as in `before` (snapshot)."""
+    for i, (t, b) in enumerate(zip(tensors, before, strict=True)):
+        assert torch.equal(bits(t), b), f"argument tensor {i} ({list(t.shape)}, {t.dtype}) changed"
 
 
 def assert_rejected_unchanged(backend, op, kwargs, error, fragment):
     """`op(**kwargs)` on `backend` raises `error` naming `fragment`, and every tensor
     among the arguments (meta tensors aside) keeps its exact contents."""
-    tensors = [t for v in kwargs.values() for t in (v if isinstance(v, list) else [v])
-               if isinstance(t, torch.Tensor) and t.device.type != "meta"]
-    before = [t.detach().clone() for t in tensors]
+    tensors = tensors_in(kwargs.values())
+    before = snapshot(tensors)
     with mbfused.use_backend(backend), pytest.raises(error, match=re.escape(fragment)):
         op(**kwargs)
-    for t, b in zip(tensors, before):
-        assert torch.equal(t.detach(), b) or (t.isnan() == b.isnan()).all()
+    assert_unchanged(tensors, before)

@@ -24,6 +24,17 @@ def cpu_backends() -> list[str]:
     return [name for name in ("cpu", "torch") if usable[name] is None]
 
 
+def every_cpu_tensor_backend() -> list:
+    """Every backend that runs CPU tensors here, as pytest params: cpu_backends() and
+    triton under the interpreter (marked ``interpreter``), for checks every backend must
+    pass alike (bad input, IEEE edge cases)."""
+    params = [pytest.param(name) for name in cpu_backends()]
+    if os.environ.get("TRITON_INTERPRET") == "1" and mbfused.available_backends()["triton"] is None:
+        params.append(pytest.param("triton", marks=[pytest.mark.interpreter,
+                                                    *IGNORE_INTERPRETER_FP_WARNINGS]))
+    return params
+
+
 @pytest.fixture(params=["scalar", "avx2", "avx512"])
 def cpu_isa(request, monkeypatch):
     """Runs a test once per CPU instruction set (capped at what this CPU has)."""

@@ -9,7 +9,14 @@ import sys
 import pytest
 import torch
 from accumulate_cases import assert_rejected_unchanged, assert_same, clone_all, make_grads, run_both
-from conftest import DTYPE_PAIRS, SIZES, cpu_backends, requires_native
+from conftest import (
+    DTYPE_PAIRS,
+    DTYPES,
+    SIZES,
+    cpu_backends,
+    every_cpu_tensor_backend,
+    requires_native,
+)
 
 import mbfused
 from mbfused import reference
@@ -258,6 +265,68 @@ def _bad_inputs():
             found_inf = torch.zeros(1)
         return dict(acc=acc, grads=grads, found_inf=found_inf)
 
+    def scale_requires_grad():  # refused as any tensor that requires grad, on every backend
+        acc, grads = base()
+        return dict(acc=acc, grads=grads, scale=torch.ones(1, requires_grad=True))
+
+    # Empty lists: nothing to accumulate, but every other argument is checked all the same.
+    def empty_lists_int_scale():
+        return dict(acc=[], grads=[], scale=torch.ones(3, dtype=torch.int64),
+                    found_inf=torch.zeros(1), norm_sq=torch.zeros(1))
+
+    def empty_lists_found_inf_wrong_shape():
+        return dict(acc=[], grads=[], found_inf=torch.zeros(2))
+
+    def empty_lists_norm_sq_on_another_device():
+        return dict(acc=[], grads=[], found_inf=torch.zeros(1), norm_sq=torch.zeros(1, device="meta"))
+
+    def empty_lists_norm_sq_requires_grad():
+        return dict(acc=[], grads=[], norm_sq=torch.zeros(1, requires_grad=True))
+
+    def empty_lists_found_inf_is_norm_sq():
+        state = torch.zeros(1)
+        return dict(acc=[], grads=[], found_inf=state, norm_sq=state)
+
+    # Messages that named neither argument nor index.
+    def non_tensor_in_grads():
+        acc, grads = base()
+        grads[1] = 3
+        return dict(acc=acc, grads=grads)
+
+    def acc_is_none():
+        _, grads = base()
+        return dict(acc=None, grads=grads)
+
+    def acc_is_a_tensor():
+        _, grads = base()
+        return dict(acc=torch.zeros(2, 6), grads=grads)
+
+    def sparse_grad():
+        acc, grads = base()
+        grads[1] = grads[1].to_sparse()
+        return dict(acc=acc, grads=grads)
+
+    def sparse_acc():
+        acc, grads = base()
+        acc[0] = acc[0].to_sparse()
+        return dict(acc=acc, grads=grads)
+
+    def sparse_scale():
+        acc, grads = base()
+        return dict(acc=acc, grads=grads, scale=torch.ones(1).to_sparse())
+
+    def scale_beyond_floats():
+        acc, grads = base()
+        return dict(acc=acc, grads=grads, scale=10**400)
+
+    def overwrite_not_a_bool():
+        acc, grads = base()
+        return dict(acc=acc, grads=grads, overwrite=1)
+
+    def found_inf_not_a_tensor():
+        acc, grads = base()
+        return dict(acc=acc, grads=grads, found_inf=0.0)
+
     return [
         ("length_mismatch", length_mismatch, ValueError, "acc has 2 tensors but grads has 1"),
         ("shape_mismatch", shape_mismatch, ValueError, "grads[0] has shape [5, 4] but acc[0] has [4, 5]"),
@@ -281,14 +350,48 @@ def _bad_inputs():
         ("meta_grad", meta_grad, ValueError, "grads[1] is on meta but acc[0] is on cpu"),
         ("inference_acc", inference_acc, ValueError, "acc[1] is an inference tensor"),
         ("inference_found_inf", inference_found_inf, ValueError, "found_inf is an inference tensor"),
+        ("scale_requires_grad", scale_requires_grad, ValueError, "scale requires grad"),
+        ("empty_lists_int_scale", empty_lists_int_scale, ValueError,
+         "scale must be a 1-element torch.float32 tensor on cpu, got shape [3], dtype torch.int64"),
+        ("empty_lists_found_inf_wrong_shape", empty_lists_found_inf_wrong_shape, ValueError,
+         "found_inf must be a 1-element torch.float32 tensor on cpu, got shape [2]"),
+        ("empty_lists_norm_sq_on_another_device", empty_lists_norm_sq_on_another_device, ValueError,
+         "norm_sq must be a 1-element torch.float32 tensor on cpu, got shape [1], dtype torch.float32 on meta"),
+        ("empty_lists_norm_sq_requires_grad", empty_lists_norm_sq_requires_grad, ValueError,
+         "norm_sq requires grad"),
+        ("empty_lists_found_inf_is_norm_sq", empty_lists_found_inf_is_norm_sq, ValueError, "overlaps"),
+        ("non_tensor_in_grads", non_tensor_in_grads, TypeError, "grads[1] must be a Tensor, got int"),
+        ("acc_is_none", acc_is_none, TypeError, "acc must be a list or tuple of tensors, got NoneType"),
+        ("acc_is_a_tensor", acc_is_a_tensor, TypeError, "acc must be a list or tuple of tensors, got Tensor"),
+        ("sparse_grad", sparse_grad, ValueError, "grads[1] must be a dense (strided) tensor"),
+        ("sparse_acc", sparse_acc, ValueError, "acc[0] must be a dense (strided) tensor"),
+        ("sparse_scale", sparse_scale, ValueError, "scale must be a dense (strided) tensor"),
+        ("scale_beyond_floats", scale_beyond_floats, ValueError, "scale is beyond the range of a float"),
+        ("overwrite_not_a_bool", overwrite_not_a_bool, TypeError, "overwrite must be a bool, got int"),
+        ("found_inf_not_a_tensor", found_inf_not_a_tensor, TypeError, "found_inf must be a Tensor, got float"),
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
 @pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
 def test_bad_input_raises_and_changes_nothing(backend, case):
     _, make, error, fragment = case
     assert_rejected_unchanged(backend, mbfused.accumulate_, make(), error, fragment)
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_negative_zero_scale_keeps_its_sign(backend, overwrite, as_tensor):
+    # grad * -0.0 is -0.0 for a positive grad and +0.0 for a negative one, as in the
+    # reference; a +0.0 scale would give the opposite signs.
+    grads = [torch.tensor([1.5, -2.0, 0.0, -0.0]).to(dtype) for dtype in DTYPES]
+    acc = [torch.tensor([0.0, -0.0, -0.0, 0.0]).to(dtype) for dtype in reversed(DTYPES)]
+    scale = torch.tensor([-0.0]) if as_tensor else -0.0
+    (ours, _), (theirs, _) = run_both(backend, acc, grads, scale, overwrite=overwrite)
+    assert_same(ours, theirs)
+    assert ours[0].signbit().tolist() == ([True, False, True, False] if overwrite
+                                          else [False, False, True, False])
 
 
 def _opcheck_samples():

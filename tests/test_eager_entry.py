@@ -221,10 +221,10 @@ def test_public_ops_take_the_entry_only_on_compiled_backends(monkeypatch):
     assert acc[0].tolist() == [3.0] * 3  # ((0 + 0.5) * 2 + 0.5) * 2
 
 
-def test_a_non_bool_overwrite_is_left_to_the_dispatcher():
+def test_a_non_bool_overwrite_is_not_taken_and_refused_by_name():
     acc, grads = [torch.full((3,), 5.0)], [torch.ones(3)]
     assert accumulate_eager(acc, grads, 1.0, None, "no", None, None) is False
-    with pytest.raises(RuntimeError, match="overwrite"):
+    with pytest.raises(TypeError, match="overwrite must be a bool, got str"):
         mbfused.accumulate_(acc, grads, overwrite="no")
     assert acc[0].tolist() == [5.0] * 3
 

@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from accumulate_cases import assert_rejected_unchanged, assert_same, clone_all, make_grads
-from conftest import DTYPE_PAIRS, DTYPES, cpu_backends, requires_native
+from accumulate_cases import (
+    assert_rejected_unchanged,
+    assert_same,
+    assert_same_bits,
+    clone_all,
+    make_grads,
+)
+from conftest import DTYPE_PAIRS, DTYPES, cpu_backends, every_cpu_tensor_backend, requires_native
 
 import mbfused
 from mbfused import reference
@@ -153,6 +161,38 @@ def test_empty_list_returns_norm_and_writes_nothing(backend):
     assert norm.item() == 0.0
 
 
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("inv_scale", [1e300, -1e39, torch.tensor([float("inf")])], ids=str)
+@pytest.mark.parametrize("with_norm_sq", [False, True])
+def test_inv_scale_beyond_the_fp32_range_is_infinite(backend, inv_scale, with_norm_sq):
+    # A Python float rounds to fp32 as the scalar of any fp32 op does: to inf beyond the
+    # range, on every backend (the torch backend refused it with a message about floats).
+    acc = [torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.5, -0.0], dtype=torch.bfloat16)]
+    norm_sq = torch.tensor([5.5]) if with_norm_sq else None
+    (ours, _, ours_norm), (theirs, _, theirs_norm) = run_both(backend, acc, inv_scale, norm_sq=norm_sq)
+    assert_same(ours, theirs)
+    assert_same_bits(ours_norm, theirs_norm, "total_norm")
+    assert ours_norm.item() == math.inf
+    assert ours[0][0].item() == math.copysign(math.inf, float(inv_scale))
+    assert math.isnan(ours[0][2].item())  # 0 * inf
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("inv_scale", [-0.0, torch.tensor([-0.0])], ids=["float", "tensor"])
+@pytest.mark.parametrize("with_norm_sq", [False, True])
+def test_negative_zero_inv_scale_gives_a_positive_zero_norm(backend, inv_scale, with_norm_sq):
+    # |inv_scale| is +0.0, so the norm is +0.0; the coefficient keeps the sign: acc * -0.0.
+    acc = [torch.tensor([1.0, -2.0, 0.0]), torch.tensor([0.5, -0.0], dtype=torch.float16)]
+    norm_sq = torch.tensor([5.25]) if with_norm_sq else None
+    for out_dtype in (None, torch.bfloat16):
+        (ours, ours_out, ours_norm), (theirs, theirs_out, theirs_norm) = run_both(
+            backend, acc, inv_scale, out_dtype=out_dtype, norm_sq=norm_sq)
+        assert_same(ours_out or ours, theirs_out or theirs)
+        assert_same_bits(ours_norm, theirs_norm, "total_norm")
+        assert ours_norm.item() == 0.0 and not ours_norm.signbit()
+        assert (ours_out or ours)[0].signbit().tolist() == [True, False, True]
+
+
 def _bad_finalize_inputs():
     def base():
         return [torch.ones(4, 5), torch.ones(6, dtype=torch.bfloat16)]
@@ -185,6 +225,33 @@ def _bad_finalize_inputs():
          "acc[0] is an inference tensor"),
         ("out inference tensor", lambda: dict(acc=base(), out=[torch.zeros(4, 5), *_inference([torch.zeros(6)])]),
          ValueError, "out[1] is an inference tensor"),
+        # An empty out is an out of the wrong length, not "in place".
+        ("empty out", lambda: dict(acc=base(), inv_scale=0.5, out=[]), ValueError,
+         "out has 0 tensors but acc has 2"),
+        # An empty acc: nothing to scale, but every other argument is checked all the same.
+        ("empty acc, norm_sq shape", lambda: dict(acc=[], norm_sq=torch.zeros(2)), ValueError,
+         "norm_sq must be a 1-element torch.float32 tensor on cpu, got shape [2]"),
+        ("empty acc, inv_scale requires grad", lambda: dict(acc=[], inv_scale=torch.ones(1, requires_grad=True)),
+         ValueError, "inv_scale requires grad"),
+        ("empty acc, found_inf dtype", lambda: dict(acc=[], found_inf=torch.zeros(1, dtype=torch.float64)),
+         ValueError, "found_inf must be a 1-element torch.float32 tensor on cpu"),
+        ("empty acc, inv_scale on another device", lambda: dict(
+            acc=[], inv_scale=torch.ones(1, device="meta"), norm_sq=torch.ones(1)), ValueError,
+         "norm_sq must be a 1-element torch.float32 tensor on meta, got shape [1], dtype torch.float32 on cpu"),
+        # Messages that named neither argument nor index.
+        ("acc None", lambda: dict(acc=None), TypeError, "acc must be a list or tuple of tensors, got NoneType"),
+        ("out holds a non-tensor", lambda: dict(acc=base(), out=[torch.zeros(4, 5), None]), TypeError,
+         "out[1] must be a Tensor, got NoneType"),
+        ("sparse acc", lambda: dict(acc=[torch.ones(4, 5), torch.ones(6).to_sparse()]), ValueError,
+         "acc[1] must be a dense (strided) tensor"),
+        ("sparse out", lambda: dict(acc=base(), out=[torch.zeros(4, 5).to_sparse(), torch.zeros(6)]),
+         ValueError, "out[0] must be a dense (strided) tensor"),
+        ("inv_scale beyond floats", lambda: dict(acc=base(), inv_scale=-(10**400)), ValueError,
+         "inv_scale is beyond the range of a float"),
+        ("max_norm beyond floats", lambda: dict(acc=base(), max_norm=10**400), ValueError,
+         "max_norm is beyond the range of a float"),
+        ("norm_sq not a tensor", lambda: dict(acc=base(), norm_sq=4.0), TypeError,
+         "norm_sq must be a Tensor, got float"),
     ]
 
 
@@ -203,7 +270,7 @@ def test_inference_tensors_are_read_when_out_is_given(backend):
     assert out[0].tolist() == [2.0] * 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
 @pytest.mark.parametrize("case", _bad_finalize_inputs(), ids=lambda c: c[0])
 def test_bad_input_raises_and_changes_nothing(backend, case):
     _, make, error, fragment = case

@@ -12,10 +12,9 @@ and the add).
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
+from accumulate_cases import assert_rejected_unchanged
 
 import mbfused
 from mbfused import reference
@@ -29,10 +28,13 @@ __all__ = [
     "test_bad_input_raises_and_changes_nothing",
     "test_matches_the_torch_reference",
     "test_more_exact_than_a_16_bit_weight_gradient",
+    "test_negative_zero_scale_keeps_its_sign",
     "test_no_tokens_and_empty_buffers",
+    "test_no_tokens_give_a_zero_product_times_the_scale",
     "test_opcheck",
     "test_overwrite_discards_nan_in_main_grad",
     "test_scale_as_tensor_equals_scale_as_float",
+    "test_special_scales_follow_the_reference",
     "test_strided_operands_equal_contiguous_ones",
     "test_torch_compile_fullgraph",
 ]
@@ -59,13 +61,13 @@ def run(target, main_grad, go, x, scale=1.0, **kwargs):
 def exact_and_bound(main_grad, go, x, scale, overwrite=False):
     """The exact result (fp64) and the largest error an fp32 GEMM may make on it."""
     out_features, in_features = main_grad.shape
-    a = go.reshape(-1, out_features).double().cpu()
-    b = x.reshape(-1, in_features).double().cpu()
+    tokens = go.shape[:-1].numel()  # not -1: ambiguous when a feature count is 0
+    a = go.reshape(tokens, out_features).double().cpu()
+    b = x.reshape(tokens, in_features).double().cpu()
     s = float(scale)
     base = torch.zeros_like(main_grad, dtype=torch.float64, device="cpu") if overwrite \
         else main_grad.double().cpu()
     exact = base + s * (a.t() @ b)
-    tokens = a.shape[0]
     magnitude = abs(s) * (a.abs().t() @ b.abs())
     bound = (tokens + 4) * FP32_EPS * magnitude + 2 * FP32_EPS * base.abs() + 1e-30
     return exact, bound
@@ -198,6 +200,18 @@ def _bad_cases(device):
         ("scale type", {**args(), "scale": "0.5"}, TypeError, "scale must be a Python number"),
         ("overlap", args(main_grad=shared[:12].view(4, 3), input=shared[10:25].view(5, 3)),
          ValueError, "overlaps"),
+        # Refused as any tensor that requires grad, on every backend.
+        ("scale requires grad", {**args(), "scale": torch.ones(1, device=device, requires_grad=True)},
+         ValueError, "scale requires grad"),
+        # Messages that named no argument.
+        ("main_grad None", args(main_grad=None), TypeError, "main_grad must be a Tensor, got NoneType"),
+        ("input a list", args(input=[[1.0, 2.0, 3.0]]), TypeError, "input must be a Tensor, got list"),
+        ("sparse grad_output", args(grad_output=torch.ones(5, 4, device=device).to_sparse()), ValueError,
+         "grad_output must be a dense (strided) tensor"),
+        ("sparse scale", {**args(), "scale": torch.ones(1, device=device).to_sparse()}, ValueError,
+         "scale must be a dense (strided) tensor"),
+        ("scale beyond floats", {**args(), "scale": 10**400}, ValueError, "scale is beyond the range of a float"),
+        ("overwrite not a bool", {**args(), "overwrite": "yes"}, TypeError, "overwrite must be a bool, got str"),
     ]
 
 
@@ -208,12 +222,45 @@ _BAD_CASE_NAMES = [name for name, *_ in _bad_cases("cpu")]
 def test_bad_input_raises_and_changes_nothing(target, case):
     backend, device = target
     _, kwargs, error, fragment = next(c for c in _bad_cases(device) if c[0] == case)
-    tensors = [t for t in kwargs.values() if isinstance(t, torch.Tensor) and t.device.type != "meta"]
-    before = [t.detach().clone() for t in tensors]
-    with mbfused.use_backend(backend), pytest.raises(error, match=re.escape(fragment)):
-        mbfused.wgrad_accumulate_(**kwargs)
-    for t, b in zip(tensors, before, strict=True):
-        assert torch.equal(t.detach(), b), case
+    assert_rejected_unchanged(backend, mbfused.wgrad_accumulate_, kwargs, error, fragment)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 0.0, -0.0, float("inf"), float("-inf"), 1e300], ids=str)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_special_scales_follow_the_reference(target, scale, overwrite):
+    """The reference's ``main_grad + (product * scale)`` in IEEE arithmetic: a nan scale
+    makes every element nan, 0 * an infinite or nan product is nan, an infinite scale
+    times a zero product is nan. (A GEMM's alpha is no such multiply: the CPU BLAS
+    ignored a nan alpha and skipped the product for alpha = 0.) 1e300 is inf in fp32.
+    64 x 48 features and 100 tokens: the size at which the CPU BLAS takes the path that
+    ignored a nan alpha (smaller products went another way)."""
+    _, device = target
+    main_grad, go, x = make_inputs(64, 48, (100,), torch.bfloat16, torch.float32, device, seed=2)
+    go[3, 2] = float("inf")  # row 2 of the product: inf, and nan where x is 0 or nan
+    x[:, 0] = 0.0  # column 0: zero products
+    x[7, 4] = float("nan")  # column 4: nan
+    main_grad[1, 1], main_grad[5, 3] = float("-inf"), float("nan")
+    ours = run(target, main_grad, go, x, scale, overwrite=overwrite)
+    theirs = main_grad.clone()
+    reference.wgrad_accumulate_(theirs, go, x, scale, overwrite=overwrite)
+    # No finite nonzero product survives these scales: the results are exact.
+    torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_no_tokens_give_a_zero_product_times_the_scale(target, overwrite):
+    # As in the reference, where the product of no tokens is zeros: 0 * nan is nan.
+    main_grad, go, x = make_inputs(6, 5, (0,), torch.bfloat16, torch.bfloat16, target[1])
+    assert run(target, main_grad, go, x, float("nan"), overwrite=overwrite).isnan().all()
+    result = run(target, main_grad, go, x, -0.0, overwrite=True)
+    assert (result == 0).all() and result.signbit().all()  # 0 * -0.0
+
+
+def test_negative_zero_scale_keeps_its_sign(target):
+    # Positive products times -0.0 are -0.0, as in the reference (+0.0 with a +0.0 scale).
+    main_grad, go, x = make_inputs(7, 9, (20,), torch.float16, torch.bfloat16, target[1])
+    result = run(target, main_grad, go.abs() + 0.5, x.abs() + 0.5, -0.0, overwrite=True)
+    assert (result == 0).all() and result.signbit().all()
 
 
 def test_opcheck(target):
