@@ -256,6 +256,8 @@ def test_load_state_dict_checks_before_changing_anything():
          r"buffers for parameters \[1, 2, 3\] but gradients for \[0, 1, 2, 3\]"),
         (dict(window, found_inf=torch.zeros(2)), "found_inf must be a 1-element"),
         (dict(window, found_inf=torch.zeros(1, 1)), "found_inf must be a 1-element"),
+        (dict(window, found_inf=torch.zeros(1, device="meta")), "found_inf must be a 1-element"),
+        (dict(window, buffers={**window["buffers"], 0: window["buffers"][0].to("meta")}), "device meta"),
         (dict(window, items="many"), "items must be a real number"),
         (dict(window, items=torch.ones(1, dtype=torch.complex64)), "items must be a real number"),
         (dict(window, written=["yes"] * 4), "written must be a list of bools"),
