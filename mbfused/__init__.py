@@ -16,24 +16,24 @@ Backends: ``available_backends()``, ``use_backend(name)`` or ``MBFUSED_BACKEND``
 Importing mbfused never initialises CUDA and never fails because a backend is missing.
 """
 
-from mbfused import nn
+from mbfused import distributed, nn  # distributed registers the model= adapters (DDP, FSDP2)
 from mbfused._backend import available_backends, use_backend
 from mbfused._version import __version__
 from mbfused.nn import convert_linears, scale_grad
 from mbfused.ops import accumulate_, finalize_, wgrad_accumulate_
 from mbfused.optim import MicroBatchOptimizer, WindowMisuse
-from mbfused import distributed  # registers model= adapters (DDP) with mbfused.optim
 
 __all__ = [
     "MicroBatchOptimizer",
+    "WindowMisuse",
     "__version__",
     "accumulate_",
     "available_backends",
     "convert_linears",
+    "distributed",
     "finalize_",
     "nn",
     "scale_grad",
     "use_backend",
     "wgrad_accumulate_",
-    "WindowMisuse",
 ]

@@ -80,9 +80,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.data_parallel:
         return _data_parallel(args)
     if args.model:
-        from mbfused import model
-
-        from mbfused import data_parallel_bench
+        from mbfused import data_parallel_bench, model
 
         for name in args.lists or list(benchmarks.TENSOR_LISTS):
             print(model.format_model(name, model.model_window(name, args.window), args.window))

@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -170,7 +171,7 @@ class Compiled:
     Dynamo's automatic dynamic shapes, the second tensor list of a run recompiled with
     symbolic sizes, and many-small's calls took seconds each (guards on 2,400 tensors)."""
 
-    _instances: dict[Callable, Compiled] = {}
+    _instances: ClassVar[dict[Callable, Compiled]] = {}
 
     def __init__(self, fn: Callable) -> None:
         self.fn = fn

@@ -26,8 +26,15 @@ from mbfused import _amp, ops
 from mbfused._backend import requested_backend
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
 from mbfused.reduction import WindowReduction
-from mbfused.window import (ACCUM_DTYPES, MAIN_GRAD, AccumulationWindow, WindowMisuse, is_sharded,
-                            is_stale_window_buffer, manager_of)
+from mbfused.window import (
+    ACCUM_DTYPES,
+    MAIN_GRAD,
+    AccumulationWindow,
+    WindowMisuse,
+    is_sharded,
+    is_stale_window_buffer,
+    manager_of,
+)
 
 __all__ = ["MicroBatchOptimizer", "WindowMisuse", "fused_optimizer_step", "supports_fused_handoff"]
 

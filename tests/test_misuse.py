@@ -34,6 +34,7 @@ def test_a_loop_that_accumulates_itself_is_stopped_at_its_second_backward(mode):
     _loss(model, 0).backward()
     with pytest.raises(WindowMisuse, match=r"arrived twice before step\(\).*gradient_accumulation_steps=1"):
         _loss(model, 1).backward()
+    assert opt.micro_step == 0
 
 
 def test_two_backward_passes_per_micro_batch_are_refused_with_the_fix():

@@ -124,7 +124,7 @@ def test_every_scheduler_takes_the_wrapper_and_steps_once_per_window(name):
                 scheduler_step(sched)
                 lrs.append(opt.param_groups[0]["lr"])
             opt.zero_grad()
-    assert lrs == ref_lrs and len(set(lrs)) > 1 or plateau
+    assert (lrs == ref_lrs and len(set(lrs)) > 1) or plateau
     _assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -200,7 +200,7 @@ def test_add_param_group_mid_window_joins_from_the_next_micro_batch():
 
 def test_add_param_group_refuses_what_the_window_cannot_take_and_changes_nothing():
     opt = MicroBatchOptimizer(torch.optim.SGD(_model().parameters(), lr=0.1), N)
-    with pytest.raises(ValueError, match="dtype torch.float64"):
+    with pytest.raises(ValueError, match=r"dtype torch\.float64"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))]})
     with pytest.raises(TypeError, match="param_group must be a dict"):
         opt.add_param_group([torch.nn.Parameter(torch.zeros(3))])
@@ -294,7 +294,7 @@ def test_loss_scaling_gives_the_unscaled_result_however_the_scaler_is_driven(dri
 
 @pytest.mark.parametrize("drive", ["wrapper", "scaler"])
 def test_an_overflowing_micro_batch_skips_its_window_and_backs_the_scale_off(drive):
-    model, scales, stepped = _scaled_run(drive, growth_interval=1000, inf_at=N + 1)
+    _, scales, stepped = _scaled_run(drive, growth_interval=1000, inf_at=N + 1)
     assert stepped == [False] * (N - 1) + [True] + [False] * N + [False] * (N - 1) + [True]
     backed_off_after = N + 1 if drive == "scaler" else 2 * N - 1
     assert scales[backed_off_after] == 2.0 ** 10 and scales[backed_off_after + 1] == 2.0 ** 9
@@ -306,7 +306,7 @@ def test_scaler_unscale_before_step_is_refused():
     opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, scaler=scaler)
     scaler.scale(model(_batches(1)[0]).sum()).backward()
     scaler.unscale_(opt)
-    with pytest.raises(mbfused.optim.WindowMisuse, match="drop scaler.unscale_"):
+    with pytest.raises(mbfused.optim.WindowMisuse, match=r"drop scaler\.unscale_"):
         scaler.step(opt)
 
 
