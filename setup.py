@@ -46,6 +46,8 @@ BUILD_TEMP = os.path.join(HERE, "build", "objects")
 # Written next to mbfused._C: the torch it was compiled against, which mbfused/_native.py
 # compares with the running torch before it loads the extension.
 BUILD_INFO = "_build_info.py"
+# ninja prints a line per finished object; say which of how many, and since when.
+os.environ.setdefault("NINJA_STATUS", "[mbfused build] object %f of %t (%es): ")
 # A100 and H100; set TORCH_CUDA_ARCH_LIST for other GPUs. Each arch adds nvcc time.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
@@ -122,6 +124,9 @@ class _BuildExtension(cpp_extension.BuildExtension):
     def finalize_options(self) -> None:
         super().finalize_options()
         self.build_temp = BUILD_TEMP
+        if not self.use_ninja:
+            _log("ninja not found (pip install ninja): the sources compile one after another, "
+                 "and all of them again on every build")
 
     def run(self) -> None:
         super().run()
