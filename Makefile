@@ -66,8 +66,9 @@ test: install-dev
 	@echo "== Triton kernels (under TRITON_INTERPRET=1 when there is no GPU) =="
 	$(call pytest,$(TRITON_TESTS))
 
+# BENCH_ARGS: options of `python -m mbfused bench`, e.g. BENCH_ARGS="--plot bench.png".
 bench: install
-	$(PYTHON) -m mbfused bench
+	$(PYTHON) -m mbfused bench $(BENCH_ARGS)
 
 # On a machine with a CUDA GPU and torch, triton, pytest preinstalled, offline: build in
 # place, GPU tests, GPU benchmark, logs in $$OUT or gpu-check/ (scripts/gpu_check.sh).
