@@ -91,8 +91,7 @@ def _extension(with_cuda: bool):
         _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}")
         cu_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         cu_sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
-        for src in cu_sources:
-            _log(f"compiling CUDA source {src}")
+        _log(f"CUDA sources: {', '.join(cu_sources)}")
         return cpp_extension.CUDAExtension(
             "mbfused._C",
             sources + cu_sources,
