@@ -645,7 +645,7 @@ def figure(results: Iterable[Result]):
     paths = [p for p in dict.fromkeys(r.path for r in results) if not p.startswith("roofline")]
     colors = _path_colors(paths)
     sizes = {name: max(r.numel for r in results if r.case == name) for name in lists}
-    fig, axes = plt.subplots(len(ops), 1, figsize=(12, 3.2 * len(ops) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(len(ops), 1, figsize=(14, 3.2 * len(ops) + 0.6), squeeze=False)
     for ax, op in zip(axes[:, 0], ops, strict=True):
         rows = [r for r in results if r.op == op]
         op_paths = [p for p in paths if any(r.path == p for r in rows)]
@@ -673,7 +673,7 @@ def figure(results: Iterable[Result]):
                 else:
                     continue
                 ax.annotate(text, (x, r.gbs), xytext=(0, 2), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=7, linespacing=0.9,
+                            ha="center", va="bottom", fontsize=6.5, linespacing=0.9,
                             bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none",
                                   "alpha": 0.8}, **style)
             for name, r in group.items():
