@@ -27,8 +27,9 @@ $(VENV)/bin/python:
 
 # torch first: the extension builds against the torch in this environment
 # (--no-build-isolation), never against one pip would fetch into a build sandbox. The
-# build's output goes to build.log; progress shows one line per compiled object, and a
-# rebuild compiles only the sources that changed (objects are kept in build/objects).
+# build's output goes to build.log; what shows is one line per compiled object (setup.py
+# runs twice, so its own lines are shown once), and a rebuild compiles only the sources
+# that changed (objects are kept in build/objects).
 define build
 	@$(PYTHON) -c "import torch" 2>/dev/null && \
 	  $(PYTHON) -c "import torch; print('using torch', torch.__version__, 'from', torch.__path__[0])" || \
@@ -40,7 +41,7 @@ define build
 	  | sed -u -nE 's#^ *\[mbfused build\] (object [0-9]+ of [0-9]+) \(([0-9]+)\.[0-9]*s\): .* -c (\S+) -o .*#  \1 compiled at \2 s: \3#p; \
 	      s#^ *ninja: no work to do\.#  nothing to compile: every object in build/objects is up to date#p; \
 	      s#^ *(\[mbfused build\] .*|Successfully installed .*|.*error:.*)#  \1#p' \
-	  | sed -u "s#$(CURDIR)/##" || { tail -n 60 build.log; exit 1; }
+	  | sed -u "s#$(CURDIR)/##" | awk '!seen[$$0]++ { print; fflush() }' || { tail -n 60 build.log; exit 1; }
 	$(PYTHON) -m mbfused info
 endef
 
