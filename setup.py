@@ -43,6 +43,11 @@ CSRC = "csrc"
 # Objects live here between builds (pip's editable and wheel builds included), so ninja
 # recompiles only the sources that changed instead of every object in a fresh temp dir.
 BUILD_TEMP = os.path.join(HERE, "build", "objects")
+# Written next to mbfused._C: the torch it was compiled against, which mbfused/_native.py
+# compares with the running torch before it loads the extension.
+BUILD_INFO = "_build_info.py"
+# ninja prints a line per finished object; say which of how many, and since when.
+os.environ.setdefault("NINJA_STATUS", "[mbfused build] object %f of %t (%es): ")
 # A100 and H100; set TORCH_CUDA_ARCH_LIST for other GPUs. Each arch adds nvcc time.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
@@ -72,13 +77,13 @@ def _pip_cuda_include_dirs() -> list[str]:
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
-def _extension():
+def _extension(with_cuda: bool):
     # -Wno-maybe-uninitialized: GCC 12 warns inside its own AVX-512 intrinsics headers.
     cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-fvisibility=hidden", "-Wno-maybe-uninitialized"]
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
     sources += sorted(glob.glob(os.path.join(CSRC, "cpu", "*.cpp")))
     include_dirs = [os.path.join(HERE, CSRC)]
-    if _want_cuda():
+    if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # torch derives the arch list from the visible GPUs and fails with none.
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
@@ -86,8 +91,7 @@ def _extension():
         _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}")
         cu_sources = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
         cu_sources += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
-        for src in cu_sources:
-            _log(f"compiling CUDA source {src}")
+        _log(f"CUDA sources: {', '.join(cu_sources)}")
         return cpp_extension.CUDAExtension(
             "mbfused._C",
             sources + cu_sources,
@@ -106,10 +110,40 @@ def _extension():
     )
 
 
+def _build_info(with_cuda: bool) -> str:
+    return (
+        '"""The torch this build of mbfused._C was compiled against (written by setup.py)."""\n\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"TORCH_GIT_VERSION = {torch.version.git_version!r}\n"
+        f"WITH_CUDA = {with_cuda!r}\n"
+    )
+
+
 class _BuildExtension(cpp_extension.BuildExtension):
     def finalize_options(self) -> None:
         super().finalize_options()
         self.build_temp = BUILD_TEMP
+        if not self.use_ninja:
+            _log("ninja not found (pip install ninja): the sources compile one after another, "
+                 "and all of them again on every build")
+
+    def run(self) -> None:
+        super().run()
+        # Next to the extension in the build directory (wheels) and, for in-place and
+        # editable builds, next to the copy in the source tree.
+        for path in sorted({self._next_to_extension(False), self._next_to_extension(self.inplace)}):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(_build_info(WITH_CUDA))
+            shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+            _log(f"recorded torch {torch.__version__} in {shown}")
+
+    def _next_to_extension(self, inplace: bool) -> str:
+        saved, self.inplace = self.inplace, inplace
+        try:
+            return os.path.join(os.path.dirname(self.get_ext_fullpath("mbfused._C")), BUILD_INFO)
+        finally:
+            self.inplace = saved
 
 
 def _license_metadata() -> dict:
@@ -121,8 +155,10 @@ def _license_metadata() -> dict:
     return {"license": "BSD-3-Clause", "license_files": ["LICENSE"]}
 
 
+WITH_CUDA = _want_cuda()
+
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[_extension(WITH_CUDA)],
     cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
     **_license_metadata(),
 )

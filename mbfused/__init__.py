@@ -16,6 +16,14 @@ Backends: ``available_backends()``, ``use_backend(name)`` or ``MBFUSED_BACKEND``
 Importing mbfused never initialises CUDA and never fails because a backend is missing.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # torch warns "Failed to initialize NumPy" on import where numpy is not installed;
+    # mbfused does not use numpy, so importing it says nothing about numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from mbfused import distributed, nn  # distributed registers the model= adapters (DDP, FSDP2)
 from mbfused._backend import available_backends, use_backend
 from mbfused._version import __version__

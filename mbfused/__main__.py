@@ -1,10 +1,11 @@
-"""Command line: ``python -m mbfused info`` and ``python -m mbfused bench``."""
+"""Command line: ``mbfused info`` and ``mbfused bench`` (or ``python -m mbfused ...``)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 
@@ -141,14 +142,23 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prog() -> str:
+    """How the user called us: `python -m mbfused` runs __main__.py, the installed script
+    is `mbfused`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "mbfused"
+    return "python -m mbfused" if name == "__main__.py" else name
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mbfused")
+    parser = argparse.ArgumentParser(prog=_prog())
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions and usable backends").set_defaults(run=_info)
     bench = sub.add_parser("bench", help="fused ops side by side with pure PyTorch")
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="quick", action="store_true", default=True,
-                      help="5 timed calls per path (default, under a minute on 2 cores)")
+                      help="5 timed calls per path (default). The run takes minutes, most of "
+                           "them torch.compile compiling its paths; --no-compile and --lists "
+                           "shorten it")
     size.add_argument("--full", dest="quick", action="store_false",
                       help="20 timed calls per path")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -178,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--e2e-batch", type=int, default=2, help="sequences per micro-batch")
     bench.add_argument("--e2e-seq-len", type=int, default=1024, help="tokens per sequence")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    bench.add_argument("--plot", metavar="FILE.png", help="plot GB/s per path (needs matplotlib)")
+    bench.add_argument("--plot", metavar="FILE.png",
+                       help="write a figure: per op and tensor list, GB/s of every path as bars, "
+                            "the roofline as a line, mbfused's speedups (needs matplotlib)")
     bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)

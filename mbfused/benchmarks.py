@@ -613,8 +613,115 @@ def format_table(results: Iterable[Result]) -> str:
     return "\n".join(lines)
 
 
+def _path_colors(paths: list[str]) -> dict[str, str]:
+    """One color per path, the same in every panel: mbfused's paths in blues, compiled
+    pure paths in oranges, autograd's in purple, the other pure paths in greys."""
+    import matplotlib
+
+    families = {"mbfused": "Blues", "compiled": "Oranges", "grad_dtype": "Purples", "": "Greys"}
+    members: dict[str, list[str]] = {family: [] for family in families}
+    for name in paths:
+        family = next(f for f in families if name.startswith(f))
+        members[family].append(name)
+    colors = {}
+    for family, names in members.items():
+        cmap = matplotlib.colormaps[families[family]]
+        for i, name in enumerate(names):
+            colors[name] = matplotlib.colors.to_hex(cmap(0.75 - 0.4 * i / max(1, len(names) - 1)
+                                                         if len(names) > 1 else 0.7))
+    return colors
+
+
+def figure(results: Iterable[Result]):
+    """The benchmark as one matplotlib figure: a panel per operation, a group of bars per
+    tensor list, a bar per path (GB/s, higher is better), the roofline of each list as a
+    black line over its group, the machine's memory bandwidth (CPU: measured in the run;
+    GPU: the card's nominal HBM bandwidth) as a dotted line, and over each mbfused bar
+    its speedup against the best pure-PyTorch path on that list."""
+    import matplotlib.pyplot as plt
+
+    results = list(results)
+    ops = list(dict.fromkeys(r.op for r in results))
+    lists = list(dict.fromkeys(r.case for r in results))
+    paths = [p for p in dict.fromkeys(r.path for r in results) if not p.startswith("roofline")]
+    colors = _path_colors(paths)
+    sizes = {name: max(r.numel for r in results if r.case == name) for name in lists}
+    fig, axes = plt.subplots(len(ops), 1, figsize=(14, 3.2 * len(ops) + 0.6), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops, strict=True):
+        rows = [r for r in results if r.op == op]
+        op_paths = [p for p in paths if any(r.path == p for r in rows)]
+        op_paths.sort(key=lambda p: not p.startswith("mbfused"))  # mbfused's first
+        width = 0.84 / len(op_paths)
+        labelled: set[str] = set()
+        gemm = any("addmm" in r.path for r in rows)
+        for g, list_name in enumerate(lists):
+            group = {r.path: r for r in rows if r.case == list_name}
+            left = g - 0.42
+            if not group:
+                ax.text(g, 0, "no matrices in this list" if gemm else "not run", ha="center",
+                        va="bottom", fontsize=8, color="grey")
+            pure = [r for name, r in group.items() if not name.startswith(("mbfused", "roofline"))]
+            best_pure = max(pure, key=lambda r: r.gbs) if pure else None
+            for i, name in enumerate(op_paths):
+                if name not in group:
+                    continue
+                r, x = group[name], left + (i + 0.5) * width
+                ax.bar(x, r.gbs, width * 0.92, color=colors[name], label=_once(name, labelled))
+                if name.startswith("mbfused") and r.speedup_vs_best_torch:
+                    text, style = f"{r.speedup_vs_best_torch:.2f}x", {"fontweight": "bold"}
+                elif r is best_pure:
+                    text, style = "best\npure", {"color": "dimgrey", "fontstyle": "italic"}
+                else:
+                    continue
+                ax.annotate(text, (x, r.gbs), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=6.5, linespacing=0.9,
+                            bbox={"boxstyle": "square,pad=0.05", "fc": "white", "ec": "none",
+                                  "alpha": 0.8}, **style)
+            for name, r in group.items():
+                if name.startswith("roofline"):
+                    ax.hlines(r.gbs, left, left + 0.84, colors="black", linewidth=1.8,
+                              label=_once(name, labelled))
+        tops = [r.gbs for r in rows]
+        # A GEMM is bound by compute, so the memory's bandwidth says nothing about it.
+        peak = None if gemm else next((r for r in rows if r.pct_bandwidth or r.pct_hbm_peak), None)
+        if peak is not None:
+            if peak.pct_bandwidth:
+                peak_gbs, what = peak.bandwidth_gbs, "memory bandwidth, measured"
+            else:
+                peak_gbs, what = 100.0 * peak.gbs / peak.pct_hbm_peak, "HBM bandwidth, nominal"
+            ax.axhline(peak_gbs, color="tab:red", linestyle=":", linewidth=1.2,
+                       label=f"{what}: {peak_gbs:.0f} GB/s")
+            tops.append(peak_gbs)
+        ax.set_xticks(range(len(lists)), [f"{name} ({_elements(sizes[name])})" for name in lists])
+        ax.set_xlim(-0.5, len(lists) - 0.5)
+        ax.set_ylim(0, max(tops) * 1.25)
+        ax.set_ylabel("GB/s")
+        ax.set_title(op + (": a GEMM, compute-bound; compare each bar with its list's line"
+                           if gemm else ""), loc="left", fontsize=10, fontweight="bold")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    device = results[0].device if results else "cpu"
+    fig.suptitle(f"mbfused bench on {device}: GB/s per path (higher is better); black line: the "
+                 "roofline of that list; bold: mbfused's speedup over the best pure-PyTorch path",
+                 fontsize=10.5, x=0.01, ha="left")
+    fig.tight_layout()
+    return fig
+
+
+def _once(label: str, labelled: set[str]) -> str | None:
+    """`label` the first time (one legend entry per path), None after."""
+    if label in labelled:
+        return None
+    labelled.add(label)
+    return label
+
+
+def _elements(numel: int) -> str:
+    return f"{numel / 1e6:.1f}M elements" if numel >= 100_000 else f"{numel / 1e3:.0f}K elements"
+
+
 def plot(results: Iterable[Result], path: str) -> None:
-    """GB/s against tensor-list size (elements), one line per path; needs matplotlib."""
+    """Writes `figure(results)` to `path` (PNG, SVG, PDF: by its suffix); needs matplotlib."""
     try:
         import matplotlib
 
@@ -622,19 +729,6 @@ def plot(results: Iterable[Result], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise SystemExit("--plot needs matplotlib: pip install 'mbfused[bench]'") from exc
-    by_path: dict[str, list[tuple[int, float]]] = {}
-    for r in results:
-        if r.op == "accumulate_":
-            by_path.setdefault(r.path, []).append((r.numel, r.gbs))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, points in by_path.items():
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_xlabel("elements in the tensor list")
-    ax.set_ylabel("GB/s")
-    ax.set_title("accumulate_: fp32 += bf16")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig = figure(results)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

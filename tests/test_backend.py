@@ -77,6 +77,15 @@ def test_info_command_reports_versions_and_backends():
         assert f"  {name}:" in out
 
 
+def test_import_says_nothing_where_numpy_is_missing():
+    # torch warns "Failed to initialize NumPy" on import without numpy; mbfused does not
+    # use numpy. (None in sys.modules makes `import numpy` fail as if it were missing.)
+    code = "import sys; sys.modules['numpy'] = None; import mbfused"
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], check=True,
+                          capture_output=True, text=True)
+    assert "NumPy" not in proc.stderr, proc.stderr
+
+
 def _backward_on_another_thread(loss):
     """Runs loss.backward() on a fresh thread, as the autograd engine runs CUDA work on a
     device thread of its own, where the caller's context variables are not set."""

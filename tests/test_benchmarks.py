@@ -112,3 +112,35 @@ def test_table_and_json_carry_bandwidth_and_compile_time(tiny):
     table = benchmarks.format_table(results)
     assert "% mem BW" in table and "% foreach" in table and "compile s" in table
     assert all(path in table for path in PEERS)
+
+
+def _result(op: str, case: str, path: str, gbs: float, speedup: float | None) -> benchmarks.Result:
+    return benchmarks.Result(case, op, path, "cpu", 1e-3, [1e-3], 10**6, 10**5, gbs, 8.0,
+                             100 * gbs / 8.0, speedup, bandwidth_gbs=20.0, pct_bandwidth=5 * gbs)
+
+
+def test_plot_draws_a_panel_per_op_bars_per_path_and_the_speedups(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = []
+    for case in ("llama", "many-small"):
+        results += [_result("accumulate_", case, "roofline: fp32 foreach", 8.0, None),
+                    _result("accumulate_", case, "mbfused[cpu]", 7.5, 3.75),
+                    _result("accumulate_", case, "foreach_add", 2.0, 1.0),
+                    _result("accumulate_", case, "per_param_add", 1.0, 0.5)]
+    results += [_result("wgrad T=256", "llama", "roofline: fp32 addmm_", 4.0, None),
+                _result("wgrad T=256", "llama", "mbfused[cpu]", 3.0, 1.5),
+                _result("wgrad T=256", "llama", "wgrad fp32 + add_", 2.0, 1.0)]
+    fig = benchmarks.figure(results)
+    accumulate, wgrad = fig.axes
+    assert [len(ax.patches) for ax in fig.axes] == [6, 2]  # one bar per path and list
+    labels = [t.get_text() for t in accumulate.texts]
+    assert labels.count("3.75x") == 2 and labels.count("best\npure") == 2
+    assert [t.get_text() for t in wgrad.texts] == ["1.50x", "best\npure", "no matrices in this list"]
+    rooflines = [c.get_segments()[0] for c in accumulate.collections]  # one per list, at its GB/s
+    assert [segment[0][1] for segment in rooflines] == [8.0, 8.0]
+    assert rooflines[0][1][0] < rooflines[1][0][0]  # over its own group of bars
+    assert any("memory bandwidth" in line.get_label() for line in accumulate.lines)
+    assert not any("memory bandwidth" in line.get_label() for line in wgrad.lines)  # a GEMM
+    out = tmp_path / "bench.png"
+    benchmarks.plot(results, str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_bench_prints_table_and_writes_json(tmp_path):
     out_json = tmp_path / "bench.json"
@@ -46,3 +48,15 @@ def test_run_case_counts_the_page_faults_of_each_path():
     results = {r.path: r for r in benchmarks.run_case(case, "cpu", repeats=3)}
     assert results["allocates"].page_faults_per_call > 0
     assert results["nothing"].page_faults_per_call < results["allocates"].page_faults_per_call
+
+
+def test_usage_names_the_command_as_it_was_called(monkeypatch, capsys):
+    from mbfused.__main__ import main
+
+    proc = subprocess.run([sys.executable, "-m", "mbfused", "--help"], check=True,
+                          capture_output=True, text=True)
+    assert proc.stdout.startswith("usage: python -m mbfused ")
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/mbfused", "--help"])  # the installed script
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: mbfused ")
