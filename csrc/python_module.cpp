@@ -295,12 +295,48 @@ PyObject* clear_grads(PyObject* /*self*/, PyObject* params) {
   END_HANDLE_TH_ERRORS
 }
 
+// Sets each parameter's .grad to the tensor at the same position, as `p.grad = g` does for
+// a gradient of the parameter's shape, dtype and device; False (and nothing changed) when
+// any pair is not of plain tensors or does not match. The window hands its gradient to the
+// optimizer this way at its end.
+PyObject* set_grads(PyObject* /*self*/, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* params = nullptr;
+  PyObject* grads = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &params, &grads) || !PyList_CheckExact(params) ||
+      !PyList_CheckExact(grads) || PyList_GET_SIZE(params) != PyList_GET_SIZE(grads)) {
+    PyErr_Clear();
+    Py_RETURN_FALSE;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* param = PyList_GET_ITEM(params, i);
+    PyObject* grad = PyList_GET_ITEM(grads, i);
+    if (!THPVariable_CheckExact(param) || !THPVariable_CheckExact(grad)) {
+      Py_RETURN_FALSE;
+    }
+    const at::Tensor& p = THPVariable_Unpack(param);
+    const at::Tensor& g = THPVariable_Unpack(grad);
+    if (g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() || g.device() != p.device() ||
+        g.layout() != p.layout() || g.requires_grad()) {
+      Py_RETURN_FALSE;
+    }
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    THPVariable_Unpack(PyList_GET_ITEM(params, i)).mutable_grad() = THPVariable_Unpack(PyList_GET_ITEM(grads, i));
+  }
+  Py_RETURN_TRUE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"_accumulate_eager", accumulate_eager, METH_VARARGS,
      "accumulate_ on plain CPU/CUDA tensors without the dispatcher's list copies; False when not taken."},
     {"_finalize_eager", finalize_eager, METH_VARARGS,
      "finalize_ on plain CPU/CUDA tensors without the dispatcher's list copies; None when not taken."},
     {"_grads_of", grads_of, METH_O, "[p.grad for p in params] for a list of plain tensors; None when not taken."},
+    {"_set_grads", set_grads, METH_VARARGS,
+     "p.grad = g for matching lists of plain tensors; False when not taken."},
     {"_clear_grads", clear_grads, METH_O,
      "p.grad = None for each of a list of plain tensors; False when not taken."},
     {nullptr, nullptr, 0, nullptr}};

@@ -31,6 +31,7 @@ from mbfused.window import (
     MAIN_GRAD,
     AccumulationWindow,
     WindowMisuse,
+    grads_present,
     is_sharded,
     is_stale_window_buffer,
     manager_of,
@@ -622,8 +623,14 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                 f"{' ...' if len(pending) > 8 else ''}, which arrived after the last step(): "
                 "call step() after every backward() and before zero_grad(). To skip a "
                 "micro-batch, do not call backward() on it")
-        self._window.release_handed_out()
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        window = self._window
+        after_window_end = bool(window.handed_out)
+        window.release_handed_out()
+        # Mid-window every managed .grad was taken by step() already: a torch optimizer's
+        # own zero_grad would only walk the parameters (one Python access each).
+        if (after_window_end or type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
+                or grads_present([p for group in self.param_groups for p in group["params"]])):
+            self.optimizer.zero_grad(set_to_none=set_to_none)
 
     # -- checkpoints --------------------------------------------------------------------
 

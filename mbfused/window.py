@@ -164,6 +164,19 @@ def _clear_grads(params: list[Tensor]) -> None:
             p.grad = None
 
 
+def _set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
+    """``p.grad = g`` for each pair (in C++ when built and the pairs match, as `_grads_of`)."""
+    native = _native.eager_entry("_set_grads")
+    if native is None or not native(params, grads):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+
+
+def grads_present(params: list[Tensor]) -> bool:
+    """Whether any of `params` has a .grad."""
+    return any(g is not None for g in _grads_of(params))
+
+
 def _remove_handles(handles: list) -> None:
     for handle in handles:
         handle.remove()
@@ -431,13 +444,13 @@ class AccumulationWindow:
         params = self._params if slots is self.slots else [s.param for s in slots]
         if grads is None:
             grads = _grads_of(params)
-        if self.sharded:
-            grads = [_local(g) for g in grads]
         if self.handed_out and any(id(g) in self.handed_out for g in grads):
             index = next(s.index for s, g in zip(slots, grads, strict=True) if id(g) in self.handed_out)
             raise WindowMisuse(
                 f"parameter {index}'s .grad is still the gradient of the last window, and the last "
                 "backward added into it: call zero_grad() after every step()")
+        if self.sharded:
+            grads = [_local(g) for g in grads]
         last = self.last_micro_batch
         norm_sq = self.norm_sq if last else None
         found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
@@ -567,12 +580,13 @@ class AccumulationWindow:
 
     def hand_out(self, written: list[Slot], grads: list[Tensor]) -> None:
         """Gives the window's gradient to the optimizer as the parameters' .grad."""
-        for s, grad in zip(written, grads, strict=True):
-            if is_sharded(s.param):
-                grad = DTensor.from_local(grad, s.param.device_mesh, s.param.placements, run_check=False,
-                                          shape=s.param.shape, stride=s.param.stride())
-            s.param.grad = grad
-        self.handed_out = {id(s.param.grad) for s in written}
+        params = [s.param for s in written]
+        if self.sharded:
+            grads = [DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                        stride=p.stride()) if is_sharded(p) else g
+                     for p, g in zip(params, grads, strict=True)]
+        _set_grads(params, grads)
+        self.handed_out = {id(g) for g in grads}
 
     def release_handed_out(self) -> None:
         """zero_grad(): takes back the buffers handed out as .grad at the window's end (the
