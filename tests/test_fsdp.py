@@ -14,6 +14,7 @@ import io
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 from mbfused.optim import MicroBatchOptimizer
 
@@ -87,13 +88,7 @@ def _worker(rank, path, scenario, normalize, results):
 
 
 def _run(tmp_path, scenario, normalize="mean"):
-    mp = torch.multiprocessing.get_context("spawn")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        torch.multiprocessing.start_processes(
-            _worker, args=(tmp_path / "store", scenario, normalize, results), nprocs=WORLD,
-            start_method="spawn")
-        return dict(results)
+    return run_ranks(_worker, WORLD, tmp_path / "store", scenario, normalize)
 
 
 def _one_process(normalize):

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 import mbfused
 from mbfused.nn import Linear, convert_linears
@@ -321,13 +322,7 @@ def _unchecked_gradient_worker(rank, world, path, results):
 def test_data_parallel_ranks_agree_to_skip_an_unchecked_nan(tmp_path):
     """wgrad_accumulate_ has no inf/nan flag, so the norm decides; every rank must check it
     when any rank took such gradients, or the replicas diverge."""
-    mp = torch.multiprocessing.get_context("spawn")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        torch.multiprocessing.start_processes(
-            _unchecked_gradient_worker, args=(2, tmp_path / "store", results), nprocs=2,
-            start_method="spawn")
-        results = dict(results)
+    results = run_ranks(_unchecked_gradient_worker, 2, 2, tmp_path / "store")
     assert results == {0: (False, True), 1: (False, True)}
 
 

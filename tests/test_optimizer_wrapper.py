@@ -16,6 +16,7 @@ import weakref
 
 import pytest
 import torch
+from gloo_ranks import run_ranks
 
 import mbfused
 from mbfused.optim import MicroBatchOptimizer
@@ -514,12 +515,7 @@ def _uneven_worker(rank, world, path, results):
 
 
 def test_a_rank_with_fewer_micro_batches_gets_an_error_naming_the_cause(tmp_path):
-    mp = torch.multiprocessing.get_context("spawn")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        torch.multiprocessing.start_processes(_uneven_worker, args=(2, tmp_path / "store", results),
-                                              nprocs=2, start_method="spawn")
-        results = dict(results)
+    results = run_ranks(_uneven_worker, 2, 2, tmp_path / "store")
     assert list(results) == [0]
     assert "Every rank must call step() the same number of times" in results[0]
 
@@ -529,13 +525,7 @@ def test_data_parallel_window_equals_one_process(tmp_path, normalize):
     """Two gloo ranks, each with its own micro-batches: one all-reduce per bucket at the
     end of the window gives every rank the parameters a single process gets from the
     ranks' micro-batches with DDP's averaging (or the global item count)."""
-    mp = torch.multiprocessing.get_context("spawn")
-    with mp.Manager() as manager:
-        results = manager.dict()
-        torch.multiprocessing.start_processes(
-            _data_parallel_worker, args=(2, tmp_path / "store", normalize, results), nprocs=2,
-            start_method="spawn")
-        results = dict(results)
+    results = run_ranks(_data_parallel_worker, 2, 2, tmp_path / "store", normalize)
 
     torch.manual_seed(0)
     ref = Net()
