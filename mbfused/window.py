@@ -243,6 +243,7 @@ class AccumulationWindow:
         # ids of the tensors handed to the optimizer as .grad at the window's end, until
         # zero_grad(): a backward before that would add into them
         self.handed_out: set[int] = set()
+        self._buffer_grads: list[tuple[Tensor, Tensor]] = []  # (param, its buffer as .grad) among them
         self._unscale = unscale
         self.loss_scaled = loss_scaled
         self._micro_scale: float | Tensor | None = None  # this micro-batch's, once known
@@ -587,18 +588,19 @@ class AccumulationWindow:
                      for p, g in zip(params, grads, strict=True)]
         _set_grads(params, grads)
         self.handed_out = {id(g) for g in grads}
+        self._buffer_grads = [(s.param, g) for s, g in zip(written, grads, strict=True)
+                              if g is s.buffer or (is_sharded(g) and _local(g).data_ptr() == s.buffer.data_ptr())]
 
     def release_handed_out(self) -> None:
         """zero_grad(): takes back the buffers handed out as .grad at the window's end (the
         next backward must not add into them); other handed-out tensors are the
         optimizer's to clear."""
         if self.handed_out:
-            for s in self.slots:
-                grad = s.param.grad
-                if grad is s.buffer or (grad is not None and is_sharded(grad)
-                                        and _local(grad).data_ptr() == s.buffer.data_ptr()):
-                    s.param.grad = None
+            for param, grad in self._buffer_grads:
+                if param.grad is grad:
+                    param.grad = None
             self.handed_out = set()
+            self._buffer_grads = []
 
     # -- checkpoints --------------------------------------------------------------------
 
