@@ -87,7 +87,9 @@ def _ddp_of(params: list[Tensor]):
 
     mine = {id(p) for p in params}
     for obj in gc.get_objects():
-        if isinstance(obj, DistributedDataParallel) and any(id(p) in mine for p in obj.module.parameters()):
+        # type(), not isinstance(): isinstance asks some objects (torch's deprecated
+        # aliases) for their __class__, which warns.
+        if issubclass(type(obj), DistributedDataParallel) and any(id(p) in mine for p in obj.module.parameters()):
             return obj
     return None
 
