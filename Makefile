@@ -49,7 +49,7 @@ install: EXTRAS := bench
 install: $(ENV)
 	$(build)
 
-install-dev: EXTRAS := dev,bench
+install-dev: EXTRAS := dev,bench,integrations
 install-dev: $(ENV)
 	$(build)
 

@@ -110,6 +110,11 @@ def test_sdist_builds_a_wheel_that_installs_and_runs_from_outside_the_tree(tmp_p
         files = whl.namelist()
     assert any(f.startswith("mbfused/_C.") and f.endswith(".so") for f in files)
     assert {"mbfused/_build_info.py", "mbfused/kernels/accumulate.py"} <= set(files)
+    # Every module of the tree (an editable install on the path would mask a missing one).
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "mbfused").rglob("*.py")}
+    modules |= {"mbfused/" + str(p.relative_to(ROOT)) for p in (ROOT / "kernels").glob("*.py")}
+    missing = sorted(modules - set(files))
+    assert not missing, f"the wheel lacks {missing}"
     assert not [f for f in files if f.startswith("kernels/")]
     assert any(f.endswith(".dist-info/licenses/LICENSE") or f.endswith(".dist-info/LICENSE")
                for f in files)
