@@ -43,6 +43,9 @@ _NORMALIZE = ("mean", "sum", "items")
 _MODES = ("bucket", "param")
 _ROUNDINGS = ("nearest",)
 _STATE_KEY = "mbfused"  # the window's part of state_dict(), next to the wrapped optimizer's
+# torch.optim's optimizers whose per-parameter state counts no "step"; every other one of
+# them keeps a "step" in each parameter's state and fails at its first step() without it.
+_TORCH_STATE_WITHOUT_STEP = frozenset({"SGD", "Muon", "LBFGS"})
 
 
 def _as_positive_int(value, name: str) -> int:
@@ -670,10 +673,19 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                                  f"({len(mine['params'])} parameters)")
         saved_ids = [pid for group in groups for pid in group["params"]]
         param_of = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"]), strict=True))
+        kind = type(self.optimizer)
+        counts_steps = (kind.__module__.startswith("torch.optim")
+                        and kind.__name__ not in _TORCH_STATE_WITHOUT_STEP)
         for pid, state in inner["state"].items():
             if pid not in param_of:
                 raise ValueError(f"state_dict has state for parameter {pid!r}, which no group holds")
             param = param_of[pid]
+            if not isinstance(state, dict):
+                raise ValueError(f"state_dict's state of parameter {pid!r} must be a dict, got "
+                                 f"{type(state).__name__}")
+            if state and counts_steps and "step" not in state:
+                raise ValueError(f"state_dict's state of parameter {pid!r} has no 'step' "
+                                 f"({type(self.optimizer).__name__} keeps one for every parameter)")
             for key, value in state.items():
                 if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
                     raise ValueError(f"state_dict's state {key!r} of parameter {pid!r} has shape "

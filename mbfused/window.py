@@ -421,12 +421,13 @@ class AccumulationWindow:
 
     def _ready_grads(self, slots: list[Slot]) -> list[Tensor]:
         """The slots' gradients, each checked, with a named error for a bad one; a
-        non-contiguous gradient is replaced by a contiguous copy."""
+        non-contiguous gradient is replaced by a contiguous copy, a sparse one (e.g. of
+        ``nn.Embedding(sparse=True)``) by its dense equivalent: the buffer is dense anyway,
+        and so is the gradient the wrapped optimizer is handed."""
         grads = [slot.param.grad for slot in slots]
         for i, (slot, grad) in enumerate(zip(slots, grads, strict=True)):
             if grad.layout != torch.strided:
-                raise ValueError(f"parameter {slot.index} has a {grad.layout} gradient; "
-                                 "MicroBatchOptimizer accumulates dense gradients only")
+                grads[i] = grad = grad.to_dense()
             if grad.dtype not in ACCUM_DTYPES:
                 raise ValueError(f"parameter {slot.index}'s gradient has dtype {grad.dtype}; supported "
                                  "dtypes are torch.float32, torch.bfloat16 and torch.float16")

@@ -444,32 +444,31 @@ def test_num_items_as_a_tensor():
     _assert_same_params(twin, model, rtol=0, atol=0)
 
 
-def test_sparse_gradients_are_refused():
-    emb = torch.nn.Embedding(10, 3, sparse=True)
-    opt = MicroBatchOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1), 2, mode="param")
-    emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(ValueError, match=r"parameter 0 has a torch\.sparse_coo gradient"):
-        opt.step()
-    assert emb.weight.grad is not None and opt.micro_step == 0
-
-
 def test_a_bad_gradient_met_during_backward_skips_the_window_loudly():
     """In bucket mode a bucket is accumulated during backward: buckets completed before
-    the bad gradient arrived cannot be taken back, so the window is skipped, and said so."""
+    the bad gradient arrived cannot be taken back, so the window is skipped, and said so.
+    The bad gradient here: zero_grad() forgotten for the first layer after a window ended,
+    so backward adds into the window's gradient handed to the optimizer."""
     torch.manual_seed(0)
-    dense, emb = torch.nn.Linear(3, 3), torch.nn.Embedding(10, 3, sparse=True)
-    opt = MicroBatchOptimizer(torch.optim.SGD([*emb.parameters(), *dense.parameters()], lr=0.1), 2,
-                              bucket_mb=1e-5)
-    before = [p.detach().clone() for p in (*emb.parameters(), *dense.parameters())]
-    with pytest.raises(ValueError, match=r"sparse_coo gradient") as error:
-        dense(emb(torch.tensor([1, 2]))).sum().backward()
+    first, last = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    model = torch.nn.Sequential(first, last)
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, bucket_mb=1e-5)
+    x = torch.randn(4, 3)
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model(x).sum().backward()
+    assert opt.step()
+    last.zero_grad()  # the last layer's gradients reach its bucket first, and are fine
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(mbfused.WindowMisuse, match="call zero_grad") as error:
+        model(x).sum().backward()
     assert "window will be skipped" in str(error.value.__notes__)
-    emb.weight.grad = None  # the loop goes on: the micro-batch ends, a good one follows
-    assert not opt.step()
-    emb.sparse = False
-    dense(emb(torch.tensor([1, 2]))).sum().backward()
+    first.weight.grad = first.bias.grad = None  # the loop goes on: the micro-batch ends,
+    assert not opt.step()                        # a good one follows
+    model(x).sum().backward()
     assert not opt.step() and opt.last_step_skipped
-    after = [p.detach() for p in (*emb.parameters(), *dense.parameters())]
+    after = [p.detach() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
 
 
@@ -781,3 +780,55 @@ def test_a_dropped_wrapper_leaves_no_hook_on_the_wrapped_optimizer():
     assert not inner._optimizer_step_pre_hooks
     _loss(model, _batches()[0], "mean").backward()
     inner.step()  # a plain optimizer again
+
+
+def test_load_state_dict_refuses_inner_state_without_step():
+    """An AdamW state without its step count would load, and fail at the first step():
+    refused before anything changes. SGD's state has no step and loads as it is."""
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](model.parameters()), N)
+    _wrapped_run(model, opt, _batches()[:N + 1])
+    sd = opt.state_dict()
+    before = copy.deepcopy(sd)
+    broken = copy.deepcopy(sd)
+    del broken["state"][1]["step"]
+    with pytest.raises(ValueError, match=r"state of parameter 1 has no 'step' \(AdamW keeps one"):
+        opt.load_state_dict(broken)
+    after = opt.state_dict()
+    assert after["mbfused"]["micro_step"] == before["mbfused"]["micro_step"] == 1
+    assert all(torch.equal(after["state"][i]["step"], before["state"][i]["step"]) for i in before["state"])
+
+    sgd_model = Net()
+    sgd = MicroBatchOptimizer(torch.optim.SGD(sgd_model.parameters(), lr=0.1, momentum=0.9), N)
+    _wrapped_run(sgd_model, sgd, _batches()[:N])
+    assert all("step" not in state for state in sgd.state_dict()["state"].values())
+    sgd.load_state_dict(sgd.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_sparse_gradients_are_accumulated_as_dense(mode):
+    """nn.Embedding(sparse=True) gives sparse gradients (repeated indices summed): they are
+    accumulated as their dense equivalent, in backward hooks and in step() alike, to the
+    parameters a dense embedding reaches."""
+    torch.manual_seed(0)
+
+    def make(sparse):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=sparse), torch.nn.Linear(4, 3))
+
+    tokens = [torch.randint(0, 10, (6,)) for _ in range(2 * N)]
+    tokens[0][:3] = 7  # one index repeated within a micro-batch
+    sparse_model, dense_model = make(True), make(False)
+    opt = MicroBatchOptimizer(torch.optim.SGD(sparse_model.parameters(), lr=0.5), N, mode=mode,
+                              bucket_mb=1e-6)
+    ref = MicroBatchOptimizer(torch.optim.SGD(dense_model.parameters(), lr=0.5), N, mode=mode,
+                              bucket_mb=1e-6)
+    for x in tokens:
+        for model, o in ((sparse_model, opt), (dense_model, ref)):
+            model(x).square().mean().backward()
+            o.step()
+            o.zero_grad()
+    assert not opt.last_step_skipped
+    for a, b in zip(sparse_model.parameters(), dense_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(sparse_model[0].weight, make(True)[0].weight)
