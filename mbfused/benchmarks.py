@@ -28,6 +28,7 @@ from torch import Tensor
 from mbfused import ops, reference
 from mbfused._backend import available_backends, backend_for, use_backend
 from mbfused.optim import MicroBatchOptimizer
+from mbfused.window import set_grads
 
 try:
     import resource  # page-fault counts; not on Windows
@@ -267,15 +268,17 @@ def _wrapper_window(t: Tensors, n: int) -> Callable[[], None]:
     """The window of window_case through MicroBatchOptimizer: bf16 parameters whose
     .grad is set to copies of the list's gradients before every step(), fp32 buffers,
     clipping. Copies: the wrapper writes the window's bf16 gradient into the last
-    micro-batch's gradients, which the other paths must not see."""
+    micro-batch's gradients, which the other paths must not see. The .grad are set in
+    C++, as autograd's engine sets them in a training loop: a Python loop of 1,200
+    assignments would add about a tenth to many-small's window, a cost of this harness
+    that neither the wrapper nor a training loop has."""
     params = [torch.nn.Parameter(torch.empty_like(g)) for g in t.grads]
     grads = [g.clone() for g in t.grads]
     opt = MicroBatchOptimizer(_NoStep(params), n, max_grad_norm=1.0)
 
     def run():
         for _ in range(n):
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
+            set_grads(params, grads)
             opt.step()
         opt.zero_grad()
 

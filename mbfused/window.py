@@ -164,7 +164,7 @@ def _clear_grads(params: list[Tensor]) -> None:
             p.grad = None
 
 
-def _set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
+def set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
     """``p.grad = g`` for each pair (in C++ when built and the pairs match, as `_grads_of`)."""
     native = _native.eager_entry("_set_grads")
     if native is None or not native(params, grads):
@@ -587,7 +587,7 @@ class AccumulationWindow:
             grads = [DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                         stride=p.stride()) if is_sharded(p) else g
                      for p, g in zip(params, grads, strict=True)]
-        _set_grads(params, grads)
+        set_grads(params, grads)
         self.handed_out = {id(g) for g in grads}
         self._buffer_grads = [(s.param, g) for s, g in zip(written, grads, strict=True)
                               if g is s.buffer or (is_sharded(g) and _local(g).data_ptr() == s.buffer.data_ptr())]
