@@ -606,16 +606,28 @@ class AccumulationWindow:
     # -- checkpoints --------------------------------------------------------------------
 
     def state(self) -> dict | None:
-        """A half-finished window's progress and gradients (None at a window boundary)."""
+        """A half-finished window's progress and gradients (None at a window boundary).
+        Buffers of sharded parameters are DTensors sharded as their parameters: a
+        checkpoint writer that takes plain tensors of the same name on every rank for
+        copies of one tensor (torch.distributed.checkpoint does) must not keep one rank's
+        shards for all."""
         if self.micro_step == 0:
             return None
         return {
             "written": [s.written for s in self.slots],
-            "buffers": {s.index: s.buffer.clone() for s in self.slots if s.written},
+            "buffers": {s.index: self._as_param_shard(s.param, s.buffer.clone())
+                        for s in self.slots if s.written},
             "found_inf": self.found_inf.clone(),
             "items": self.items.clone() if isinstance(self.items, Tensor) else self.items,
             "unchecked": self.unchecked_written,
         }
+
+    @staticmethod
+    def _as_param_shard(param: Tensor, local: Tensor) -> Tensor:
+        if not is_sharded(param):
+            return local
+        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                                  shape=param.shape, stride=param.stride())
 
     def check_state(self, window: dict) -> None:
         """A saved half-finished window fits this one (raises before any change)."""
@@ -637,6 +649,8 @@ class AccumulationWindow:
                              f"but gradients for {sorted(with_buffer)}")
         for index, buffer in buffers.items():
             mine = self.slots[index].buffer
+            if is_sharded(buffer):
+                buffer = buffer.to_local()
             if (not isinstance(buffer, Tensor) or buffer.shape != mine.shape or buffer.dtype != mine.dtype
                     or buffer.is_meta):
                 got = (f"shape {list(buffer.shape)}, dtype {buffer.dtype}, device {buffer.device}"
@@ -669,7 +683,7 @@ class AccumulationWindow:
                 setattr(s.param, OVERWRITE, False)
                 self._written_count += 1
         for index, buffer in window["buffers"].items():
-            self.slots[index].buffer.copy_(buffer)
+            self.slots[index].buffer.copy_(_local(buffer))
         self.found_inf.copy_(window["found_inf"])
         self.unchecked_written = bool(window.get("unchecked", False))
         items = window["items"]

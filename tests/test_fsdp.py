@@ -141,3 +141,48 @@ def test_a_nan_on_one_rank_skips_the_fsdp2_window_on_both(tmp_path):
         assert results[rank]["stepped"] == [False] * N
         for name, value in initial.items():
             assert torch.equal(results[rank]["params"][name], value.detach())
+
+
+def _distributed_checkpoint_worker(rank, path, checkpoint, results):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        fully_shard(model)
+        opt = MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, model=model)
+        for x in _micro_batches(rank)[:2]:
+            _loss(model, x, "mean").backward()
+            opt.step()
+            opt.zero_grad()
+        buffers = opt.state_dict()["mbfused"]["window"]["buffers"]
+        dcp.save({"buffers": buffers}, checkpoint_id=checkpoint)
+        # Loaded into tensors laid out as the saved ones, zeroed: each rank must get its own
+        # shards back (plain tensors of one name would all be read from one rank's).
+        template = {i: DTensor.from_local(torch.zeros_like(b.to_local()), b.device_mesh, b.placements,
+                                          shape=b.shape, stride=b.stride()) for i, b in buffers.items()}
+        dcp.load({"buffers": template}, checkpoint_id=checkpoint)
+        results[rank] = {
+            "dtensors": all(isinstance(b, DTensor) for b in buffers.values()),
+            "full shapes": all(b.shape == p.shape for b, p in zip(buffers.values(), model.parameters())),
+            "own shards back": all(torch.equal(template[i].to_local(), opt._window.slots[i].buffer)
+                                   for i in buffers),
+            "first shard": opt._window.slots[0].buffer.clone(),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_mid_window_state_dict_holds_the_buffers_as_shards_of_the_parameters(tmp_path):
+    """torch.distributed.checkpoint keeps one copy of plain tensors saved under one name by
+    every rank: the window's buffers are DTensors, so each rank's shards are saved and
+    come back to it."""
+    results = run_ranks(_distributed_checkpoint_worker, WORLD, tmp_path / "store", str(tmp_path / "ckpt"))
+    for rank in range(WORLD):
+        got = results[rank]
+        assert got["dtensors"] and got["full shapes"] and got["own shards back"], (rank, got)
+    assert not torch.equal(results[0]["first shard"], results[1]["first shard"])
