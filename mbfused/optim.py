@@ -563,7 +563,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             elif window.items == 0:
                 window.found_inf.fill_(1.0)
         inv_scale = self._inv_scale()
-        same_dtype = all(s.param.dtype == self.accum_dtype for s in written)
+        same_dtype = (window.buffers_in_param_dtype if written is window.slots
+                      else all(s.handoff_dtype is None for s in written))
         if not written:
             # No parameter got a gradient: the optimizer steps on none, as in a plain loop.
             total_norm = torch.zeros((), device=window.device)
@@ -576,15 +577,15 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             # but create the state of parameters that have none first.
             skipped = bool(window.found_inf.item())
             if skipped:
-                total_norm = total_norm_and_coef([s.buffer for s in written], inv_scale,
+                total_norm = total_norm_and_coef(window.buffers_of(written), inv_scale,
                                                  self.max_grad_norm, norm_sq)[0]
             else:
-                window.hand_out(written, [s.buffer for s in written])
+                window.hand_out(written, window.buffers_of(written), buffers=True)
                 total_norm = self._step_inner(fused_optimizer_step, self.optimizer, inv_scale,
                                               max_norm=self.max_grad_norm, found_inf=window.found_inf,
                                               norm_sq=norm_sq)
         else:
-            buffers = [s.buffer for s in written]
+            buffers = window.buffers_of(written)
             out = None if same_dtype else window.outputs_for(written)
             total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
                                        found_inf=window.found_inf, norm_sq=norm_sq, out=out)
@@ -596,7 +597,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                                                      (~torch.isfinite(total_norm)).float().reshape(1)))
             skipped = bool(window.found_inf.item())
             if not skipped:
-                window.hand_out(written, out if out is not None else buffers)
+                window.hand_out(written, out if out is not None else buffers, buffers=out is None)
                 self._step_inner(self.optimizer.step)
         if skipped:
             for s in written:

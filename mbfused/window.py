@@ -41,7 +41,9 @@ The window's ``unchecked_written`` says a gradient came in without an inf/nan ch
 from __future__ import annotations
 
 import functools
+import itertools
 import numbers
+import operator
 import weakref
 from collections.abc import Callable
 
@@ -81,13 +83,16 @@ def is_stale_window_buffer(param: Tensor) -> bool:
 class Slot:
     """One parameter's accumulation buffer and its state in the current window."""
 
-    __slots__ = ("arrived_in", "bucket", "buffer", "external", "index", "last_grad",
+    __slots__ = ("arrived_in", "bucket", "buffer", "external", "handoff_dtype", "index", "last_grad",
                  "last_pass_count", "param", "written")
 
     def __init__(self, index: int, param: Tensor, buffer: Tensor, bucket: int) -> None:
         self.index = index  # position among the window's parameters (messages, state_dict)
         self.param = param
         self.buffer = buffer  # accum_dtype, contiguous, shaped like the parameter
+        # The parameter's dtype where it is not the buffer's (the window's gradient is then
+        # written out in it, into the last micro-batch's gradient when kept), else None.
+        self.handoff_dtype = param.dtype if param.dtype != buffer.dtype else None
         self.bucket = bucket
         self.written = False  # holds this window's gradient (else its contents are stale)
         self.arrived_in = -1  # the last micro-batch (window serial) a backward reached it in
@@ -276,6 +281,9 @@ class AccumulationWindow:
         self.slots.extend(new)
         self._params = [s.param for s in self.slots]
         self._buffers = [s.buffer for s in self.slots]
+        # Whether every buffer is of its parameter's dtype (the window's gradient is then
+        # handed out in the buffers themselves).
+        self.buffers_in_param_dtype = all(s.handoff_dtype is None for s in self.slots)
         this = weakref.ref(self)  # hooks must not keep a dropped window alive
         for slot in new:
             self._slot_of[id(slot.param)] = slot
@@ -463,7 +471,7 @@ class AccumulationWindow:
         fresh = None if self._written_count == len(self.slots) else [not s.written for s in slots]
         if fresh is None or all(fresh) or not any(fresh):
             overwrite = fresh is not None and fresh[0]
-            buffers = self._buffers if slots is self.slots else [s.buffer for s in slots]
+            buffers = self.buffers_of(slots)
             try:
                 ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
                                 norm_sq=norm_sq)
@@ -493,14 +501,14 @@ class AccumulationWindow:
             # of the window). Those taken by backward hooks are freed at once.
             for s, grad in zip(slots, grads, strict=True):
                 s.last_pass_count += 1
-                s.last_grad = grad if not in_backward and grad.dtype == s.param.dtype else None
+                s.last_grad = grad if not in_backward and grad.dtype == s.handoff_dtype else None
         _clear_grads(params)
 
     def collect(self, items: float | Tensor) -> bool:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
         the parameters, counts `items`. True when the window is complete."""
         grads = _grads_of(self._params)
-        if all(g is not None for g in grads):
+        if not any(map(operator.is_, grads, itertools.repeat(None))):  # a C-level scan
             self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
         else:
             pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
@@ -548,7 +556,13 @@ class AccumulationWindow:
     # -- the window's end ---------------------------------------------------------------
 
     def written_slots(self) -> list[Slot]:
+        """The slots holding this window's gradient: ``slots`` itself when all do."""
+        if self._written_count == len(self.slots):
+            return self.slots
         return [s for s in self.slots if s.written]
+
+    def buffers_of(self, slots: list[Slot]) -> list[Tensor]:
+        return self._buffers if slots is self.slots else [s.buffer for s in slots]
 
     def norm_sq_if_complete(self, written: list[Slot]) -> Tensor | None:
         """The squared norm summed by the last micro-batch's accumulation, when it covers
@@ -570,27 +584,29 @@ class AccumulationWindow:
         """Where the window's gradient is written for parameters of another dtype than
         the buffers: the last micro-batch's gradient of that parameter when kept (each
         storage once), else a new tensor."""
+        kept = [s.last_grad for s in written]
+        if not any(map(operator.is_, kept, itertools.repeat(None))) and len(set(map(id, kept))) == len(kept):
+            return kept  # the usual case, checked at C speed: every one kept, none shared
         outputs, used = [], set()
-        for s in written:
-            grad = s.last_grad
-            if grad is not None and s.param.dtype != self.accum_dtype and id(grad) not in used:
+        for s, grad in zip(written, kept, strict=True):
+            if grad is not None and id(grad) not in used:
                 used.add(id(grad))
                 outputs.append(grad)
             else:
                 outputs.append(torch.empty_like(_local(s.param), memory_format=torch.contiguous_format))
         return outputs
 
-    def hand_out(self, written: list[Slot], grads: list[Tensor]) -> None:
-        """Gives the window's gradient to the optimizer as the parameters' .grad."""
-        params = [s.param for s in written]
+    def hand_out(self, written: list[Slot], grads: list[Tensor], *, buffers: bool) -> None:
+        """Gives the window's gradient to the optimizer as the parameters' .grad: the
+        slots' buffers themselves (`buffers`), or tensors of the parameters' dtype."""
+        params = self._params if written is self.slots else [s.param for s in written]
         if self.sharded:
             grads = [DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                         stride=p.stride()) if is_sharded(p) else g
                      for p, g in zip(params, grads, strict=True)]
         set_grads(params, grads)
-        self.handed_out = {id(g) for g in grads}
-        self._buffer_grads = [(s.param, g) for s, g in zip(written, grads, strict=True)
-                              if g is s.buffer or (is_sharded(g) and _local(g).data_ptr() == s.buffer.data_ptr())]
+        self.handed_out = set(map(id, grads))
+        self._buffer_grads = list(zip(params, grads, strict=True)) if buffers else []
 
     def release_handed_out(self) -> None:
         """zero_grad(): takes back the buffers handed out as .grad at the window's end (the
