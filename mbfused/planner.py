@@ -512,7 +512,7 @@ def plan_micro_batches(
     """Measures candidate micro-batch sizes and returns the largest that fits the memory
     budget, with the accumulation steps that keep the global batch.
 
-    Each candidate runs ``warmup`` + 1 + ``repeats`` training windows of two micro-batches
+    Each candidate runs ``max(warmup, 1)`` + 1 + ``repeats`` training windows of two micro-batches
     under a :class:`mbfused.MicroBatchOptimizer`: forward, backward, the fused accumulate,
     and at each window's end the wrapped optimizer's step (so its state and temporaries
     are in the peak). Measured per candidate: the peak memory of one window (CUDA:
@@ -549,7 +549,8 @@ def plan_micro_batches(
             10%: allocator fragmentation and batches larger than the measured one).
         candidates: micro-batch sizes to measure instead of the default ones.
         repeats: timed windows per candidate (the median is reported).
-        warmup: untimed windows per candidate before measuring.
+        warmup: untimed windows per candidate before measuring (at least one runs: the
+            first window creates the optimizer's state).
         wrapper_kwargs: keyword arguments of the MicroBatchOptimizer training will use
             (``accum_dtype``, ``mode``, ``bucket_mb``, ...).
         progress: ``progress(done, total, message)`` called as the planner advances.
@@ -675,7 +676,9 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
         report(i, len(sizes), f"micro-batch {size}: measuring")
         batch = _make_batch(make_batch, size, device)
         try:
-            for _ in range(warmup):
+            # At least one window first: the first creates the optimizer's state (at its
+            # end, after the activations' peak) and whatever kernels set up lazily.
+            for _ in range(max(warmup, 1)):
                 windows.window(batch)
             peak = windows.peak_bytes(batch)
             if peak > usable:
