@@ -189,6 +189,10 @@ def _plan(args: argparse.Namespace) -> int:
           "accumulate)")
     print(plan.format_table())
     print(f"plan: {plan.summary()}")
+    fastest = plan.fastest
+    if fastest is not plan.chosen:
+        print(f"fastest measured: micro-batch {fastest.micro_batch_size} x {fastest.accumulation_steps} "
+              f"steps, {fastest.samples_per_s:.1f} samples/s against {plan.chosen.samples_per_s:.1f}")
     print(f"use:  MicroBatchOptimizer(optimizer, {plan.accumulation_steps}) with micro-batches of "
           f"{plan.micro_batch_size}, or plan.apply_to(training_args)")
     if args.json:

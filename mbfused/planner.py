@@ -44,9 +44,10 @@ __all__ = [
 ]
 
 # A plan keeps 10% of the budget free, for what one measured window does not show:
-# - fragmentation: the CUDA caching allocator reserves whole blocks, and what it holds
-#   (memory_reserved) runs some 5-15% above the allocated peak that max_memory_allocated
-#   reports once a long run has mixed block sizes; CPU allocators keep freed pages too.
+# - fragmentation: the CUDA caching allocator reserves whole blocks and splits them, so
+#   what it holds (memory_reserved) exceeds the allocated peak that max_memory_allocated
+#   reports, the more so as a long run mixes block sizes; CPU allocators keep freed
+#   pages too. A plan filling 100% of the budget would run out on the first gap.
 # - activations that vary with the data: the batch maker gives one shape, while a real
 #   loader's batches differ (a longer sequence, more tokens through one expert of a
 #   mixture), and the windows after a checkpoint load or an evaluation loop start from a
@@ -114,6 +115,13 @@ class MicroBatchPlan:
     def usable_memory(self) -> int:
         """The part of the budget a plan may fill: memory_limit x (1 - safety_margin)."""
         return int(self.memory_limit * (1 - self.safety_margin))
+
+    @property
+    def fastest(self) -> CandidateRow:
+        """The fitting candidate with the most samples per second: where a smaller
+        micro-batch trains faster than the chosen one (timings of a shared machine drift)."""
+        fitting = [r for r in self.rows if r.status == "fits" and r.accumulation_steps is not None]
+        return max(fitting, key=lambda r: r.samples_per_s)
 
     def apply_to(self, training_args):
         """Sets ``per_device_train_batch_size`` and ``gradient_accumulation_steps`` on a

@@ -145,6 +145,7 @@ def test_plan_is_the_largest_fitting_divisor_and_keeps_the_global_batch():
         assert 0 < row.peak_memory_bytes <= plan.usable_memory
         assert row.samples_per_s == pytest.approx(row.micro_batch_size / row.seconds_per_micro_batch)
     assert plan.usable_memory == int(2**30 * (1 - DEFAULT_SAFETY_MARGIN))
+    assert plan.fastest.samples_per_s == max(r.samples_per_s for r in fitting)
     with pytest.raises(AttributeError):  # frozen
         plan.micro_batch_size = 1
     data = json.loads(json.dumps(plan.as_dict()))
