@@ -473,6 +473,8 @@ def _make_batch(make_batch, size: int, device: torch.device):
     try:
         batch = make_batch(size)
     except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise  # a batch made on the device that does not fit: a measurement, not a bug
         raise RuntimeError(f"make_batch({size}) raised {type(exc).__name__}: {exc}") from exc
     batch = tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, batch)
     tensors = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor)]
@@ -650,14 +652,14 @@ def plan_micro_batches(
     fitting = [r for r in rows if r.status == "fits" and r.accumulation_steps is not None]
     if not fitting:
         smallest = next(r for r in rows if r.accumulation_steps is not None)
-        need = (f"needs {format_bytes(smallest.peak_memory_bytes)}" if smallest.peak_memory_bytes
-                else "ran out of memory")
+        need = (f"needs {format_bytes(smallest.peak_memory_bytes)}, above the "
+                f"{format_bytes(usable)} usable after the {safety_margin:.0%} safety margin"
+                if smallest.peak_memory_bytes is not None else f"ran out of memory on {device}")
         raise MemoryBudgetError(
             f"memory_limit={format_bytes(limit)} is too small: micro_batch_size="
             f"{smallest.micro_batch_size}, the smallest candidate that divides the {per_rank} "
-            f"samples per rank, {need}, above the {format_bytes(usable)} usable after the "
-            f"{safety_margin:.0%} safety margin. Give a larger memory_limit, a smaller "
-            "safety_margin, or a smaller model or sequence", tuple(rows))
+            f"samples per rank, {need}. Give a larger memory_limit, a smaller safety_margin, "
+            "or a smaller model or sequence", tuple(rows))
     chosen = fitting[-1]
     return MicroBatchPlan(micro_batch_size=chosen.micro_batch_size,
                           accumulation_steps=chosen.accumulation_steps, world_size=world_size,
@@ -682,8 +684,9 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
                                      reason=f"micro-batch {stopped_by.micro_batch_size} was {stopped_by.status}"))
             continue
         report(i, len(sizes), f"micro-batch {size}: measuring")
-        batch = _make_batch(make_batch, size, device)
+        out_of_memory = None
         try:
+            batch = _make_batch(make_batch, size, device)
             # At least one window first: the first creates the optimizer's state (at its
             # end, after the activations' peak) and whatever kernels set up lazily.
             for _ in range(max(warmup, 1)):
@@ -698,10 +701,13 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
         except Exception as exc:
             if not _is_out_of_memory(exc):
                 raise
-            del batch
+            out_of_memory = type(exc).__name__
+        if out_of_memory is not None:
+            # Released out here: inside the except block the traceback's frames still hold
+            # the failed window's tensors. The window stays half done; planning stops.
+            batch = None
             _release_memory(model, device)
-            row = CandidateRow(size, steps, "out of memory", reason=type(exc).__name__)
-            # The window stopped half way: a fresh one for nothing else, as planning stops.
+            row = CandidateRow(size, steps, "out of memory", reason=out_of_memory)
         rows.append(row)
         if row.status != "fits":
             stopped_by = row

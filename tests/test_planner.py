@@ -199,18 +199,28 @@ def test_a_smaller_budget_never_gives_a_larger_micro_batch():
     assert len(set(chosen)) >= 4  # and the budgets in between choose sizes in between
 
 
-def test_the_search_stops_growing_after_out_of_memory():
+@pytest.mark.parametrize("where", ["training step", "make_batch"])
+def test_the_search_stops_growing_after_out_of_memory(where):
     seen = []
 
-    def loss_that_runs_out(model, batch):
-        seen.append(batch[0].shape[0])
-        if batch[0].shape[0] >= 4:
+    def runs_out(n):
+        seen.append(n)
+        if n >= 4:
             raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    def loss_fn(model, batch):
+        if where == "training step":
+            runs_out(batch[0].shape[0])
         return mse(model, batch)
+
+    def batches(n):
+        if where == "make_batch":
+            runs_out(n)
+        return make_batch(n)
 
     model = small_model()
     before = everything(model)
-    plan = plan_micro_batches(model, make_batch, 16, **quick(loss_fn=loss_that_runs_out))
+    plan = plan_micro_batches(model, batches, 16, **quick(loss_fn=loss_fn))
     status = {r.micro_batch_size: r.status for r in plan.rows}
     assert status == {1: "fits", 2: "fits", 4: "out of memory", 8: "skipped", 16: "skipped"}
     assert max(seen) == 4
@@ -247,6 +257,15 @@ def test_planning_leaves_model_gradients_and_optimizer_state_bit_for_bit():
         opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_fresh_optimizer_stays_without_state():
+    model = small_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)  # its state comes at the first step
+    before = everything(model, optimizer)
+    plan_micro_batches(model, make_batch, 4, optimizer=optimizer, **quick())
+    assert len(optimizer.state) == 0
+    assert_same(before, model, optimizer)
 
 
 def test_the_default_optimizer_leaves_no_state_behind():
