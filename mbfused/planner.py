@@ -232,6 +232,42 @@ def _check_candidates(candidates, per_rank: int) -> list[int]:
     return sizes
 
 
+def _device_of(params: list[Tensor], device) -> torch.device:
+    """The parameters' one device, which `device`, when given, must name."""
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"model's parameters are on several devices ({', '.join(map(str, devices))})")
+    found = devices.pop()
+    if device is not None:
+        asked = torch.device(device)
+        if asked != found and not (asked.type == found.type and asked.index is None):
+            raise ValueError(f"device={device!r} but the model's parameters are on {found}: "
+                             "move the model there first (planning does not move it)")
+    if found.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: planning measures memory on cpu or cuda, not {found.type}")
+    if found.type == "cpu" and not _cpu_profiler_available():
+        raise RuntimeError("planning on CPU counts allocations with torch's legacy autograd "
+                           "profiler, which this torch does not have")
+    return found
+
+
+def _check_not_wrapped(optimizer, params: list[Tensor]) -> None:
+    """Planning wraps the optimizer itself: a live wrapper of the same parameters would be
+    closed by it (the user's window lost)."""
+    if optimizer is None:
+        if any(manager_of(p) is not None for p in params):
+            raise ValueError("model: its parameters are managed by a live MicroBatchOptimizer; plan "
+                             "before wrapping (or close() the wrapper first)")
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, MicroBatchOptimizer):
+        raise TypeError("optimizer must be the torch.optim optimizer training will wrap, not "
+                        f"{type(optimizer).__name__}")
+    wrapped = [p for g in optimizer.param_groups for p in g["params"]]
+    if any(manager_of(p) is not None for p in [*wrapped, *params]):
+        raise ValueError("optimizer: its parameters are managed by a live MicroBatchOptimizer; "
+                         "plan before wrapping (or close() the wrapper first)")
+
+
 def _default_memory_limit(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -257,10 +293,12 @@ class _Snapshot:
     param_groups, and the random number generators (dropout, stochastic rounding)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-        self.tensors = [(t, t.detach().to("cpu", copy=True))
-                        for t in _unique([*model.parameters(), *model.buffers()])]
-        self.grads = [(p, p.grad) for p in model.parameters()]
-        self.attributes = [(p, set(vars(p))) for p in model.parameters()]
+        # The optimizer's parameters too: it may hold some outside the model (a loss's).
+        params = _unique([*model.parameters(),
+                          *(p for g in (optimizer.param_groups if optimizer else ()) for p in g["params"])])
+        self.tensors = [(t, t.detach().to("cpu", copy=True)) for t in _unique([*params, *model.buffers()])]
+        self.grads = [(p, p.grad) for p in params]
+        self.attributes = [(p, set(vars(p))) for p in params]
         self.training = [(m, m.training) for m in model.modules()]
         self.optimizer = optimizer
         if optimizer is not None:
@@ -535,7 +573,8 @@ def plan_micro_batches(
     Candidates are the powers of two up to the samples per rank and that number's divisors;
     those that do not divide it are reported as skipped. They are measured in ascending
     order; after the first that runs out of memory or exceeds the budget, larger ones are
-    skipped. Planning leaves the model's parameters, buffers, gradients, training flags,
+    skipped. The model runs in train mode (``model.train()``), as training does. Planning
+    leaves the model's parameters, buffers, gradients, training flags,
     the optimizer's state and param_groups and the RNG states as they were, bit for bit,
     also when it raises.
 
@@ -596,23 +635,12 @@ def plan_micro_batches(
     if (isinstance(safety_margin, bool) or not isinstance(safety_margin, numbers.Real)
             or not 0 <= safety_margin < 1):
         raise ValueError(f"safety_margin must be a number in [0, 1), got {safety_margin!r}")
+    if wrapper_kwargs is not None and not isinstance(wrapper_kwargs, Mapping):
+        raise TypeError(f"wrapper_kwargs must be a mapping or None, got {type(wrapper_kwargs).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameters that require grad: there is nothing to train")
-    devices = {p.device for p in params}
-    if len(devices) > 1:
-        raise ValueError(f"model's parameters are on several devices ({', '.join(map(str, devices))})")
-    model_device = devices.pop()
-    if device is not None and torch.device(device) != model_device and not (
-            torch.device(device).type == model_device.type and torch.device(device).index is None):
-        raise ValueError(f"device={device!r} but the model's parameters are on {model_device}: "
-                         "move the model there first (planning does not move it)")
-    device = model_device
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: planning measures memory on cpu or cuda, not {device.type}")
-    if device.type == "cpu" and not _cpu_profiler_available():
-        raise RuntimeError("planning on CPU counts allocations with torch's legacy autograd "
-                           "profiler, which this torch does not have")
+    device = _device_of(params, device)
     if memory_limit is None:
         limit = _default_memory_limit(device)
     else:
@@ -620,17 +648,7 @@ def plan_micro_batches(
             limit = parse_memory_size(memory_limit)
         except ValueError as exc:
             raise ValueError(f"memory_limit: {exc}") from None
-    if optimizer is not None:
-        if not isinstance(optimizer, torch.optim.Optimizer) or isinstance(optimizer, MicroBatchOptimizer):
-            raise TypeError("optimizer must be the torch.optim optimizer training will wrap, not "
-                            f"{type(optimizer).__name__}")
-        managed = [p for g in optimizer.param_groups for p in g["params"] if manager_of(p) is not None]
-        if managed or any(manager_of(p) is not None for p in params):
-            raise ValueError("optimizer: its parameters are managed by a live MicroBatchOptimizer; "
-                             "plan before wrapping (or close() the wrapper first)")
-    elif any(manager_of(p) is not None for p in params):
-        raise ValueError("model: its parameters are managed by a live MicroBatchOptimizer; plan "
-                         "before wrapping (or close() the wrapper first)")
+    _check_not_wrapped(optimizer, params)
 
     usable = int(limit * (1 - safety_margin))
     snapshot = _Snapshot(model, optimizer)

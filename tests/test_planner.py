@@ -268,6 +268,19 @@ def test_a_fresh_optimizer_stays_without_state():
     assert_same(before, model, optimizer)
 
 
+def test_parameters_of_the_optimizer_outside_the_model_are_put_back_too():
+    model = small_model()
+    temperature = torch.nn.Parameter(torch.tensor([1.5]))
+    optimizer = torch.optim.SGD([*model.parameters(), temperature], lr=0.5)
+    before = temperature.detach().clone()
+
+    def loss_fn(model, batch):
+        return mse(model, batch) * temperature.sum()
+
+    plan_micro_batches(model, make_batch, 4, optimizer=optimizer, **quick(loss_fn=loss_fn))
+    assert torch.equal(bits(temperature), bits(before)) and temperature.grad is None
+
+
 def test_the_default_optimizer_leaves_no_state_behind():
     model = small_model()
     before = everything(model)
