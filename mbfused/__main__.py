@@ -166,8 +166,14 @@ def _plan(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
+    if args.seq_len < 1:
+        print(f"--seq-len must be positive, got {args.seq_len}", file=sys.stderr)
+        return 2
     model, make_batch, loss_fn = plan_models.load(args.model, args.seq_len)
-    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
+    model = model.to(device=args.device)
+    if args.dtype is not None:
+        model = model.to(dtype=getattr(torch, args.dtype))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     try:
         plan = planner.plan_micro_batches(
             model, make_batch, args.global_batch, loss_fn=loss_fn, world_size=args.world_size,
@@ -181,7 +187,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"mbfused plan: model {args.model} ({parameters / 1e6:.2f}M parameters, {args.dtype}), "
+    print(f"mbfused plan: model {args.model} ({parameters / 1e6:.2f}M parameters, {'/'.join(dtypes)}), "
           f"sequence length {args.seq_len}, global batch {args.global_batch}, world size "
           f"{args.world_size}, on {plan.device}")
     print("peak memory: of one window (forward, backward, fused accumulate, optimizer step; "
@@ -278,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="samples per optimizer step over all ranks (default 64)")
     plan.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
     plan.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    plan.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                      help="the model's parameter dtype (default float32)")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                      help="cast the model's parameters to this dtype (default: as the model is "
+                           "built; the built-in models are float32)")
     plan.add_argument("--memory-limit", metavar="SIZE",
                       help="the budget, e.g. 512MB or 2GiB (default: the free GPU memory on cuda, "
                            "the available memory on cpu)")

@@ -484,7 +484,7 @@ def test_cli_plan_takes_a_model_of_the_user(tmp_path, monkeypatch, capsys):
     assert plan_main("--model", "my_model:build", "--global-batch", "8", "--seq-len", "4",
                      "--memory-limit", "512MB", "--repeats", "1", "--world-size", "2") == 0
     out = capsys.readouterr().out
-    assert "model my_model:build" in out and "world size 2" in out
+    assert "model my_model:build (0.00M parameters, float32)" in out and "world size 2" in out
     assert "micro-batch 4 x 1 accumulation steps x world size 2 = global batch 8" in out
     with pytest.raises(SystemExit, match="my_model:nothing: cannot load 'nothing'"):
         plan_main("--model", "my_model:nothing")
@@ -498,3 +498,5 @@ def test_cli_plan_reports_a_budget_too_small_and_bad_sizes(capsys):
     assert "global_batch=6 is not divisible by world_size=4" in capsys.readouterr().err
     assert plan_main("--memory-limit", "2 parsecs") == 2
     assert "memory_limit: memory size '2 parsecs'" in capsys.readouterr().err
+    assert plan_main("--seq-len", "0") == 2
+    assert "--seq-len must be positive, got 0" in capsys.readouterr().err
