@@ -487,7 +487,7 @@ class _Windows:
     def resident_bytes(self, batch) -> int:
         """What stays allocated through a window: parameters, module buffers, gradients,
         the accumulation buffers, optimizer state and the batch."""
-        params = list(self.model.parameters())
+        params = [*self.model.parameters(), *(p for g in self.wrapper.param_groups for p in g["params"])]
         state = [v for s in self.wrapper.optimizer.state.values() for v in s.values()]
         return _storage_bytes([*params, *self.model.buffers(), *(p.grad for p in params),
                                *(getattr(p, "main_grad", None) for p in params), *state,
