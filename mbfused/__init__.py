@@ -12,6 +12,9 @@ Drop-in optimizer wrapper, a torch.optim.Optimizer (schedulers and GradScaler ta
 Autograd: nn.Linear (weight gradient accumulated in fp32 by wgrad_accumulate_),
 convert_linears(model), scale_grad(x, scale) (identity; backward multiplies by scale).
 
+Planner: plan_micro_batches(model, make_batch, global_batch, ...) -> the largest micro-batch
+that fits and the accumulation steps that keep the global batch.
+
 Backends: ``available_backends()``, ``use_backend(name)`` or ``MBFUSED_BACKEND``.
 Importing mbfused never initialises CUDA and never fails because a backend is missing.
 """
@@ -30,6 +33,7 @@ from mbfused._version import __version__
 from mbfused.nn import convert_linears, scale_grad
 from mbfused.ops import accumulate_, finalize_, wgrad_accumulate_
 from mbfused.optim import MicroBatchOptimizer, WindowMisuse
+from mbfused.planner import plan_micro_batches
 
 __all__ = [
     "MicroBatchOptimizer",
@@ -41,6 +45,7 @@ __all__ = [
     "distributed",
     "finalize_",
     "nn",
+    "plan_micro_batches",
     "scale_grad",
     "use_backend",
     "wgrad_accumulate_",

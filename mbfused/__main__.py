@@ -1,4 +1,4 @@
-"""Command line: ``mbfused info`` and ``mbfused bench`` (or ``python -m mbfused ...``)."""
+"""Command line: ``mbfused info``, ``mbfused bench`` and ``mbfused plan`` (or ``python -m mbfused ...``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import torch
 
 import mbfused
-from mbfused import benchmarks
+from mbfused import benchmarks, planner
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -142,6 +142,81 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressBar:
+    """A one-line bar on stderr, redrawn in place on a terminal (a line per update elsewhere)."""
+
+    def __init__(self, label: str, width: int = 24) -> None:
+        self.label = label
+        self.width = width
+        self.in_place = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        filled = self.width * done // max(total, 1)
+        line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total} {message}"
+        if self.in_place:
+            end = "\n" if done >= total else ""
+            print(f"\r{line:<79}", end=end, file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from mbfused import plan_models
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.seq_len < 1:
+        print(f"--seq-len must be positive, got {args.seq_len}", file=sys.stderr)
+        return 2
+    model, make_batch, loss_fn = plan_models.load(args.model, args.seq_len)
+    model = model.to(device=args.device)
+    if args.dtype is not None:
+        model = model.to(dtype=getattr(torch, args.dtype))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    try:
+        plan = planner.plan_micro_batches(
+            model, make_batch, args.global_batch, loss_fn=loss_fn, world_size=args.world_size,
+            memory_limit=args.memory_limit, safety_margin=args.safety_margin, repeats=args.repeats,
+            warmup=args.warmup, progress=_ProgressBar("plan"))
+    except planner.MemoryBudgetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print(_format_rows(exc.rows), file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"mbfused plan: model {args.model} ({parameters / 1e6:.2f}M parameters, {'/'.join(dtypes)}), "
+          f"sequence length {args.seq_len}, global batch {args.global_batch}, world size "
+          f"{args.world_size}, on {plan.device}")
+    print("peak memory: of one window (forward, backward, fused accumulate, optimizer step; "
+          f"AdamW state included); s/micro-batch: median of {args.repeats} (forward, backward, "
+          "accumulate)")
+    print(plan.format_table())
+    print(f"plan: {plan.summary()}")
+    fastest = plan.fastest
+    if fastest is not plan.chosen:
+        print(f"fastest measured: micro-batch {fastest.micro_batch_size} x {fastest.accumulation_steps} "
+              f"steps, {fastest.samples_per_s:.1f} samples/s against {plan.chosen.samples_per_s:.1f}")
+    print(f"use:  MicroBatchOptimizer(optimizer, {plan.accumulation_steps}) with micro-batches of "
+          f"{plan.micro_batch_size}, or plan.apply_to(training_args)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan.as_dict(), f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        planner.plot(plan, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _format_rows(rows) -> str:
+    return "\n".join(f"  micro-batch {r.micro_batch_size}: {r.status}"
+                     f"{', peak ' + planner.format_bytes(r.peak_memory_bytes) if r.peak_memory_bytes else ''}"
+                     f"{': ' + r.reason if r.reason else ''}" for r in rows)
+
+
 def _prog() -> str:
     """How the user called us: `python -m mbfused` runs __main__.py, the installed script
     is `mbfused`."""
@@ -192,6 +267,42 @@ def main(argv: list[str] | None = None) -> int:
                        help="write a figure: per op and tensor list, GB/s of every path as bars, "
                             "the roofline as a line, mbfused's speedups (needs matplotlib)")
     bench.set_defaults(run=_bench)
+    plan = sub.add_parser(
+        "plan", help="the largest micro-batch that fits, and the accumulation steps for a global batch",
+        description="Measures peak memory and throughput of training windows per candidate "
+                    "micro-batch size and prints the plan: the largest micro-batch within the "
+                    "budget less the safety margin, and the accumulation steps so that "
+                    "micro-batch x steps x world size = global batch.")
+    plan.add_argument("--model", default="transformer",
+                      help="a built-in model (transformer: 0.7M parameters; llama-tiny, llama-1b: "
+                           "transformers Llama shapes) or module:callable, a callable of yours "
+                           "taking the sequence length and returning (model, make_batch) or "
+                           "(model, make_batch, loss_fn): the model on the CPU, make_batch(n) -> a "
+                           "micro-batch of n samples, loss_fn(model, batch) -> the scalar loss "
+                           "(default: the model's output, or its .loss). Default: transformer")
+    plan.add_argument("--global-batch", type=int, default=64,
+                      help="samples per optimizer step over all ranks (default 64)")
+    plan.add_argument("--seq-len", type=int, default=128, help="tokens per sample (default 128)")
+    plan.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                      help="cast the model's parameters to this dtype (default: as the model is "
+                           "built; the built-in models are float32)")
+    plan.add_argument("--memory-limit", metavar="SIZE",
+                      help="the budget, e.g. 512MB or 2GiB (default: the free GPU memory on cuda, "
+                           "the available memory on cpu)")
+    plan.add_argument("--safety-margin", type=float, default=planner.DEFAULT_SAFETY_MARGIN,
+                      help=f"fraction of the budget kept free (default {planner.DEFAULT_SAFETY_MARGIN}: allocator "
+                           "fragmentation, batches larger than the measured one)")
+    plan.add_argument("--world-size", type=int, default=1,
+                      help="data-parallel ranks sharing the global batch (default 1)")
+    plan.add_argument("--repeats", type=int, default=3, help="timed windows per candidate (default 3)")
+    plan.add_argument("--warmup", type=int, default=1,
+                      help="untimed windows per candidate first (default 1)")
+    plan.add_argument("--json", metavar="FILE", help="write the plan and every row as JSON")
+    plan.add_argument("--plot", metavar="FILE.png",
+                      help="write a figure: samples/s and peak memory against micro-batch size, "
+                           "the budget and the chosen point marked (needs matplotlib)")
+    plan.set_defaults(run=_plan)
     args = parser.parse_args(argv)
     return args.run(args)
 
