@@ -130,6 +130,7 @@ class MicroBatchAccelerator(Accelerator):
         if self.fp8_backend != FP8BackendType.NO:
             raise ValueError("MicroBatchAccelerator does not support fp8 training: use Accelerator there")
         self.optimizer_options = options
+        self._ddp_models: list[DistributedDataParallel] = []
         self._warned_mid_window_clip = False
 
     # -- prepare --------------------------------------------------------------------------
@@ -139,6 +140,10 @@ class MicroBatchAccelerator(Accelerator):
             return super().prepare_optimizer(optimizer, device_placement=device_placement)
         if isinstance(optimizer, AcceleratedOptimizer):
             raise TypeError("optimizer was prepared by another Accelerator: pass the torch optimizer")
+        steps = self.gradient_accumulation_steps
+        if isinstance(optimizer, MicroBatchOptimizer) and optimizer.accumulation_steps != steps:
+            raise ValueError(f"the MicroBatchOptimizer has accumulation_steps={optimizer.accumulation_steps} "
+                             f"but the accelerator gradient_accumulation_steps={steps}: make them equal")
         if device_placement is None:
             device_placement = self.device_placement
         prepared = MicroBatchAcceleratedOptimizer(optimizer, device_placement=device_placement)
@@ -150,31 +155,38 @@ class MicroBatchAccelerator(Accelerator):
         # After the models: the wrapper needs the DDP model that prepare() made.
         for prepared in self._optimizers:
             if isinstance(prepared, MicroBatchAcceleratedOptimizer):
-                prepared.optimizer = self._micro_batch_optimizer(prepared.optimizer)
+                try:
+                    prepared.optimizer = self._micro_batch_optimizer(prepared.optimizer)
+                except Exception:
+                    self._optimizers.remove(prepared)
+                    raise
         return result
+
+    def prepare_model(self, model: torch.nn.Module, device_placement=None, evaluation_mode=False):
+        model = super().prepare_model(model, device_placement=device_placement, evaluation_mode=evaluation_mode)
+        # Accelerate's own list holds the module inside; the wrapper needs the DDP model.
+        if isinstance(model, DistributedDataParallel) and model not in self._ddp_models:
+            self._ddp_models.append(model)
+        return model
 
     def _ddp_model_of(self, optimizer: torch.optim.Optimizer):
         mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for model in self._models:
-            if isinstance(model, DistributedDataParallel) and any(id(p) in mine for p in model.parameters()):
+        for model in self._ddp_models:
+            if any(id(p) in mine for p in model.parameters()):
                 return model
         return None
 
     def _micro_batch_optimizer(self, optimizer: torch.optim.Optimizer) -> MicroBatchOptimizer:
-        steps = self.gradient_accumulation_steps
         inner = optimizer.optimizer if isinstance(optimizer, MicroBatchOptimizer) else optimizer
         ddp = self._ddp_model_of(inner)
         if isinstance(optimizer, MicroBatchOptimizer):
-            if optimizer.accumulation_steps != steps:
-                raise ValueError(f"the MicroBatchOptimizer has accumulation_steps={optimizer.accumulation_steps} "
-                                 f"but the accelerator gradient_accumulation_steps={steps}: make them equal")
             if (ddp is not None and optimizer.model is not ddp) or (self.scaler is not None
                                                                      and optimizer.scaler is not self.scaler):
                 raise ValueError("the MicroBatchOptimizer was built before prepare() made the DDP model or "
                                  "the GradScaler it needs: pass the torch optimizer itself to prepare() "
                                  "and its settings as MicroBatchAccelerator(optimizer_options=...)")
             return optimizer
-        return MicroBatchOptimizer(inner, steps, model=ddp, scaler=self.scaler, **self.optimizer_options)
+        return MicroBatchOptimizer(inner, self.gradient_accumulation_steps, model=ddp, scaler=self.scaler, **self.optimizer_options)
 
     def _micro_batch_optimizers(self) -> list[MicroBatchAcceleratedOptimizer]:
         return [o for o in self._optimizers if isinstance(o, MicroBatchAcceleratedOptimizer)

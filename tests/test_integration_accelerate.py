@@ -1,0 +1,290 @@
+"""MicroBatchAccelerator against Accelerate's own gradient accumulation: the same loop,
+the same parameters within the rounding noise of two equivalent pure runs, one optimizer
+and scheduler step per window, checkpoints mid-window, two gloo ranks under DDP."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+from gloo_ranks import run_ranks
+
+accelerate = pytest.importorskip("accelerate")
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs  # noqa: E402
+
+import mbfused  # noqa: E402
+from mbfused.integrations.accelerate import MicroBatchAccelerator  # noqa: E402
+from mbfused.window import WindowMisuse  # noqa: E402
+
+N = 3  # not a power of two: dividing by N rounds, so the pure runs differ in their last bits
+WINDOWS = 5
+VOCAB = 50
+MAX_NORM = 0.2  # below the window's norm on most windows: clipping is active
+OPTIMIZERS = {"adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+              "sgd": lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9)}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each test starts without them."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def micro_batches(seed: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Token sequences of uneven batch size and length, right-padded (pad 0, label -100)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        size, length = int(torch.randint(2, 6, (), generator=gen)), int(torch.randint(3, 9, (), generator=gen))
+        tokens = torch.randint(1, VOCAB, (size, length), generator=gen)
+        mask = torch.arange(length) < torch.randint(1, length + 1, (size, 1), generator=gen)
+        tokens = tokens.masked_fill(~mask, 0)
+        labels = torch.roll(tokens, -1, 1).masked_fill(~torch.roll(mask, -1, 1) | ~mask, -100)
+        batches.append((tokens, labels))
+    return batches
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(VOCAB, 16, padding_idx=0), torch.nn.Linear(16, 32),
+                               torch.nn.GELU(), torch.nn.Linear(32, VOCAB))
+
+
+def token_loss(model, batch) -> torch.Tensor:
+    tokens, labels = batch
+    return torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def make_objects(optimizer: str):
+    model = make_model()
+    opt = OPTIMIZERS[optimizer](model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda window: 1 / (1 + 0.5 * window))
+    return model, opt, sched
+
+
+def accelerate_loop(accelerator, model, opt, sched, batches, clip=True) -> list[float]:
+    """Accelerate's documented accumulation loop; the window norms clip_grad_norm_ returned."""
+    norms = []
+    for batch in batches:
+        with accelerator.accumulate(model):
+            accelerator.backward(token_loss(model, batch))
+            if clip and accelerator.sync_gradients:
+                norms.append(float(accelerator.clip_grad_norm_(model.parameters(), MAX_NORM)))
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    return norms
+
+
+def run_accelerate(cls, optimizer: str, batches, **kwargs):
+    accelerator = cls(gradient_accumulation_steps=N, cpu=True, **kwargs)
+    model, opt, sched = accelerator.prepare(*make_objects(optimizer))
+    norms = accelerate_loop(accelerator, model, opt, sched, batches)
+    return accelerator, model, opt, sched, norms
+
+
+def run_pure_torch(optimizer: str, batches):
+    """The same training in a hand-written loop: the loss as is, the window's sum divided
+    by N at its end (Accelerate divides each loss): equal up to rounding."""
+    model, opt, sched = make_objects(optimizer)
+    for k, batch in enumerate(batches):
+        token_loss(model, batch).backward()
+        if (k + 1) % N == 0:
+            for p in model.parameters():
+                p.grad /= N
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    return model
+
+
+def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_trains_to_accelerates_parameters_within_the_noise_floor(optimizer, mode):
+    batches = micro_batches(1, WINDOWS * N)
+    _, plain, _, plain_sched, plain_norms = run_accelerate(Accelerator, optimizer, batches)
+    _, fused, fused_opt, fused_sched, fused_norms = run_accelerate(
+        MicroBatchAccelerator, optimizer, batches, optimizer_options={"mode": mode})
+    floor = max_difference(plain, run_pure_torch(optimizer, batches))
+    difference = max_difference(plain, fused)
+    moved = max(float((p - q).detach().abs().max()) for p, q in zip(plain.parameters(), make_model().parameters(),
+                                                             strict=True))
+    print(f"{optimizer}/{mode}: max |fused - accelerate| {difference:.3g}, noise floor {floor:.3g}, "
+          f"parameters moved by up to {moved:.3g}")
+    assert isinstance(fused_opt.optimizer, mbfused.MicroBatchOptimizer)
+    assert sum(n > MAX_NORM for n in plain_norms) >= WINDOWS - 1  # clipping was active
+    assert fused_norms == pytest.approx(plain_norms, rel=1e-5)  # clip_grad_norm_ returns the window's norm
+    assert difference <= 4 * max(floor, 1e-7 * moved)
+    assert fused_sched.scheduler.last_epoch == plain_sched.scheduler.last_epoch == WINDOWS
+
+
+def test_scheduler_and_optimizer_step_once_per_window_without_clipping():
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True,
+                                        optimizer_options={"max_grad_norm": MAX_NORM})
+    model, opt, sched = accelerator.prepare(*make_objects("adamw"))
+    lrs = []
+    for batch in micro_batches(2, WINDOWS * N):
+        with accelerator.accumulate(model):
+            accelerator.backward(token_loss(model, batch))
+            stepped = opt.step()
+            assert stepped == accelerator.sync_gradients
+            sched.step()
+            opt.zero_grad()
+            lrs.append(sched.get_last_lr()[0])
+    inner = opt.optimizer.optimizer
+    assert sched.scheduler.last_epoch == WINDOWS
+    assert all(int(state["step"]) == WINDOWS for state in inner.state.values())
+    assert lrs[N - 1] < lrs[N - 2] and lrs[N - 2] == lrs[0]  # the LR moves at a window's end only
+    assert float(opt.optimizer.last_grad_norm) > 0
+
+
+def test_save_state_mid_window_resumes_bit_exact(tmp_path):
+    batches = micro_batches(3, WINDOWS * N)
+    cut = 2 * N + 1  # one micro-batch into the third window
+
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, opt, sched = accelerator.prepare(*make_objects("adamw"))
+    accelerate_loop(accelerator, model, opt, sched, batches[:cut])
+    assert opt.optimizer.micro_step == 1
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    accelerate_loop(accelerator, model, opt, sched, batches[cut:])
+    uninterrupted = [p.detach().clone() for p in model.parameters()]
+    opt.optimizer.close()
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, inner, sched = make_objects("adamw")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # the checkpoint, not the seed, must bring the parameters back
+    model, opt, sched = accelerator.prepare(model, inner, sched)
+    accelerator.load_state(str(tmp_path / "ckpt"))
+    assert opt.optimizer.micro_step == 1 and accelerator.step == cut
+    accelerate_loop(accelerator, model, opt, sched, batches[cut:])
+    for p, q in zip(model.parameters(), uninterrupted, strict=True):
+        assert torch.equal(p, q)
+    assert sched.scheduler.last_epoch == WINDOWS
+
+
+def test_a_prebuilt_micro_batch_optimizer_is_taken_as_it_is():
+    batches = micro_batches(4, 2 * N)
+    model, inner, sched = make_objects("sgd")
+    wrapper = mbfused.MicroBatchOptimizer(inner, N, max_grad_norm=MAX_NORM)
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, opt, sched = accelerator.prepare(model, wrapper, sched)
+    assert opt.optimizer is wrapper
+    accelerate_loop(accelerator, model, opt, sched, batches, clip=False)
+    assert sched.scheduler.last_epoch == 2 and wrapper.micro_step == 0
+
+
+def test_mid_window_clip_warns_once_and_returns_nan():
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, opt, _ = accelerator.prepare(*make_objects("sgd"))
+    norms = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in micro_batches(5, 2 * N):
+            with accelerator.accumulate(model):
+                accelerator.backward(token_loss(model, batch))
+                norms.append(float(accelerator.clip_grad_norm_(model.parameters(), MAX_NORM)))
+                opt.step()
+                opt.zero_grad()
+    assert sum("clip_grad_norm_ mid-window" in str(w.message) for w in caught) == 1
+    assert [n != n for n in norms] == [True, True, False] * 2  # nan mid-window, the norm at its end
+
+
+def test_misuse_is_loud():
+    with pytest.raises(ValueError, match="optimizer_options: 'model'"):
+        MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True, optimizer_options={"model": None})
+
+    model, inner, _ = make_objects("sgd")
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    with pytest.raises(ValueError, match="accumulation_steps=2 but the accelerator gradient_accumulation_steps=3"):
+        accelerator.prepare(model, mbfused.MicroBatchOptimizer(inner, 2))
+
+    model, inner, _ = make_objects("sgd")
+    model, _ = accelerator.prepare(model, inner)
+    accelerator.backward(token_loss(model, micro_batches(6, 1)[0]))
+    with pytest.raises(ValueError, match="only part of a MicroBatchOptimizer's"):
+        accelerator.clip_grad_norm_(list(model.parameters())[:2], MAX_NORM)
+    with pytest.raises(WindowMisuse, match="clip_grad_value_"):
+        accelerator.clip_grad_value_(model.parameters(), 1.0)
+
+
+def test_a_loader_that_ends_mid_window_is_an_error_naming_the_fix():
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, opt, sched = make_objects("sgd")
+    loader = torch.utils.data.DataLoader(micro_batches(7, N + 1), batch_size=None)
+    model, opt, sched, loader = accelerator.prepare(model, opt, sched, loader)
+    with pytest.raises(WindowMisuse, match="sync_with_dataloader=False"):
+        accelerate_loop(accelerator, model, opt, sched, loader)
+
+
+def test_windows_may_run_across_epochs_without_sync_with_dataloader():
+    plugin = GradientAccumulationPlugin(num_steps=N, sync_with_dataloader=False)
+    accelerator = MicroBatchAccelerator(gradient_accumulation_plugin=plugin, cpu=True)
+    model, opt, sched = make_objects("sgd")
+    loader = torch.utils.data.DataLoader(micro_batches(7, N + 1), batch_size=None)
+    model, opt, sched, loader = accelerator.prepare(model, opt, sched, loader)
+    for _ in range(N):  # 3 epochs of 4 micro-batches: 4 windows
+        accelerate_loop(accelerator, model, opt, sched, loader)
+    assert sched.scheduler.last_epoch == N + 1 and opt.optimizer.micro_step == 0
+
+
+# -- two ranks under DDP ------------------------------------------------------------------
+
+WORLD = 2
+
+
+def _ddp_worker(rank, port, results):
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
+                       "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    handlers = [InitProcessGroupKwargs(backend="gloo", timeout=datetime.timedelta(seconds=60))]
+    batches = micro_batches(10 + rank, WINDOWS * N)
+    out = {}
+    for name, cls in (("plain", Accelerator), ("fused", MicroBatchAccelerator)):
+        accelerator = cls(gradient_accumulation_steps=N, cpu=True, kwargs_handlers=handlers)
+        model, opt, sched = accelerator.prepare(*make_objects("adamw"))
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if name == "fused":
+            assert opt.optimizer.model is model  # the window reduces once; DDP's sync is off
+        norms = accelerate_loop(accelerator, model, opt, sched, batches)
+        out[name] = {"params": [p.detach().clone() for p in model.parameters()], "norms": norms,
+                     "windows": sched.scheduler.last_epoch}
+    results[rank] = out
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_under_ddp_match_accelerate():
+    results = run_ranks(_ddp_worker, WORLD, _free_port())
+    fused0, plain0 = results[0]["fused"], results[0]["plain"]
+    for p, q in zip(fused0["params"], results[1]["fused"]["params"], strict=True):
+        assert torch.equal(p, q)  # ranks bit-identical
+    difference = max(float((p - q).abs().max()) for p, q in zip(fused0["params"], plain0["params"], strict=True))
+    print(f"DDP 2 ranks: max |fused - accelerate| {difference:.3g}")
+    assert difference < 1e-5
+    assert fused0["norms"] == pytest.approx(plain0["norms"], rel=1e-5)
+    # Accelerate steps the scheduler once per process per window (its batches are per rank).
+    assert fused0["windows"] == plain0["windows"] == WINDOWS * WORLD
