@@ -288,3 +288,14 @@ def test_two_gloo_ranks_under_ddp_match_accelerate():
     assert fused0["norms"] == pytest.approx(plain0["norms"], rel=1e-5)
     # Accelerate steps the scheduler once per process per window (its batches are per rank).
     assert fused0["windows"] == plain0["windows"] == WINDOWS * WORLD
+
+
+@pytest.mark.parametrize("steps", [1, N])
+def test_plain_accelerator_with_a_micro_batch_optimizer_names_the_fix(steps):
+    model, inner, _ = make_objects("sgd")
+    accelerator = Accelerator(gradient_accumulation_steps=steps, cpu=True)
+    model, opt = accelerator.prepare(model, mbfused.MicroBatchOptimizer(inner, N))
+    accelerator.backward(token_loss(model, micro_batches(8, 1)[0]))  # divided by N when steps=N
+    with pytest.raises(WindowMisuse, match=r"Use mbfused\.integrations\.accelerate\.MicroBatchAccelerator"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters(), strict=True))
