@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -299,3 +303,34 @@ def test_plain_accelerator_with_a_micro_batch_optimizer_names_the_fix(steps):
     with pytest.raises(WindowMisuse, match=r"Use mbfused\.integrations\.accelerate\.MicroBatchAccelerator"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters(), strict=True))
+
+
+def test_the_readme_example_runs_and_learns(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Accelerate\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"^epoch \d window \d+: loss ([0-9.]+),", out.stdout, re.M)]
+    assert len(losses) == 4 and losses[-1] < losses[0] / 10, out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fp16 GradScaler)")
+def test_fp16_with_the_accelerators_grad_scaler_matches_accelerate():
+    batches = [(t.cuda(), y.cuda()) for t, y in micro_batches(9, WINDOWS * N)]
+    results = {}
+    for cls in (Accelerator, MicroBatchAccelerator):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = cls(gradient_accumulation_steps=N, mixed_precision="fp16")
+        model, opt, sched = accelerator.prepare(*make_objects("adamw"))
+        if cls is MicroBatchAccelerator:
+            assert accelerator.scaler is not None and opt.optimizer.scaler is accelerator.scaler
+        norms = accelerate_loop(accelerator, model, opt, sched, batches)
+        results[cls] = ([p.detach().float().cpu() for p in model.parameters()], norms)
+    (plain, plain_norms), (fused, fused_norms) = results[Accelerator], results[MicroBatchAccelerator]
+    assert fused_norms == pytest.approx(plain_norms, rel=1e-3)
+    for p, q in zip(plain, fused, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
