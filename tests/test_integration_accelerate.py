@@ -231,6 +231,14 @@ def test_misuse_is_loud():
         accelerator.clip_grad_value_(model.parameters(), 1.0)
 
 
+def test_a_loop_without_accumulate_is_an_error_naming_the_fix():
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, opt, _ = accelerator.prepare(*make_objects("sgd"))
+    accelerator.backward(token_loss(model, micro_batches(6, 1)[0]))
+    with pytest.raises(WindowMisuse, match=r"accelerator\.accumulate\(model\)"):
+        opt.step()
+
+
 def test_a_loader_that_ends_mid_window_is_an_error_naming_the_fix():
     accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
     model, opt, sched = make_objects("sgd")
@@ -264,10 +272,16 @@ def _ddp_worker(rank, port, results):
     out = {}
     for name, cls in (("plain", Accelerator), ("fused", MicroBatchAccelerator)):
         accelerator = cls(gradient_accumulation_steps=N, cpu=True, kwargs_handlers=handlers)
-        model, opt, sched = accelerator.prepare(*make_objects("adamw"))
-        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        model, opt, sched = make_objects("adamw")
         if name == "fused":
+            # The optimizer first, the model in a later prepare(): the wrapper is rebuilt
+            # around the DDP model then.
+            opt, sched = accelerator.prepare(opt, sched)
+            model = accelerator.prepare(model)
             assert opt.optimizer.model is model  # the window reduces once; DDP's sync is off
+        else:
+            model, opt, sched = accelerator.prepare(model, opt, sched)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
         norms = accelerate_loop(accelerator, model, opt, sched, batches)
         out[name] = {"params": [p.detach().clone() for p in model.parameters()], "norms": norms,
                      "windows": sched.scheduler.last_epoch}

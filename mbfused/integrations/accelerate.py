@@ -61,6 +61,7 @@ class MicroBatchAcceleratedOptimizer(AcceleratedOptimizer):
         # so Accelerate's scaler.step() path is never used.
         super().__init__(optimizer, device_placement=device_placement, scaler=None)
         self.window_ended_by_clip = False
+        self.built_here = False  # the MicroBatchOptimizer was built by MicroBatchAccelerator.prepare
 
     def step(self, closure=None, *, num_items=None) -> bool:
         """Ends the micro-batch (``MicroBatchOptimizer.step``); True when the parameters
@@ -72,6 +73,13 @@ class MicroBatchAcceleratedOptimizer(AcceleratedOptimizer):
                 raise WindowMisuse("accelerator.clip_grad_norm_ ended this window already, so "
                                    "step() takes no closure or num_items on this micro-batch")
             return not self.optimizer.last_step_skipped
+        if self.gradient_state.sync_gradients != self.optimizer.sync_gradients:
+            raise WindowMisuse(
+                f"Accelerate {'ends' if self.gradient_state.sync_gradients else 'does not end'} its window "
+                f"on this micro-batch but the MicroBatchOptimizer is at micro-batch "
+                f"{self.optimizer.micro_step + 1} of {self.optimizer.accumulation_steps}: run every "
+                "micro-batch under `with accelerator.accumulate(model):` (else Accelerate's "
+                "sync_gradients, which the scheduler follows, counts micro-batches)")
         if num_items is None:
             return self.optimizer.step(closure)
         return self.optimizer.step(closure, num_items=num_items)
@@ -156,7 +164,7 @@ class MicroBatchAccelerator(Accelerator):
         for prepared in self._optimizers:
             if isinstance(prepared, MicroBatchAcceleratedOptimizer):
                 try:
-                    prepared.optimizer = self._micro_batch_optimizer(prepared.optimizer)
+                    prepared.optimizer = self._micro_batch_optimizer(prepared)
                 except Exception:
                     self._optimizers.remove(prepared)
                     raise
@@ -176,16 +184,21 @@ class MicroBatchAccelerator(Accelerator):
                 return model
         return None
 
-    def _micro_batch_optimizer(self, optimizer: torch.optim.Optimizer) -> MicroBatchOptimizer:
+    def _micro_batch_optimizer(self, prepared: MicroBatchAcceleratedOptimizer) -> MicroBatchOptimizer:
+        """The MicroBatchOptimizer for `prepared`: built around its torch optimizer, or the
+        one it holds when that has the DDP model and scaler it needs."""
+        optimizer = prepared.optimizer
         inner = optimizer.optimizer if isinstance(optimizer, MicroBatchOptimizer) else optimizer
         ddp = self._ddp_model_of(inner)
         if isinstance(optimizer, MicroBatchOptimizer):
-            if (ddp is not None and optimizer.model is not ddp) or (self.scaler is not None
-                                                                     and optimizer.scaler is not self.scaler):
+            if (ddp is None or optimizer.model is ddp) and (self.scaler is None or optimizer.scaler is self.scaler):
+                return optimizer
+            if not prepared.built_here or optimizer.micro_step:
                 raise ValueError("the MicroBatchOptimizer was built before prepare() made the DDP model or "
                                  "the GradScaler it needs: pass the torch optimizer itself to prepare() "
                                  "and its settings as MicroBatchAccelerator(optimizer_options=...)")
-            return optimizer
+            optimizer.close()  # built by an earlier prepare(), before the model was prepared
+        prepared.built_here = True
         return MicroBatchOptimizer(inner, self.gradient_accumulation_steps, model=ddp, scaler=self.scaler, **self.optimizer_options)
 
     def _micro_batch_optimizers(self) -> list[MicroBatchAcceleratedOptimizer]:
