@@ -20,7 +20,12 @@ from gloo_ranks import run_ranks
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs  # noqa: E402
+from accelerate.utils import (  # noqa: E402
+    DDPCommunicationHookType,
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+)
 
 import mbfused  # noqa: E402
 from mbfused.integrations.accelerate import MicroBatchAccelerator  # noqa: E402
@@ -216,6 +221,10 @@ def test_mid_window_clip_warns_once_and_returns_nan():
 def test_misuse_is_loud():
     with pytest.raises(ValueError, match="optimizer_options: 'model'"):
         MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True, optimizer_options={"model": None})
+
+    hook = DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType.FP16)
+    with pytest.raises(ValueError, match="drop comm_hook"):
+        MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True, kwargs_handlers=[hook])
 
     model, inner, _ = make_objects("sgd")
     accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)

@@ -31,7 +31,7 @@ import warnings
 import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DistributedType
+from accelerate.utils import DDPCommunicationHookType, DistributedType
 from accelerate.utils.dataclasses import FP8BackendType
 from torch.nn.parallel import DistributedDataParallel
 
@@ -42,8 +42,6 @@ __all__ = ["MicroBatchAcceleratedOptimizer", "MicroBatchAccelerator"]
 
 # MicroBatchOptimizer arguments a user may choose; the others come from the Accelerator.
 OPTIMIZER_OPTIONS = ("max_grad_norm", "normalize", "accum_dtype", "mode", "bucket_mb")
-# Accelerate's engines whose own optimizer and gradient handling the wrapper cannot sit under.
-_SUPPORTED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 
 
 class MicroBatchAcceleratedOptimizer(AcceleratedOptimizer):
@@ -132,9 +130,19 @@ class MicroBatchAccelerator(Accelerator):
                              f"the options are {', '.join(OPTIMIZER_OPTIONS)} (accumulation_steps is "
                              "gradient_accumulation_steps, model= and scaler= come from the accelerator)")
         super().__init__(*args, **kwargs)
-        if self.distributed_type not in _SUPPORTED:
-            raise ValueError(f"MicroBatchAccelerator supports one process and DDP (MULTI_CPU, MULTI_GPU), "
+        # DeepSpeed, FSDP, XLA and Megatron-LM handle the gradients and the optimizer
+        # themselves: the window cannot sit under them.
+        if not (self.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU) or self.multi_device):
+            raise ValueError(f"MicroBatchAccelerator supports one process and DDP (MULTI_CPU, MULTI_GPU, ...), "
                              f"not {self.distributed_type}: use Accelerator there")
+        if self.parallelism_config is not None and (self.parallelism_config.tp_enabled
+                                                    or self.parallelism_config.cp_enabled):
+            raise ValueError("MicroBatchAccelerator does not support tensor or context parallelism "
+                             "(parallelism_config): use Accelerator there")
+        if self.ddp_handler is not None and self.ddp_handler.comm_hook != DDPCommunicationHookType.NO:
+            raise ValueError("DistributedDataParallelKwargs(comm_hook=...): the window reduces its fp32 "
+                             "buffers itself once per window, so DDP's communication hook would never run; "
+                             "drop comm_hook")
         if self.fp8_backend != FP8BackendType.NO:
             raise ValueError("MicroBatchAccelerator does not support fp8 training: use Accelerator there")
         self.optimizer_options = options
