@@ -32,7 +32,7 @@ from mbfused.integrations.accelerate import MicroBatchAccelerator  # noqa: E402
 from mbfused.window import WindowMisuse  # noqa: E402
 
 N = 3  # not a power of two: dividing by N rounds, so the pure runs differ in their last bits
-WINDOWS = 5
+WINDOWS = 8
 VOCAB = 50
 MAX_NORM = 0.2  # below the window's norm on most windows: clipping is active
 OPTIMIZERS = {"adamw": lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
@@ -340,6 +340,7 @@ def test_the_readme_example_runs_and_learns(tmp_path):
     assert len(losses) == 4 and losses[-1] < losses[0] / 10, out.stdout
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (fp16 GradScaler)")
 def test_fp16_with_the_accelerators_grad_scaler_matches_accelerate():
     batches = [(t.cuda(), y.cuda()) for t, y in micro_batches(9, WINDOWS * N)]
