@@ -102,15 +102,16 @@ def run_accelerate(cls, optimizer: str, batches, **kwargs):
     return accelerator, model, opt, sched, norms
 
 
-def run_pure_torch(optimizer: str, batches):
+def run_pure_torch(optimizer: str, batches, loss_fn=token_loss, divisor=lambda window: N):
     """The same training in a hand-written loop: the loss as is, the window's sum divided
-    by N at its end (Accelerate divides each loss): equal up to rounding."""
+    at its end (by N, or by `divisor(window)`), where Accelerate divides each loss: equal up
+    to rounding."""
     model, opt, sched = make_objects(optimizer)
     for k, batch in enumerate(batches):
-        token_loss(model, batch).backward()
+        loss_fn(model, batch).backward()
         if (k + 1) % N == 0:
             for p in model.parameters():
-                p.grad /= N
+                p.grad /= divisor(k // N)
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
             opt.step()
             sched.step()
@@ -140,6 +141,46 @@ def test_trains_to_accelerates_parameters_within_the_noise_floor(optimizer, mode
     assert fused_norms == pytest.approx(plain_norms, rel=1e-5)  # clip_grad_norm_ returns the window's norm
     assert difference <= 4 * max(floor, 1e-7 * moved)
     assert fused_sched.scheduler.last_epoch == plain_sched.scheduler.last_epoch == WINDOWS
+
+
+def test_token_normalisation_over_the_window_matches_accelerates_recipe():
+    """Losses summed over tokens, normalised by the window's token count: Accelerate's
+    recipe counts the window's tokens ahead and undoes backward's division by N; the
+    wrapper takes each micro-batch's count in step(num_items=...)."""
+    batches = micro_batches(11, WINDOWS * N)
+    tokens = [int((labels != -100).sum()) for _, labels in batches]
+    window_tokens = [sum(tokens[w * N:(w + 1) * N]) for w in range(WINDOWS)]
+
+    def summed_loss(model, batch):
+        inputs, labels = batch
+        return torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), labels.flatten(),
+                                                 ignore_index=-100, reduction="sum")
+
+    results = []
+    for cls in (Accelerator, MicroBatchAccelerator):
+        options = {"normalize": "items", "max_grad_norm": MAX_NORM} if cls is MicroBatchAccelerator else None
+        accelerator = cls(gradient_accumulation_steps=N, cpu=True,
+                          **({"optimizer_options": options} if options else {}))
+        model, opt, sched = accelerator.prepare(*make_objects("adamw"))
+        for k, batch in enumerate(batches):
+            with accelerator.accumulate(model):
+                if cls is Accelerator:
+                    accelerator.backward(summed_loss(model, batch) / window_tokens[k // N] * N)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), MAX_NORM)
+                    opt.step()
+                else:
+                    accelerator.backward(summed_loss(model, batch))
+                    opt.step(num_items=tokens[k])
+                sched.step()
+                opt.zero_grad()
+        results.append(model)
+    plain, fused = results
+    floor = max_difference(plain, run_pure_torch("adamw", batches, summed_loss, window_tokens.__getitem__))
+    difference = max_difference(plain, fused)
+    print(f"items: max |fused - accelerate| {difference:.3g}, noise floor {floor:.3g}")
+    assert difference <= 4 * max(floor, 1e-7)
+    assert max_difference(plain, run_pure_torch("adamw", batches)) > 100 * max(floor, 1e-7)  # "mean" differs
 
 
 def test_scheduler_and_optimizer_step_once_per_window_without_clipping():
