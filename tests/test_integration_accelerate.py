@@ -243,6 +243,21 @@ def test_a_prebuilt_micro_batch_optimizer_is_taken_as_it_is():
     assert sched.scheduler.last_epoch == 2 and wrapper.micro_step == 0
 
 
+def test_free_memory_closes_the_wrappers_for_the_next_training():
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, inner, sched = make_objects("sgd")
+    _, opt, _ = accelerator.prepare(model, inner, sched)
+    wrapper = opt.optimizer
+    accelerator.free_memory()
+    with pytest.raises(RuntimeError, match="closed"):
+        wrapper.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "another MicroBatchOptimizer managed these parameters"
+        model, opt, sched = accelerator.prepare(model, inner, sched)
+    accelerate_loop(accelerator, model, opt, sched, micro_batches(12, N))
+    assert sched.scheduler.last_epoch == 1
+
+
 def test_mid_window_clip_warns_once_and_returns_nan():
     accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
     model, opt, _ = accelerator.prepare(*make_objects("sgd"))

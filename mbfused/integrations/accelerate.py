@@ -185,6 +185,14 @@ class MicroBatchAccelerator(Accelerator):
             self._ddp_models.append(model)
         return model
 
+    def free_memory(self, *objects):
+        """Accelerate's, and the MicroBatchOptimizers stop consuming gradients (``close()``):
+        the next training's prepare() builds its own."""
+        for prepared in self._micro_batch_optimizers():
+            prepared.optimizer.close()
+        self._ddp_models = []
+        return super().free_memory(*objects)
+
     def _ddp_model_of(self, optimizer: torch.optim.Optimizer):
         mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for model in self._ddp_models:
