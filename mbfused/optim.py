@@ -98,18 +98,31 @@ def _ddp_of(params: list[Tensor]):
 def _accelerate_wrapper_of(optimizer) -> object | None:
     """An ``accelerate`` AcceleratedOptimizer that wraps `optimizer` as it wraps any
     optimizer (stepping it once per window), if one exists; read from ``sys.modules``, so
-    that accelerate is never imported here."""
+    that accelerate is never imported here. Called from ``step()``: the callers' frames are
+    looked at first (AcceleratedOptimizer.step calls it); a scan of what refers to
+    `optimizer` (~70 ms on a large heap) only while Accelerate accumulates itself."""
     accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
     if accelerated is None:
+        return None
+
+    def wraps(holder) -> bool:
+        return (issubclass(type(holder), accelerated) and holder.__dict__.get("optimizer") is optimizer
+                and not getattr(holder, "steps_every_micro_batch", False))
+
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        if wraps(frame.f_locals.get("self")):
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    gradient_state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
+    if gradient_state is None or gradient_state._shared_state.get("plugin_kwargs", {}).get("num_steps", 1) <= 1:
         return None
     holders = gc.get_referrers(optimizer)
     # An instance whose attributes live in a materialised __dict__ refers to it through that.
     holders += [h for d in holders if type(d) is dict for h in gc.get_referrers(d)]
-    for holder in holders:
-        if (issubclass(type(holder), accelerated) and holder.__dict__.get("optimizer") is optimizer
-                and not getattr(holder, "steps_every_micro_batch", False)):
-            return holder
-    return None
+    return next((h for h in holders if wraps(h)), None)
 
 
 def _sum_of_squares(window: AccumulationWindow, written) -> Tensor:

@@ -373,14 +373,15 @@ def test_two_gloo_ranks_under_ddp_match_accelerate():
     assert fused0["windows"] == plain0["windows"] == WINDOWS * WORLD
 
 
-@pytest.mark.parametrize("steps", [1, N])
-def test_plain_accelerator_with_a_micro_batch_optimizer_names_the_fix(steps):
+@pytest.mark.parametrize("steps, stepped", [(1, "prepared"), (N, "prepared"), (N, "wrapper itself")])
+def test_plain_accelerator_with_a_micro_batch_optimizer_names_the_fix(steps, stepped):
     model, inner, _ = make_objects("sgd")
     accelerator = Accelerator(gradient_accumulation_steps=steps, cpu=True)
-    model, opt = accelerator.prepare(model, mbfused.MicroBatchOptimizer(inner, N))
+    wrapper = mbfused.MicroBatchOptimizer(inner, N)
+    model, opt = accelerator.prepare(model, wrapper)
     accelerator.backward(token_loss(model, micro_batches(8, 1)[0]))  # divided by N when steps=N
     with pytest.raises(WindowMisuse, match=r"Use mbfused\.integrations\.accelerate\.MicroBatchAccelerator"):
-        opt.step()
+        (opt if stepped == "prepared" else wrapper).step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters(), strict=True))
 
 
