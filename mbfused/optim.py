@@ -15,6 +15,7 @@ import functools
 import gc
 import math
 import numbers
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -95,6 +96,36 @@ def _ddp_of(params: list[Tensor]):
         if issubclass(type(obj), DistributedDataParallel) and any(id(p) in mine for p in obj.module.parameters()):
             return obj
     return None
+
+
+def _accelerate_wrapper_of(optimizer) -> object | None:
+    """An ``accelerate`` AcceleratedOptimizer that wraps `optimizer` as it wraps any
+    optimizer (stepping it once per window), if one exists; read from ``sys.modules``, so
+    that accelerate is never imported here. Called from ``step()``: the callers' frames are
+    looked at first (AcceleratedOptimizer.step calls it); a scan of what refers to
+    `optimizer` (~70 ms on a large heap) only while Accelerate accumulates itself."""
+    accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+    if accelerated is None:
+        return None
+
+    def wraps(holder) -> bool:
+        return (issubclass(type(holder), accelerated) and holder.__dict__.get("optimizer") is optimizer
+                and not getattr(holder, "steps_every_micro_batch", False))
+
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            break
+        if wraps(frame.f_locals.get("self")):
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    gradient_state = getattr(sys.modules.get("accelerate.state"), "GradientState", None)
+    if gradient_state is None or gradient_state._shared_state.get("plugin_kwargs", {}).get("num_steps", 1) <= 1:
+        return None
+    holders = gc.get_referrers(optimizer)
+    # An instance whose attributes live in a materialised __dict__ refers to it through that.
+    holders += [h for d in holders if type(d) is dict for h in gc.get_referrers(d)]
+    return next((h for h in holders if wraps(h)), None)
 
 
 def _sum_of_squares(window: AccumulationWindow, written) -> Tensor:
@@ -258,6 +289,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                            if not p.requires_grad]
         self._param_count = sum(len(group["params"]) for group in optimizer.param_groups)
         self._ddp_checked = False
+        self._framework_checked = False
         self._bad_items: Tensor | None = None  # a tensor num_items of this window was nan or < 0
         self._stepping_inner = False
         self._take_over(params)
@@ -458,6 +490,16 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                     "MicroBatchOptimizer(..., model=ddp_model) takes its synchronisation over "
                     "(one reduction per window)")
             self._ddp_checked = True
+        if not self._framework_checked:
+            if _accelerate_wrapper_of(self) is not None:
+                raise WindowMisuse(
+                    "accelerate's Accelerator.prepare() wrapped this MicroBatchOptimizer as any "
+                    "optimizer: Accelerate divides each loss by gradient_accumulation_steps, steps the "
+                    "optimizer once per window and clips .grad, which the window has taken (clipping "
+                    "nothing): training would be silently wrong. Use "
+                    "mbfused.integrations.accelerate.MicroBatchAccelerator in place of Accelerator "
+                    "(same arguments)")
+            self._framework_checked = True
 
     def _check_scaler_call(self) -> bool:
         """True when GradScaler.step(self) is calling: it sets grad_scale and found_inf."""
