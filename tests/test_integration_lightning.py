@@ -225,6 +225,14 @@ def test_value_clipping_is_refused(tmp_path):
         _fit(tmp_path, module, [MicroBatchAccumulation()], gradient_clip_algorithm="value")
 
 
+def test_loss_scaling_with_a_grad_scaler_is_refused(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = TinyModule(_micro_batches(2 * 2 * N))
+    with pytest.raises(ValueError, match="uses a GradScaler"):
+        _fit(tmp_path, module, [MicroBatchAccumulation()], plugins=[MixedPrecision("16-mixed", "cpu")])
+
+
 def test_an_epoch_that_is_not_a_multiple_of_the_window_is_refused(tmp_path):
     module = TinyModule(_micro_batches(2 * 2 * N + 2))  # 2 windows and one batch per epoch
     with pytest.raises(ValueError, match="not a multiple of accumulate_grad_batches=3"):
