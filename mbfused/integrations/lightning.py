@@ -120,10 +120,11 @@ class MicroBatchAccumulation(pl.Callback):
             raise ValueError("configure_optimizers returned a MicroBatchOptimizer and MicroBatchAccumulation "
                              "wraps the optimizer itself: return the plain torch optimizer")
         self._check_precision(trainer)
-        model = trainer.strategy.model
-        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self._check_strategy(trainer)
+        # Lightning's DistributedDataParallel module (or the module itself, unused): the
+        # wrapper takes over its gradient synchronisation, one reduction per window.
         self.optimizer = MicroBatchOptimizer(inner, steps, max_grad_norm=self._max_grad_norm, normalize="sum",
-                                             model=model if ddp else None, **self.optimizer_kwargs)
+                                             model=trainer.strategy.model, **self.optimizer_kwargs)
         self.optimizer.register_step_post_hook(self._on_wrapper_step)
         trainer.strategy.optimizers = [self.optimizer]  # also rebuilds the LightningOptimizers
         self._take_over_clipping(trainer)
@@ -151,6 +152,18 @@ class MicroBatchAccumulation(pl.Callback):
                 "once per window, while MicroBatchOptimizer unscales every micro-batch as it "
                 "accumulates it: not supported by MicroBatchAccumulation yet. Use "
                 "precision='bf16-mixed' (no loss scaling) or 32")
+
+    @staticmethod
+    def _check_strategy(trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        if strategy.handles_gradient_accumulation:
+            raise ValueError(f"{type(strategy).__name__} accumulates gradients itself (DeepSpeed's way): "
+                             "MicroBatchAccumulation cannot take its accumulation over")
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(strategy.model, FullyShardedDataParallel):
+            raise ValueError("strategy='fsdp' (FullyShardedDataParallel, FSDP1) is not supported by "
+                             "MicroBatchOptimizer: use strategy='ddp', or FSDP2 (fully_shard)")
 
     def _take_over_clipping(self, trainer: pl.Trainer) -> None:
         """Lightning's clip_gradients on the wrapper sets its max_grad_norm for the window
