@@ -4,9 +4,12 @@ Same model, data, AdamW, accumulate_grad_batches and gradient_clip_val; the two 
 run alternately in the same process (short fits, interleaved, so that load from other
 processes falls on both alike). A window is timed from its first micro-batch's
 ``on_train_batch_start`` to its last micro-batch's ``on_train_batch_end``; the first
-window of every fit is left out (warm-up). Prints the median per path and the ratio.
+window of every fit is left out (warm-up). Prints the median per path and the ratio, in
+wall time and in this process's CPU time: on a machine shared with other work the wall
+time of one window varies by 2x from one fit to the next, its CPU time much less (one
+torch thread by default, so that CPU time is compute, not threads waiting).
 
-    PYTHONPATH=. python3 bench/lightning_window_time.py [--rounds 6] [--width 1024]
+    PYTHONPATH=. python3 bench/lightning_window_time.py [--rounds 8] [--width 1024] [--threads 1]
 """
 
 from __future__ import annotations
@@ -45,19 +48,21 @@ class _WindowTimer(pl.Callback):
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
-        self.times: list[float] = []
-        self._start = 0.0
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+        self._start = (0.0, 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx % self.steps == 0:
-            self._start = time.perf_counter()
+            self._start = (time.perf_counter(), time.process_time())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx % self.steps == self.steps - 1 and batch_idx >= self.steps:  # not the first window
-            self.times.append(time.perf_counter() - self._start)
+            self.wall.append(time.perf_counter() - self._start[0])
+            self.cpu.append(time.process_time() - self._start[1])
 
 
-def _fit(fused: bool, args, batches) -> list[float]:
+def _fit(fused: bool, args, batches) -> _WindowTimer:
     timer = _WindowTimer(args.steps)
     callbacks = [MicroBatchAccumulation(), timer] if fused else [timer]
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
@@ -65,36 +70,42 @@ def _fit(fused: bool, args, batches) -> list[float]:
                          gradient_clip_val=1.0, callbacks=callbacks)
     loader = torch.utils.data.DataLoader(range(args.windows * args.steps), batch_size=None)
     trainer.fit(_MLP(args.width, args.depth, batches), loader)
-    return timer.times
+    return timer
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=6, help="fits per path, interleaved")
+    parser.add_argument("--rounds", type=int, default=8, help="fits per path, interleaved")
     parser.add_argument("--windows", type=int, default=5, help="windows per fit (the first is not timed)")
     parser.add_argument("--steps", type=int, default=4, help="accumulate_grad_batches")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(args.micro_batch, args.width, generator=gen) for _ in range(args.windows * args.steps)]
-    times = {"lightning": [], "mbfused": []}
+    times = {(path, clock): [] for path in ("lightning", "mbfused") for clock in ("wall", "cpu")}
     for _ in range(args.rounds):
-        times["lightning"] += _fit(False, args, batches)
-        times["mbfused"] += _fit(True, args, batches)
+        for path in ("lightning", "mbfused"):
+            timer = _fit(path == "mbfused", args, batches)
+            times[path, "wall"] += timer.wall
+            times[path, "cpu"] += timer.cpu
     params = sum(p.numel() for p in _MLP(args.width, args.depth, batches).parameters())
-    print(f"{params / 1e6:.1f}M parameters, accumulate_grad_batches={args.steps}, micro-batch "
-          f"{args.micro_batch}x{args.width}, torch threads {torch.get_num_threads()}")
-    medians = {path: statistics.median(t) for path, t in times.items()}
-    for path, t in times.items():
-        print(f"{path:>10}: {medians[path] * 1e3:8.2f} ms per window (median of {len(t)}, "
-              f"min {min(t) * 1e3:.2f})")
-    print(f"mbfused / lightning: {medians['mbfused'] / medians['lightning']:.3f}")
+    print(f"{params / 1e6:.1f}M parameters in {2 * args.depth + 1} tensors, accumulate_grad_batches="
+          f"{args.steps}, micro-batch {args.micro_batch}x{args.width}, torch threads {torch.get_num_threads()}")
+    for clock in ("wall", "cpu"):
+        medians = {path: statistics.median(times[path, clock]) for path in ("lightning", "mbfused")}
+        for path, median in medians.items():
+            t = times[path, clock]
+            print(f"{clock:>4} {path:>9}: {median * 1e3:8.2f} ms per window (median of {len(t)}, "
+                  f"min {min(t) * 1e3:.2f})")
+        print(f"{clock:>4} mbfused / lightning: {medians['mbfused'] / medians['lightning']:.3f}")
 
 
 if __name__ == "__main__":
