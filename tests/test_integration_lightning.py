@@ -225,6 +225,25 @@ def test_value_clipping_is_refused(tmp_path):
         _fit(tmp_path, module, [MicroBatchAccumulation()], gradient_clip_algorithm="value")
 
 
+def test_an_own_configure_gradient_clipping_is_warned_about_and_its_clip_gradients_taken_over(tmp_path):
+    class OwnClipping(TinyModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, gradient_clip_val=2 * CLIP, gradient_clip_algorithm="norm")
+
+    batches = _micro_batches(2 * 3 * N)
+    pure = OwnClipping(batches, "sgd")
+    _fit(tmp_path, pure, gradient_clip_val=None)
+    unclipped = TinyModule(batches, "sgd")
+    _fit(tmp_path, unclipped, gradient_clip_val=None)
+    fused = OwnClipping(batches, "sgd")
+    callback = MicroBatchAccumulation()
+    with pytest.warns(UserWarning, match="overrides configure_gradient_clipping"):
+        _fit(tmp_path, fused, [callback], gradient_clip_val=None)
+    assert _max_relative_difference(fused, pure) < 1e-6
+    assert _max_relative_difference(unclipped, pure) > 1e-3  # the clip mattered
+    assert callback.optimizer.max_grad_norm is None  # the Trainer's again, after the window
+
+
 def test_loss_scaling_with_a_grad_scaler_is_refused(tmp_path):
     from lightning.pytorch.plugins import MixedPrecision
 

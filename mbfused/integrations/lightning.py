@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -121,6 +122,13 @@ class MicroBatchAccumulation(pl.Callback):
                              "wraps the optimizer itself: return the plain torch optimizer")
         self._check_precision(trainer)
         self._check_strategy(trainer)
+        if type(pl_module).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping:
+            warnings.warn(
+                f"{type(pl_module).__name__} overrides configure_gradient_clipping: under "
+                "MicroBatchAccumulation its self.clip_gradients(optimizer, c, 'norm') calls set the "
+                "window's max_grad_norm, but a clip of the parameters' .grad of its own (e.g. "
+                "torch.nn.utils.clip_grad_norm_) sees the last micro-batch's gradient at most, not the "
+                "window's: call self.clip_gradients", stacklevel=2)
         # Lightning's DistributedDataParallel module (or the module itself, unused): the
         # wrapper takes over its gradient synchronisation, one reduction per window.
         self.optimizer = MicroBatchOptimizer(inner, steps, max_grad_norm=self._max_grad_norm, normalize="sum",
