@@ -22,7 +22,8 @@ Manual optimization (Lightning refuses ``accumulate_grad_batches`` there): give 
 window's length, ``MicroBatchAccumulation(accumulation_steps=4)``; ``training_step`` stays
 as Lightning documents it (``manual_backward(loss / 4)``, and every 4th batch
 ``clip_gradients``, ``opt.step()``, ``opt.zero_grad()``), or calls ``opt.step()`` after
-every micro-batch (the wrapper's own protocol); both reach the same window.
+every micro-batch (the wrapper's own protocol; Lightning's ``global_step`` then counts
+micro-batches); both reach the same window.
 
 Lightning's clipping is taken over: a ``clip_gradients`` call on a wrapped optimizer
 (Lightning's own for ``gradient_clip_val``, or ``self.clip_gradients`` in a
