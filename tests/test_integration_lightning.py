@@ -1,0 +1,308 @@
+"""mbfused.integrations.lightning against Lightning's own gradient accumulation.
+
+Tiny random-init model, micro-batches of uneven lengths padded to one shape (the loss is
+the mean over the valid positions), N=3 (1/N is inexact), clipping active. The noise
+floor is the largest relative parameter difference between two equivalent pure Lightning
+runs (loss / N before backward, Lightning's way, or the summed gradient / N before the
+optimizer step)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from mbfused import MicroBatchOptimizer, WindowMisuse  # noqa: E402
+from mbfused.integrations.lightning import MicroBatchAccumulation  # noqa: E402
+
+N = 3
+CLIP = 0.05  # below the window's gradient norm: clipping is active in every window
+WINDOWS = 8
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _micro_batches(count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`count` micro-batches of 4 sequences of 1 to 6 valid positions, padded to 6."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        lengths = torch.randint(1, 7, (4,), generator=gen)
+        mask = torch.arange(6) < lengths[:, None]
+        x = torch.randn(4, 6, 8, generator=gen) * mask[..., None]
+        y = torch.randn(4, 6, 1, generator=gen) * mask[..., None]
+        batches.append((x, y, mask))
+    return batches
+
+
+class TinyModule(pl.LightningModule):
+    """The micro-batch is looked up by batch index, so that a run resumed mid-epoch sees
+    the batches the uninterrupted run saw (Lightning restarts a plain DataLoader)."""
+
+    def __init__(self, batches, optimizer: str = "adamw", *, manual_every: int | None = None,
+                 sum_then_divide: bool = False, by_loader: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+        self.batches = batches
+        self.optimizer_name = optimizer
+        self.sum_then_divide = sum_then_divide  # the equivalent pure run (automatic optimization)
+        self.manual_every = manual_every
+        self.by_loader = by_loader  # the loader's index instead (data parallel: each rank its shard)
+        self.automatic_optimization = manual_every is None
+
+    def _loss(self, batch, batch_idx: int) -> torch.Tensor:
+        index = int(batch) if self.by_loader else self.current_epoch * (len(self.batches) // 2) + batch_idx
+        x, y, mask = self.batches[index]
+        err = (self.net(x) - y).square().squeeze(-1)
+        return err[mask].mean()
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch, batch_idx)
+        if self.automatic_optimization:
+            return loss * N if self.sum_then_divide else loss  # Lightning divides it by N
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        self.manual_backward(loss / N)
+        if (batch_idx + 1) % self.manual_every == 0:
+            self.clip_gradients(opt, gradient_clip_val=CLIP, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        return loss
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.sum_then_divide:
+            for p in self.parameters():
+                p.grad /= N
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class _RankShard(torch.utils.data.Dataset):
+    """Indices rank, rank + world, ... of range(size): each rank's share, in order (the
+    one process of the reference runs them all as rank 0 of 1)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def _rank_world(self) -> tuple[int, int]:
+        dist = torch.distributed
+        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+    def __len__(self) -> int:
+        return self.size // self._rank_world()[1]
+
+    def __getitem__(self, i: int) -> int:
+        rank, world = self._rank_world()
+        return rank + world * i
+
+
+def _fit(tmp_path, module, callbacks=(), *, epochs: int = 1, ckpt_path=None, **trainer_kwargs):
+    batches_per_epoch = len(module.batches) // 2
+    if module.automatic_optimization:
+        trainer_kwargs.setdefault("accumulate_grad_batches", N)
+        trainer_kwargs.setdefault("gradient_clip_val", CLIP)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, max_epochs=epochs, callbacks=list(callbacks),
+                         **trainer_kwargs)
+    dataset = _RankShard(batches_per_epoch) if module.by_loader else range(batches_per_epoch)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _max_relative_difference(a, b) -> float:
+    return max(((p - q).abs().max() / q.abs().max()).item()
+               for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_automatic_optimization_equals_lightning_accumulation(optimizer, tmp_path):
+    batches = _micro_batches(2 * WINDOWS * N)  # two epochs
+    pure = TinyModule(batches, optimizer)
+    _fit(tmp_path, pure, epochs=2)
+    other_pure = TinyModule(batches, optimizer, sum_then_divide=True)
+    _fit(tmp_path, other_pure, epochs=2)
+    fused = TinyModule(batches, optimizer)
+    callback = MicroBatchAccumulation()
+    trainer = _fit(tmp_path, fused, [callback], epochs=2)
+
+    noise_floor = _max_relative_difference(other_pure, pure)
+    difference = _max_relative_difference(fused, pure)
+    print(f"{optimizer}: difference {difference:.3g}, noise floor {noise_floor:.3g}")
+    assert 0 < noise_floor < 1e-5
+    assert difference <= 4 * noise_floor, (difference, noise_floor)
+    assert _max_relative_difference(TinyModule(batches), pure) > 0.05  # it trained
+
+    wrapper = callback.optimizer
+    assert trainer.optimizers == [wrapper] and wrapper.accumulation_steps == N
+    assert wrapper.max_grad_norm == CLIP and wrapper.normalize == "sum"
+    # One optimizer step and one scheduler step per window.
+    assert trainer.global_step == 2 * WINDOWS
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2 * WINDOWS
+    # The last window's norm, before clipping, is logged; clipping was active.
+    logged = trainer.callback_metrics["grad_norm"]
+    assert torch.equal(logged, wrapper.last_grad_norm) and logged > CLIP
+
+
+def test_manual_optimization_equals_lightning_manual_accumulation(tmp_path):
+    batches = _micro_batches(2 * WINDOWS * N)
+    pure = TinyModule(batches, "sgd", manual_every=N)
+    pure_trainer = _fit(tmp_path, pure)
+    other_pure = TinyModule(batches, "sgd", sum_then_divide=True)  # the floor, automatic
+    _fit(tmp_path, other_pure, max_steps=WINDOWS)
+    fused = TinyModule(batches, "sgd", manual_every=N)
+    callback = MicroBatchAccumulation(accumulation_steps=N)
+    trainer = _fit(tmp_path, fused, [callback])
+
+    noise_floor = _max_relative_difference(other_pure, pure)
+    difference = _max_relative_difference(fused, pure)
+    print(f"manual: difference {difference:.3g}, noise floor {noise_floor:.3g}")
+    assert 0 < noise_floor < 1e-5
+    assert difference <= 4 * noise_floor, (difference, noise_floor)
+    assert trainer.global_step == pure_trainer.global_step == WINDOWS
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == WINDOWS
+    # Lightning clipped nothing: the training_step's clip_gradients set the window's clip.
+    assert callback.optimizer.last_grad_norm > CLIP
+    assert callback.optimizer.max_grad_norm is None  # until the next window's clip_gradients
+
+
+class _SaveAt(pl.Callback):
+    def __init__(self, batch_idx: int, path) -> None:
+        self.batch_idx, self.path = batch_idx, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.batch_idx and trainer.current_epoch == 0:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_taken_mid_window_resumes_bit_exact(tmp_path):
+    batches = _micro_batches(2 * 4 * N)
+    path = tmp_path / "mid.ckpt"
+    uninterrupted = TinyModule(batches)
+    _fit(tmp_path, uninterrupted, [MicroBatchAccumulation(), _SaveAt(N + 1, path)], epochs=2)
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["optimizer_states"][0]["mbfused"]["micro_step"] == 2  # mid-window
+
+    resumed = TinyModule(batches)
+    with torch.no_grad():  # resuming must not depend on the weights the module starts with
+        for p in resumed.parameters():
+            p.add_(1.0)
+    trainer = _fit(tmp_path, resumed, [MicroBatchAccumulation()], epochs=2, ckpt_path=path)
+    for p, q in zip(resumed.parameters(), uninterrupted.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert trainer.global_step == 2 * 4
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2 * 4
+
+
+def test_a_checkpoint_between_backward_and_the_windows_step_is_refused(tmp_path):
+    class SaveFirst(_SaveAt):  # placed before MicroBatchAccumulation
+        pass
+
+    module = TinyModule(_micro_batches(2 * 2 * N))
+    with pytest.raises(WindowMisuse, match="before MicroBatchAccumulation accumulated"):
+        _fit(tmp_path, module, [SaveFirst(1, tmp_path / "x.ckpt"), MicroBatchAccumulation()])
+
+
+def test_value_clipping_is_refused(tmp_path):
+    module = TinyModule(_micro_batches(2 * 2 * N))
+    with pytest.raises(ValueError, match="gradient_clip_algorithm='value' is not supported"):
+        _fit(tmp_path, module, [MicroBatchAccumulation()], gradient_clip_algorithm="value")
+
+
+def test_an_own_configure_gradient_clipping_is_warned_about_and_its_clip_gradients_taken_over(tmp_path):
+    class OwnClipping(TinyModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, gradient_clip_val=2 * CLIP, gradient_clip_algorithm="norm")
+
+    batches = _micro_batches(2 * 3 * N)
+    pure = OwnClipping(batches, "sgd")
+    _fit(tmp_path, pure, gradient_clip_val=None)
+    unclipped = TinyModule(batches, "sgd")
+    _fit(tmp_path, unclipped, gradient_clip_val=None)
+    fused = OwnClipping(batches, "sgd")
+    callback = MicroBatchAccumulation()
+    with pytest.warns(UserWarning, match="overrides configure_gradient_clipping"):
+        _fit(tmp_path, fused, [callback], gradient_clip_val=None)
+    assert _max_relative_difference(fused, pure) < 1e-6
+    assert _max_relative_difference(unclipped, pure) > 1e-3  # the clip mattered
+    assert callback.optimizer.max_grad_norm is None  # the Trainer's again, after the window
+
+
+def test_loss_scaling_with_a_grad_scaler_is_refused(tmp_path):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = TinyModule(_micro_batches(2 * 2 * N))
+    with pytest.raises(ValueError, match="uses a GradScaler"):
+        _fit(tmp_path, module, [MicroBatchAccumulation()], plugins=[MixedPrecision("16-mixed", "cpu")])
+
+
+def test_an_epoch_that_is_not_a_multiple_of_the_window_is_refused(tmp_path):
+    module = TinyModule(_micro_batches(2 * 2 * N + 2))  # 2 windows and one batch per epoch
+    with pytest.raises(ValueError, match="not a multiple of accumulate_grad_batches=3"):
+        _fit(tmp_path, module, [MicroBatchAccumulation()])
+
+
+def test_manual_optimization_needs_the_window_length_and_steps_in_step_with_it(tmp_path):
+    with pytest.raises(ValueError, match="manual optimization: pass the window's length"):
+        _fit(tmp_path, TinyModule(_micro_batches(4 * N), manual_every=N), [MicroBatchAccumulation()])
+    with pytest.raises(WindowMisuse, match="stepped after 2 micro-batches of a window of 3"):
+        _fit(tmp_path, TinyModule(_micro_batches(4 * N), manual_every=2),
+             [MicroBatchAccumulation(accumulation_steps=N)])
+
+
+def test_a_wrapper_from_configure_optimizers_or_a_mismatched_length_is_refused(tmp_path):
+    class Wrapped(TinyModule):
+        def configure_optimizers(self):
+            return MicroBatchOptimizer(torch.optim.SGD(self.parameters(), lr=0.1), N)
+
+    with pytest.raises(ValueError, match="return the plain torch optimizer"):
+        _fit(tmp_path, Wrapped(_micro_batches(4 * N)), [MicroBatchAccumulation()])
+    with pytest.raises(ValueError, match=r"accumulation_steps=2.*accumulate_grad_batches=3"):
+        _fit(tmp_path, TinyModule(_micro_batches(4 * N)), [MicroBatchAccumulation(accumulation_steps=2)])
+
+
+def test_ddp_on_two_gloo_ranks_equals_one_process(tmp_path):
+    """strategy="ddp_spawn", 2 CPU ranks, each its half of the micro-batches: the
+    wrapper takes over DDP's synchronisation (one reduction per window). Against Lightning's
+    own accumulation in one process over both ranks' micro-batches (2N per window)."""
+    batches = _micro_batches(2 * WINDOWS * 2 * N)
+    pure = TinyModule(batches, by_loader=True)
+    _fit(tmp_path, pure, accumulate_grad_batches=2 * N)
+    other_pure = TinyModule(batches, by_loader=True, sum_then_divide=True)
+    _fit(tmp_path, other_pure, accumulate_grad_batches=2 * N)
+    fused = TinyModule(batches, by_loader=True)
+    _fit(tmp_path, fused, [MicroBatchAccumulation()], devices=2, strategy="ddp_spawn",
+         use_distributed_sampler=False)
+
+    noise_floor = _max_relative_difference(other_pure, pure)
+    difference = _max_relative_difference(fused, pure)
+    print(f"ddp: difference {difference:.3g}, noise floor {noise_floor:.3g}")
+    assert 0 < noise_floor < 1e-5
+    assert difference <= 4 * noise_floor, (difference, noise_floor)
+    assert _max_relative_difference(TinyModule(batches), fused) > 0.05  # it trained
+
+
+def test_the_readme_lightning_script_runs(tmp_path):
+    section = README.read_text().split("\n## Lightning\n", 1)[1].split("\n## ", 1)[0]
+    script = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    norms = [float(x) for x in re.findall(r"grad_norm ([0-9.]+)", proc.stdout)]
+    assert norms, proc.stdout
