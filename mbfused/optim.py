@@ -685,7 +685,14 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict, plus the window's progress under
         ``"mbfused"``, with the accumulated gradients of a half-finished window (a
-        checkpoint may be taken mid-window). A plain torch optimizer loads it too."""
+        checkpoint may be taken mid-window). A plain torch optimizer loads it too.
+        Taken between a backward() and its step(), it raises: the buffers may hold part of
+        that micro-batch, which the window does not count yet."""
+        if self._window.micro_batch_in_progress():
+            raise WindowMisuse(
+                "state_dict() was called between a backward() and its step(): the accumulation "
+                "buffers may already hold part of that micro-batch, which a resumed window would "
+                "then count twice. Take the checkpoint after step()")
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = dict(self.optimizer.state_dict())

@@ -529,6 +529,11 @@ class AccumulationWindow:
         self.micro_step += 1
         return self.micro_step == self.accumulation_steps
 
+    def micro_batch_in_progress(self) -> bool:
+        """Whether a backward has delivered gradients that no step() has ended yet (in
+        bucket mode some may be in the buffers already)."""
+        return bool(self._arrived)
+
     def pending_gradients(self) -> list[int]:
         """Parameters whose gradient arrived by backward and that no step() has taken yet."""
         return [s.index for s in self._arrived if s.param.grad is not None]

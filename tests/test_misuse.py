@@ -180,3 +180,17 @@ def test_a_ddp_model_without_model_or_with_its_sync_back_on_is_refused(tmp_path)
     assert "switched back on" in result["sync back on"]
     assert "model=ddp_model" in result["retried"] and "model=ddp_model" in result["process_group="]
     assert result["released"] is True
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_a_checkpoint_between_backward_and_step_is_refused(mode):
+    """In bucket mode the buffers already hold part of a micro-batch that step() has not
+    counted yet: a checkpoint then would count it twice on resume."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 3, mode=mode, bucket_mb=1e-6)
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(WindowMisuse, match=r"state_dict\(\) was called between a backward\(\) and its step"):
+        opt.state_dict()
+    opt.step()
+    opt.zero_grad()
+    assert opt.state_dict()["mbfused"]["micro_step"] == 1
