@@ -17,15 +17,16 @@ transformer for a few windows of N micro-batches, one path per set of processes:
 Per path: median time per window, bytes every rank hands to collectives per window
 (counted in ``torch.distributed.all_reduce``, which DDP's default communication hook and
 the wrapper call, and in the all-gathers and reduce-scatters FSDP2 calls: their full,
-unsharded size), and the peak resident memory of a rank (the process's high-water mark,
-so each path runs in processes of its own).
+unsharded size), and the peak of the bytes torch's CPU allocator holds on a rank, from
+before the model is built through two windows (parameters, DDP's buckets, FSDP2's
+unsharded parameters, gradients, the window's buffers, optimizer state, activations:
+mbfused.memory.CpuAllocationPeak). Each path runs in processes of its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import resource
 import statistics
 import tempfile
 import time
@@ -48,7 +49,7 @@ class DataParallelResult:
     parameters: int
     window_ms: float
     bytes_per_window: int
-    peak_rss_mb: float
+    peak_allocated_bytes: int
 
 
 def _model(width: int, layers: int) -> torch.nn.Module:
@@ -62,13 +63,16 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
+    from mbfused.memory import CpuAllocationPeak
     from mbfused.optim import MicroBatchOptimizer
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    memory = CpuAllocationPeak()
     try:
         sent = [0]
         _count_collectives(sent)
+        memory.__enter__()  # until the second window's end: the steady state, optimizer state included
         model = _model(sizes["width"], sizes["layers"])
         if path in _FSDP_PATHS:
             from torch.distributed.fsdp import fully_shard
@@ -105,6 +109,8 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
                 adamw.zero_grad()
 
         window()  # warm-up (DDP builds its buckets in the first backward)
+        window()
+        memory.__exit__(None, None, None)
         times, sent[0] = [], 0
         for _ in range(sizes["windows"]):
             dist.barrier()
@@ -114,8 +120,7 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
         if rank == 0:
             results["result"] = DataParallelResult(
                 path, world, n, sum(p.numel() for p in net.parameters()),
-                statistics.median(times) * 1e3, sent[0] // sizes["windows"],
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                statistics.median(times) * 1e3, sent[0] // sizes["windows"], memory.peak)
     finally:
         dist.destroy_process_group()
 
@@ -160,11 +165,11 @@ def format_table(results: list[DataParallelResult]) -> str:
     lines = [f"data parallel: {first.world} gloo ranks on CPU, a {first.parameters / 1e6:.1f}M-parameter "
              f"fp32 transformer, N={first.micro_batches} micro-batches per window; sent: bytes a rank "
              "hands to collectives (FSDP2: all-gathers and reduce-scatters at full size)",
-             f"{'path':34s} {'window ms':>10s} {'sent MB/window':>15s} {'B/param':>8s} {'peak RSS MB':>12s}",
-             "-" * 83]
+             f"{'path':34s} {'window ms':>10s} {'sent MB/window':>15s} {'B/param':>8s} {'peak alloc MB':>14s}",
+             "-" * 85]
     for r in results:
         lines.append(f"{r.path:34s} {r.window_ms:10.1f} {r.bytes_per_window / 1e6:15.2f} "
-                     f"{r.bytes_per_window / r.parameters:8.2f} {r.peak_rss_mb:12.0f}")
+                     f"{r.bytes_per_window / r.parameters:8.2f} {r.peak_allocated_bytes / 1e6:14.1f}")
     return "\n".join(lines)
 
 
