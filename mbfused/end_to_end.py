@@ -66,15 +66,22 @@ class WindowResult:
         return asdict(self)
 
 
+def llama_config(shape: str, max_positions: int):
+    """A transformers LlamaConfig of one of MODEL_SHAPES (needs transformers)."""
+    from transformers import LlamaConfig
+
+    hidden, intermediate, layers, heads, kv_heads, vocab = MODEL_SHAPES[shape]
+    return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                       max_position_embeddings=max_positions, tie_word_embeddings=False)
+
+
 def _build_model(shape: str, device: torch.device):
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
     except ImportError as exc:
         raise SystemExit("--end-to-end needs transformers: pip install transformers") from exc
-    hidden, intermediate, layers, heads, kv_heads, vocab = MODEL_SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+    config = llama_config(shape, 4096)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)

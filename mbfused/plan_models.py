@@ -62,15 +62,13 @@ def transformer(seq_len: int):
 
 def _llama(shape: str, seq_len: int):
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
     except ImportError as exc:
         raise SystemExit("--model llama-*: needs transformers (pip install transformers)") from exc
-    from mbfused.end_to_end import MODEL_SHAPES
+    from mbfused.end_to_end import llama_config
 
-    hidden, intermediate, layers, heads, kv_heads, vocab = MODEL_SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
-                         max_position_embeddings=max(seq_len, 128), tie_word_embeddings=False)
+    config = llama_config(shape, max(seq_len, 128))
+    vocab = config.vocab_size
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     make_ids = _token_batches(vocab, seq_len)
