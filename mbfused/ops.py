@@ -155,8 +155,9 @@ def accumulate_(
             index, element index): every backend gives the same (see
             :func:`mbfused.reference.stochastic_round`).
         seed: with ``stochastic_rounding``, an int (64 bits) or a 1-element
-            torch.int64 tensor on the tensors' device (no host synchronisation). A call
-            with the same seed draws the same random numbers: advance it per call.
+            torch.int64 tensor on the tensors' device (no host synchronisation, and
+            under torch.compile no recompilation when it changes). A call with the same
+            seed draws the same random numbers: advance it per call.
 
     Raises:
         ValueError / TypeError naming the offending argument; nothing is written then.

@@ -359,3 +359,18 @@ def test_optimizer_refuses_stochastic_fp32_buffers_and_bad_saved_seeds():
     nearest = _wrapper(_net(), rounding="nearest")
     with pytest.raises(ValueError, match="has a rounding_seed"):
         nearest.load_state_dict(opt.state_dict())
+
+
+# -- the rounding benchmark ----------------------------------------------------------------
+
+
+def test_rounding_bench_measures_what_it_reports():
+    pytest.importorskip("transformers")
+    from mbfused import rounding_bench
+
+    rows = {r.buffers: r for r in rounding_bench.window_errors("bulk", 64, 2, lambda _: None)}
+    assert rows["fp32"].rel_error < 1e-6
+    # 63 additions of 1e-3 of the first: each below half a bf16 ulp, all lost to nearest.
+    assert rows["bf16-nearest"].rel_error > 2 * rows["bf16-stochastic"].rel_error
+    speed = {r.buffers: r for r in rounding_bench.measure_speed(1 << 16, 1, lambda _: None)}
+    assert [speed[name].bytes_per_parameter for name in rounding_bench.BUFFERS] == [4.0, 2.0, 2.0]
