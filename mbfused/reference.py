@@ -70,7 +70,7 @@ def accumulate_(
         if not overwrite:
             update = a.float() + update
         if stochastic_rounding and a.dtype in _STOCHASTIC_DTYPES:
-            update = stochastic_round(update, stochastic_bits(seed, index, a.shape), a.dtype)
+            update = stochastic_round(update, stochastic_bits(seed, index, a.shape, a.device), a.dtype)
         a.copy_(update)
         if found_inf is not None and g.numel() > 0:
             found_inf.masked_fill_(~torch.isfinite(g).all(), 1.0)
@@ -129,16 +129,19 @@ def philox4x32_10(counter: Sequence[Tensor], key: Sequence[int | Tensor]) -> tup
 
 def _philox_key(seed: int | Tensor) -> tuple[int | Tensor, int | Tensor]:
     if isinstance(seed, Tensor):
-        seed = seed.reshape(()).long()  # on the device: no host synchronisation
+        seed = seed.reshape(()).long()  # read where it is: no host synchronisation
         return seed & _MASK32, (seed >> 32) & _MASK32
     seed = int(seed) % (1 << 64)
     return seed & _MASK32, seed >> 32
 
 
-def stochastic_bits(seed: int | Tensor, tensor_index: int, shape: Sequence[int]) -> Tensor:
-    """The random words (int64 tensor of values in [0, 2^32), shaped `shape`) that round
-    the elements of acc[tensor_index] under `seed` (see the layout above)."""
-    device = seed.device if isinstance(seed, Tensor) else torch.device("cpu")
+def stochastic_bits(seed: int | Tensor, tensor_index: int, shape: Sequence[int],
+                    device: torch.device | None = None) -> Tensor:
+    """The random words (int64 tensor of values in [0, 2^32), shaped `shape`, on `device`,
+    else the seed's or the CPU) that round the elements of acc[tensor_index] under `seed`
+    (see the layout above)."""
+    if device is None:
+        device = seed.device if isinstance(seed, Tensor) else torch.device("cpu")
     numel = math.prod(shape)
     blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     counter = (blocks & _MASK32, blocks >> 32,

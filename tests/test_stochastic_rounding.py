@@ -374,3 +374,60 @@ def test_rounding_bench_measures_what_it_reports():
     assert rows["bf16-nearest"].rel_error > 2 * rows["bf16-stochastic"].rel_error
     speed = {r.buffers: r for r in rounding_bench.measure_speed(1 << 16, 1, lambda _: None)}
     assert [speed[name].bytes_per_parameter for name in rounding_bench.BUFFERS] == [4.0, 2.0, 2.0]
+
+
+# -- on a GPU ------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("tensor_seed", [False, True])
+def test_gpu_backends_give_the_reference_bits(backend, tensor_seed):
+    if (reason := mbfused.available_backends()[backend]) is not None:
+        pytest.skip(f"{backend} backend not usable: {reason}")
+    gen = torch.Generator().manual_seed(8)
+    sizes = (*SR_SIZES, 2048 * 32 * 3 + 17)
+    acc = [_edge_rich((n,), DTYPES[i % 3], gen).cuda() for i, n in enumerate(sizes)]
+    grads = [(_edge_rich((n,), DTYPES[(i + 1) % 3], gen) * 1e-3).cuda() for i, n in enumerate(sizes)]
+    seed = 2**63 + 99
+    ours, theirs = clone_all(acc), clone_all(acc)
+    seed_arg = torch.tensor([seed - 2**64], device="cuda") if tensor_seed else seed
+    torch.cuda.set_sync_debug_mode("error" if tensor_seed and backend == "cuda" else "default")
+    try:
+        with mbfused.use_backend(backend):
+            mbfused.accumulate_(ours, grads, 0.75, stochastic_rounding=True, seed=seed_arg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference.accumulate_(theirs, grads, 0.75, stochastic_rounding=True, seed=seed)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_graph_replays_with_the_seed_tensor_of_the_replay(backend):
+    if (reason := mbfused.available_backends()[backend]) is not None:
+        pytest.skip(f"{backend} backend not usable: {reason}")
+    grads = [torch.randn(300_000, device="cuda") * 1e-3, torch.randn(4097, device="cuda").half()]
+    start = [torch.ones(300_000, device="cuda").bfloat16(), torch.ones(4097, device="cuda").half()]
+    acc = clone_all(start)
+    seed = torch.tensor([1], device="cuda")
+    with mbfused.use_backend(backend):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=seed)  # warm-up
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=seed)
+        for a, s in zip(acc, start, strict=True):
+            a.copy_(s)
+        seed.fill_(12345)
+        graph.replay()
+    expected = clone_all(start)
+    reference.accumulate_(expected, grads, stochastic_rounding=True, seed=12345)
+    assert_same(acc, expected)
