@@ -8,6 +8,7 @@ the interpreter here) must give exactly those bits for the same seed.
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -343,6 +344,19 @@ def test_optimizer_seed_comes_from_torch_manual_seed_and_advances_per_call():
     assert len(calls) > 4
     assert calls == [(seeds[0] + i) % 2**64 for i in range(len(calls))]
     assert opt.state_dict()["mbfused"]["rounding_seed"] == seeds[0] + len(calls)
+
+
+def test_a_pickled_optimizer_keeps_its_seed_mid_window():
+    torch.manual_seed(0)
+    model = _net()
+    opt = _wrapper(model)
+    _train(model, opt, _micro_batches(6))
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.state_dict()["mbfused"]["rounding_seed"] == opt.state_dict()["mbfused"]["rounding_seed"]
+    more = _micro_batches(2, seed=1)
+    _train(model, opt, more)
+    _train(model2, opt2, more)
+    _assert_same_params(model, model2)
 
 
 def test_optimizer_refuses_stochastic_fp32_buffers_and_bad_saved_seeds():
