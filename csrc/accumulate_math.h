@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace mbfused {
 
@@ -54,6 +55,84 @@ C10_HOST_DEVICE inline float accumulate_element(
   const float g = to_float(grad);
   nonfinite |= is_nonfinite(g);
   const Acc stored = from_float<Acc>(accumulated(to_float(acc), g, scale, overwrite));
+  acc = stored;
+  return to_float(stored);
+}
+
+// Stochastic rounding of a finite or non-finite fp32 value with a 32-bit random word
+// (the definition, with its edge cases, is in mbfused/reference.py: stochastic_round):
+// away from zero iff the remainder, as a 32-bit fraction of the gap, plus `random`
+// reaches 2^32. inf and NaN convert as in round-to-nearest.
+C10_HOST_DEVICE inline uint32_t float_bits(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(value);
+#else
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof(bits));
+  return bits;
+#endif
+}
+
+C10_HOST_DEVICE inline float float_from_bits(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float value;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+#endif
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T stochastic_from_float(float value, uint32_t random);
+
+template <>
+C10_HOST_DEVICE inline float stochastic_from_float<float>(float value, uint32_t) {
+  return value;
+}
+
+template <>
+C10_HOST_DEVICE inline c10::BFloat16 stochastic_from_float<c10::BFloat16>(float value, uint32_t random) {
+  if (is_nonfinite(value)) {
+    return from_float<c10::BFloat16>(value);
+  }
+  // Carries out of the low 16 bits round away from zero; from the largest finite bf16
+  // the carry reaches the exponent of inf (the sign bit is never reached).
+  const uint32_t bits = float_bits(value) + (random >> 16);
+  return c10::BFloat16(static_cast<uint16_t>(bits >> 16), c10::BFloat16::from_bits());
+}
+
+template <>
+C10_HOST_DEVICE inline c10::Half stochastic_from_float<c10::Half>(float value, uint32_t random) {
+  if (is_nonfinite(value)) {
+    return from_float<c10::Half>(value);
+  }
+  const uint32_t bits = float_bits(value);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t exponent = magnitude >> 23;
+  if (exponent >= 113) {
+    // fp16 normal range and beyond: the truncated fp32 value is an fp16 value, or at
+    // least 65536, which converts to inf.
+    return from_float<c10::Half>(float_from_bits((bits + (random >> 19)) & ~0x1FFFu));
+  }
+  // Subnormal range: |x| = significand * 2^-shift steps of 2^-24.
+  const uint32_t significand = (magnitude & 0x7FFFFFu) | (exponent > 0 ? 0x800000u : 0u);
+  const uint32_t shift = 126 - (exponent > 0 ? exponent : 1);  // 14 .. 125
+  uint32_t steps = shift < 32 ? significand >> shift : 0u;
+  const uint32_t remainder = significand - (shift < 32 ? steps << shift : 0u);
+  const uint32_t fraction = shift <= 32 ? static_cast<uint32_t>(static_cast<uint64_t>(remainder) << (32 - shift))
+                                        : (shift - 32 < 32 ? remainder >> (shift - 32) : 0u);
+  steps += fraction > ~random ? 1u : 0u;
+  return c10::Half(static_cast<uint16_t>(steps | ((bits >> 16) & 0x8000u)), c10::Half::from_bits());
+}
+
+// accumulate_element with stochastic rounding of the stored value (fp32 acc: as is).
+template <typename Acc, typename Grad>
+C10_HOST_DEVICE inline float accumulate_element_stochastic(
+    Acc& acc, Grad grad, float scale, bool overwrite, bool& nonfinite, uint32_t random) {
+  const float g = to_float(grad);
+  nonfinite |= is_nonfinite(g);
+  const Acc stored = stochastic_from_float<Acc>(accumulated(to_float(acc), g, scale, overwrite), random);
   acc = stored;
   return to_float(stored);
 }

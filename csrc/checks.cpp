@@ -212,10 +212,11 @@ std::optional<at::Device> call_device(c10::ArrayRef<at::Tensor> acc,
 void check_accumulate_args(
     c10::ArrayRef<at::Tensor> acc, c10::ArrayRef<at::Tensor> grads,
     const std::optional<at::Tensor>& scale_tensor, const std::optional<at::Tensor>& found_inf,
-    const std::optional<at::Tensor>& norm_sq) {
+    const std::optional<at::Tensor>& norm_sq, const std::optional<at::Tensor>& seed_tensor) {
   TORCH_CHECK_VALUE(acc.size() == grads.size(), "acc has ", num(acc.size()),
                     " tensors but grads has ", num(grads.size()));
-  const std::optional<at::Device> call = call_device(acc, {&scale_tensor, &found_inf, &norm_sq});
+  const std::optional<at::Device> call =
+      call_device(acc, {&scale_tensor, &found_inf, &norm_sq, &seed_tensor});
   if (!call.has_value()) {
     return;
   }
@@ -230,6 +231,13 @@ void check_accumulate_args(
   check_state(scale_tensor, "scale", device, /*written=*/false, spans);
   check_state(found_inf, "found_inf", device, /*written=*/true, spans);
   check_state(norm_sq, "norm_sq", device, /*written=*/true, spans);
+  if (seed_tensor.has_value()) {
+    const at::Tensor& seed = *seed_tensor;
+    TORCH_CHECK_VALUE(seed.layout() == at::kStrided && seed.numel() == 1 && seed.scalar_type() == at::kLong &&
+                          seed.device() == device,
+                      "seed must be a 1-element torch.int64 tensor on ", device, ", got shape ",
+                      shape_str(seed.sizes()), ", dtype ", dtype_name(seed.scalar_type()), " on ", seed.device());
+  }
   check_no_overlap(std::move(spans));
 }
 

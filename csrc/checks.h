@@ -13,7 +13,7 @@ namespace mbfused {
 void check_accumulate_args(
     c10::ArrayRef<at::Tensor> acc, c10::ArrayRef<at::Tensor> grads,
     const std::optional<at::Tensor>& scale_tensor, const std::optional<at::Tensor>& found_inf,
-    const std::optional<at::Tensor>& norm_sq);
+    const std::optional<at::Tensor>& norm_sq, const std::optional<at::Tensor>& seed_tensor);
 
 // Validates finalize_'s arguments; `out` is empty for the in-place form.
 void check_finalize_args(

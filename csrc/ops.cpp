@@ -40,7 +40,8 @@ at::Tensor plan_launches_table(std::vector<int64_t> numels, int64_t chunk_size, 
 TORCH_LIBRARY(mbfused, m) {
   m.def(
       "_accumulate_native_(Tensor(a!)[] acc, Tensor[] grads, float scale, Tensor? scale_tensor, "
-      "bool overwrite, Tensor(b!)? found_inf, Tensor(c!)? norm_sq) -> ()");
+      "bool overwrite, Tensor(b!)? found_inf, Tensor(c!)? norm_sq, bool stochastic_rounding, int seed, "
+      "Tensor? seed_tensor) -> ()");
   m.def(
       "_finalize_native_(Tensor(a!)[] acc, float inv_scale, Tensor? inv_scale_tensor, float? max_norm, "
       "Tensor? found_inf, Tensor? norm_sq, Tensor(b!)[] out) -> Tensor");

@@ -164,35 +164,43 @@ void mark_written(const std::optional<at::Tensor>& t) {
 }
 
 // _accumulate_eager(acc: list | tuple, grads: list | tuple, scale: float, scale_tensor, overwrite: bool,
-//                   found_inf, norm_sq) -> bool: True when it ran the op, False when not taken.
+//                   found_inf, norm_sq[, stochastic_rounding: bool, seed: int, seed_tensor])
+//                   -> bool: True when it ran the op, False when not taken.
 PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *acc_obj, *grads_obj, *scale_tensor_obj, *overwrite_obj, *found_inf_obj, *norm_sq_obj;
+  PyObject* stochastic_obj = Py_False;
+  PyObject* seed_tensor_obj = Py_None;
   double scale;
-  if (!PyArg_ParseTuple(args, "OOdOOOO", &acc_obj, &grads_obj, &scale, &scale_tensor_obj, &overwrite_obj,
-                        &found_inf_obj, &norm_sq_obj)) {
+  long long seed = 0;
+  if (!PyArg_ParseTuple(args, "OOdOOOO|OLO", &acc_obj, &grads_obj, &scale, &scale_tensor_obj, &overwrite_obj,
+                        &found_inf_obj, &norm_sq_obj, &stochastic_obj, &seed, &seed_tensor_obj)) {
     return nullptr;
   }
   static const c10::OperatorHandle public_op = c10::Dispatcher::singleton().findSchemaOrThrow("mbfused::accumulate_", "");
   // A non-bool overwrite is the dispatcher's to reject, as the schema says bool.
-  if (!no_mode_active() || !PyBool_Check(overwrite_obj) || has_device_override(public_op)) {
+  if (!no_mode_active() || !PyBool_Check(overwrite_obj) || !PyBool_Check(stochastic_obj) ||
+      has_device_override(public_op)) {
     Py_RETURN_FALSE;
   }
   const ListTensors acc(acc_obj);
   const ListTensors grads(grads_obj);
   const StateTensors state(scale_tensor_obj, found_inf_obj, norm_sq_obj);
-  if (!acc.plain() || !grads.plain() || !state.plain || acc.tensors().empty()) {
+  bool seed_plain = true;
+  const std::optional<at::Tensor> seed_tensor = optional_plain_tensor(seed_tensor_obj, &seed_plain);
+  if (!acc.plain() || !grads.plain() || !state.plain || !seed_plain || acc.tensors().empty()) {
     Py_RETURN_FALSE;
   }
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mbfused::_accumulate_native_", "")
                              .typed<void(at::TensorList, at::TensorList, double, const std::optional<at::Tensor>&,
                                          bool, const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&, bool, int64_t,
                                          const std::optional<at::Tensor>&)>();
   RECORD_FUNCTION("mbfused::accumulate_", std::vector<c10::IValue>());
   run_kernel([&] {
     op.call(acc.tensors(), grads.tensors(), scale, state.scale, overwrite_obj == Py_True, state.found_inf,
-            state.norm_sq);
+            state.norm_sq, stochastic_obj == Py_True, static_cast<int64_t>(seed), seed_tensor);
   });
   mark_written(acc.tensors());
   mark_written(state.found_inf);

@@ -170,6 +170,53 @@ def from_fp32(value, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def stochastic_words(seed, list_index, first_element, BLOCK: tl.constexpr):
+    """The random words (uint32, [BLOCK]) of elements first_element .. + BLOCK of the
+    op's tensor `list_index` (first_element a multiple of 4): element e takes word e % 4
+    of Philox4x32-10 at counter (e // 4 as two words, list_index as two words), key
+    `seed` (see mbfused.reference.stochastic_bits); one Philox block per 4 elements."""
+    blocks = first_element // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    zeros = tl.zeros([BLOCK // 4], dtype=tl.int64)
+    index = zeros + list_index
+    r0, r1, r2, r3 = tl.philox(
+        seed, (blocks & 0xFFFFFFFF).to(tl.uint32), (blocks >> 32).to(tl.uint32),
+        (index & 0xFFFFFFFF).to(tl.uint32), (index >> 32).to(tl.uint32))
+    return tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+
+
+@triton.jit
+def stochastic_from_fp32(value, random, DTYPE: tl.constexpr):
+    """Rounds fp32 values to DTYPE (bf16: as uint16 bits) stochastically with the random
+    words `random`, bit for bit as mbfused.reference.stochastic_round; fp32 as is."""
+    if DTYPE.is_bf16():
+        bits = value.to(tl.uint32, bitcast=True)
+        rounded = ((bits + (random >> 16)) >> 16).to(tl.uint16)
+        return tl.where(tl.abs(value) <= 3.4028234663852886e38, rounded, from_fp32(value, DTYPE))
+    elif DTYPE.is_fp16():
+        bits = value.to(tl.uint32, bitcast=True)
+        magnitude = bits & 0x7FFFFFFF
+        exponent = (magnitude >> 23).to(tl.int32)
+        # fp16 normal range and beyond: the truncated fp32 value is an fp16 value (or inf).
+        normal = ((bits + (random >> 19)) & 0xFFFFE000).to(tl.float32, bitcast=True).to(tl.float16)
+        # Subnormal range: |x| = significand * 2^-shift steps of 2^-24 (shifts clamped:
+        # a shift by the width or more is undefined).
+        significand = (magnitude & 0x7FFFFF) | tl.where(exponent > 0, 0x800000, 0).to(tl.uint32)
+        shift = 126 - tl.maximum(exponent, 1)
+        step_shift = tl.minimum(shift, 31).to(tl.uint32)
+        steps = significand >> step_shift
+        remainder = significand - (steps << step_shift)
+        left = tl.maximum(32 - shift, 0).to(tl.uint32)
+        right = tl.minimum(tl.maximum(shift - 32, 0), 31).to(tl.uint32)
+        fraction = (remainder << left) >> right
+        steps += (fraction > (random ^ 0xFFFFFFFF)).to(tl.uint32)
+        subnormal = (steps | ((bits >> 16) & 0x8000)).to(tl.uint16).to(tl.float16, bitcast=True)
+        rounded = tl.where(exponent >= 113, normal, subnormal)
+        return tl.where(tl.abs(value) <= 3.4028234663852886e38, rounded, value.to(tl.float16))
+    else:
+        return value
+
+
+@triton.jit
 def block_chunk(block_tensors, first_blocks, numels, CHUNK: tl.constexpr):
     """This program's block: its row of the tables, first element and length (int64)."""
     block = tl.program_id(0).to(tl.int64)
@@ -207,6 +254,7 @@ class LaunchPlan(NamedTuple):
     src_ptrs: Tensor
     numels: Tensor
     first_blocks: Tensor  # the first block of each tensor, counted within its group
+    list_indices: Tensor  # the tensor's index in the op's lists (keys stochastic rounding)
     block_tensors: Tensor  # block -> row of the tables
     groups: list[Group]
     blocks: int
@@ -271,7 +319,7 @@ def plan(dst: Sequence[Tensor], src: Sequence[Tensor]) -> LaunchPlan | None:
 def _build_plan(dst: Sequence[Tensor], src: Sequence[Tensor],
                 members: dict[tuple[torch.dtype, torch.dtype, bool], list[int]],
                 device: torch.device) -> LaunchPlan:
-    columns: list[list[int]] = [[], [], [], [], []]
+    columns: list[list[int]] = [[], [], [], [], [], []]
     groups = []
     total_blocks = 0
     for (dst_dtype, src_dtype, aligned), indices in members.items():
@@ -279,7 +327,7 @@ def _build_plan(dst: Sequence[Tensor], src: Sequence[Tensor],
         for i in indices:
             numel = dst[i].numel()
             chunks = -(-numel // CHUNK)
-            row = (dst[i].data_ptr(), src[i].data_ptr(), numel, group_blocks, chunks)
+            row = (dst[i].data_ptr(), src[i].data_ptr(), numel, group_blocks, i, chunks)
             for column, value in zip(columns, row, strict=True):
                 column.append(value)
             group_blocks += chunks
@@ -290,7 +338,8 @@ def _build_plan(dst: Sequence[Tensor], src: Sequence[Tensor],
         tables = torch.tensor(columns, dtype=torch.int64, pin_memory=True).to(device, non_blocking=True)
     else:
         tables = torch.tensor(columns, dtype=torch.int64, device=device)
-    dst_ptrs, src_ptrs, numels, first_blocks, chunk_counts = tables
+    dst_ptrs, src_ptrs, numels, first_blocks, list_indices, chunk_counts = tables
     # Built on the device; output_size avoids a host sync.
     block_tensors = torch.repeat_interleave(chunk_counts, output_size=total_blocks)
-    return LaunchPlan(dst_ptrs, src_ptrs, numels, first_blocks, block_tensors, groups, total_blocks)
+    return LaunchPlan(dst_ptrs, src_ptrs, numels, first_blocks, list_indices, block_tensors, groups,
+                      total_blocks)

@@ -37,6 +37,8 @@ from ._common import (
     from_fp32,
     on_tensors_device,
     plan,
+    stochastic_from_fp32,
+    stochastic_words,
     sum_partials,
     to_fp32,
     tuning_once,
@@ -51,11 +53,12 @@ __all__ = ["CHUNK", "accumulate_"]
 
 @triton.jit
 def _accumulate_tile(
-    acc_ptr, grad_ptr, offsets, mask, scale, squares, nonfinite,
+    acc_ptr, grad_ptr, offsets, mask, scale, squares, nonfinite, seed, list_index, first_element,
     ACC_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, OVERWRITE: tl.constexpr,
-    CHECK_FINITE: tl.constexpr, NORM: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, NORM: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Updates one tile of acc; returns the running squares and non-finite flags."""
+    """Updates one tile of acc (its elements first_element + offsets - offsets[0] of the
+    tensor); returns the running squares and non-finite flags."""
     grad = to_fp32(tl.load(grad_ptr + offsets, mask=mask, other=0), GRAD_DTYPE)
     # Product and sum rounded separately (the launch disables fp fusion): no fma, so
     # the result is the reference's `acc.float() + grad.float() * scale` bit for bit.
@@ -64,7 +67,11 @@ def _accumulate_tile(
         updated = scaled
     else:
         updated = to_fp32(tl.load(acc_ptr + offsets, mask=mask, other=0), ACC_DTYPE) + scaled
-    stored = from_fp32(updated, ACC_DTYPE)
+    if STOCHASTIC:
+        random = stochastic_words(seed, list_index, first_element, BLOCK)
+        stored = stochastic_from_fp32(updated, random, ACC_DTYPE)
+    else:
+        stored = from_fp32(updated, ACC_DTYPE)
     tl.store(acc_ptr + offsets, stored, mask=mask)
     if CHECK_FINITE:
         # False for nan too: the one comparison catches both.
@@ -80,27 +87,39 @@ def _accumulate_tile(
 # alignment buys nothing, and specialising on it (it varies with list lengths and group
 # offsets) would compile up to 8 variants of each kernel.
 @triton.autotune(configs=_CONFIGS, key=["ACC_DTYPE", "GRAD_DTYPE", "ALIGNED"], do_bench=benchmark)
-@triton.jit(do_not_specialize=["scale_bits"], do_not_specialize_on_alignment=[
-    "acc_ptrs", "grad_ptrs", "numels", "first_blocks", "block_tensors", "partials_ptr"])
+@triton.jit(do_not_specialize=["scale_bits", "seed_low", "seed_high"], do_not_specialize_on_alignment=[
+    "acc_ptrs", "grad_ptrs", "numels", "first_blocks", "list_indices", "block_tensors", "partials_ptr",
+    "seed_ptr"])
 def accumulate_kernel(
-    acc_ptrs, grad_ptrs, numels, first_blocks, block_tensors,
-    scale_ptr, found_inf_ptr, partials_ptr,
-    scale_bits,
+    acc_ptrs, grad_ptrs, numels, first_blocks, list_indices, block_tensors,
+    scale_ptr, found_inf_ptr, partials_ptr, seed_ptr,
+    scale_bits, seed_low, seed_high,
     ACC_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
     OVERWRITE: tl.constexpr, CHECK_FINITE: tl.constexpr, NORM: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One chunk of one tensor per program: acc <- (0 | acc) + float(grad) * scale.
 
     ``acc_ptrs``, ``grad_ptrs``, ``numels``: per-tensor int64 tables; ``first_blocks``:
     the launch's first block of each tensor; ``block_tensors``: block -> tensor index.
     ``scale_ptr`` (or ``scale_bits``, see ``fp32_bits``, when it is None), ``found_inf_ptr`` and
-    ``partials_ptr`` (one fp32 per block) as in accumulate_.
+    ``partials_ptr`` (one fp32 per block) as in accumulate_. With STOCHASTIC, the seed
+    is ``seed_ptr``'s int64 or, when it is None, the two signed 32-bit halves
+    ``seed_low``, ``seed_high``; ``list_indices`` gives each tensor's index in the op's lists.
     """
     block, tensor, start, length = block_chunk(block_tensors, first_blocks, numels, CHUNK)
     acc_ptr = as_pointer(tl.load(acc_ptrs + tensor), ACC_DTYPE, ALIGNED) + start
     grad_ptr = as_pointer(tl.load(grad_ptrs + tensor), GRAD_DTYPE, ALIGNED) + start
     scale = tl.load(scale_ptr) if scale_ptr is not None else fp32_from_bits(scale_bits)
+    seed = 0
+    list_index = 0
+    if STOCHASTIC:
+        if seed_ptr is not None:
+            seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+        else:
+            seed = ((seed_high.to(tl.int32).to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+                    | seed_low.to(tl.int32).to(tl.uint32, bitcast=True).to(tl.uint64))
+        list_index = tl.load(list_indices + tensor)
 
     squares = tl.zeros([BLOCK], dtype=tl.float32)
     nonfinite = tl.zeros([BLOCK], dtype=tl.int32)
@@ -112,11 +131,13 @@ def accumulate_kernel(
         offsets = tile + tl.arange(0, BLOCK)
         squares, nonfinite = _accumulate_tile(
             acc_ptr, grad_ptr, offsets, offsets < full_length, scale, squares, nonfinite,
-            ACC_DTYPE, GRAD_DTYPE, OVERWRITE, CHECK_FINITE, NORM)
+            seed, list_index, start + tile,
+            ACC_DTYPE, GRAD_DTYPE, OVERWRITE, CHECK_FINITE, NORM, STOCHASTIC, BLOCK)
     offsets = full_length + tl.arange(0, BLOCK)
     squares, nonfinite = _accumulate_tile(
         acc_ptr, grad_ptr, offsets, offsets < length, scale, squares, nonfinite,
-        ACC_DTYPE, GRAD_DTYPE, OVERWRITE, CHECK_FINITE, NORM)
+        seed, list_index, start + full_length,
+        ACC_DTYPE, GRAD_DTYPE, OVERWRITE, CHECK_FINITE, NORM, STOCHASTIC, BLOCK)
 
     if CHECK_FINITE:
         # Racy but safe: every block that saw inf or nan writes the same 1.0.
@@ -160,6 +181,20 @@ def _tune_on_scratch(group: Group, scale: float | Tensor, overwrite: bool,
         )
 
 
+def _seed_arguments(seed: int | Tensor | None) -> tuple[Tensor | None, int, int]:
+    """(seed_ptr, seed_low, seed_high) of accumulate_kernel: a tensor seed is read on the
+    device; an int travels as two signed 32-bit halves, so its kernel argument type never
+    depends on its value (Triton types an int argument by its magnitude)."""
+    if isinstance(seed, Tensor):
+        return seed, 0, 0
+    bits = 0 if seed is None else int(seed) % (1 << 64)
+
+    def signed32(word: int) -> int:
+        return word - (1 << 32) if word >= (1 << 31) else word
+
+    return None, signed32(bits & 0xFFFFFFFF), signed32(bits >> 32)
+
+
 @on_tensors_device
 def accumulate_(
     acc: Sequence[Tensor],
@@ -169,11 +204,14 @@ def accumulate_(
     overwrite: bool = False,
     found_inf: Tensor | None = None,
     norm_sq: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
 ) -> None:
     """``acc[i] <- (0 if overwrite else acc[i]) + float32(grads[i]) * scale``, in place.
 
-    The semantics of :func:`mbfused.reference.accumulate_`, bit for bit on ``acc``; one
-    launch per (acc dtype, grad dtype, alignment) group plus one for ``norm_sq``.
+    The semantics of :func:`mbfused.reference.accumulate_`, bit for bit on ``acc`` (with
+    ``stochastic_rounding`` too); one launch per (acc dtype, grad dtype, alignment) group
+    plus one for ``norm_sq``.
     Arguments must already be validated (:func:`mbfused._checks.check_accumulate_args`).
     """
     if len(acc) == 0:
@@ -185,6 +223,7 @@ def accumulate_(
         return
     partials = None if norm_sq is None else torch.empty(launches.blocks, device=device)
     scale_ptr, scale_bits = (scale, 0) if isinstance(scale, Tensor) else (None, fp32_bits(scale))
+    seed_ptr, seed_low, seed_high = _seed_arguments(seed if stochastic_rounding else None)
     # Summing squares: the one fixed config (NORM_CONFIG), so the norm's bits never
     # depend on a timing; else the tuned one.
     kernel, options = (accumulate_kernel.fn, NORM_LAUNCH) if partials is not None else (accumulate_kernel, {})
@@ -194,12 +233,13 @@ def accumulate_(
         blocks = slice(group.first, group.first + group.count)
         kernel[(group.count,)](
             launches.dst_ptrs, launches.src_ptrs, launches.numels, launches.first_blocks,
-            launches.block_tensors[blocks],
-            scale_ptr, found_inf, None if partials is None else partials[blocks],
-            scale_bits,
+            launches.list_indices, launches.block_tensors[blocks],
+            scale_ptr, found_inf, None if partials is None else partials[blocks], seed_ptr,
+            scale_bits, seed_low, seed_high,
             ACC_DTYPE=TL_DTYPES[group.dst_dtype], GRAD_DTYPE=TL_DTYPES[group.src_dtype],
             ALIGNED=group.aligned, OVERWRITE=overwrite, CHECK_FINITE=found_inf is not None,
-            NORM=norm_sq is not None, CHUNK=CHUNK,
+            NORM=norm_sq is not None,
+            STOCHASTIC=stochastic_rounding and group.dst_dtype != torch.float32, CHUNK=CHUNK,
             enable_fp_fusion=False, **options,
         )
     if partials is not None:

@@ -1,7 +1,8 @@
 """mbfused: fused, exact gradient accumulation over micro-batches for PyTorch.
 
 Fused ops (in place, mixed dtypes, one pass):
-    accumulate_(acc, grads, scale=1.0, *, overwrite=False, found_inf=None, norm_sq=None)
+    accumulate_(acc, grads, scale=1.0, *, overwrite=False, found_inf=None, norm_sq=None,
+                stochastic_rounding=False, seed=None)
     finalize_(acc, inv_scale=1.0, *, max_norm=None, found_inf=None, norm_sq=None, out=None)
     wgrad_accumulate_(main_grad, grad_output, input, scale=1.0, *, overwrite=False)
 

@@ -72,12 +72,32 @@ def _data_parallel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rounding(args: argparse.Namespace) -> int:
+    from mbfused import rounding_bench
+
+    def progress(message: str) -> None:
+        print(f"  ... {message}", file=sys.stderr, flush=True)
+
+    report = rounding_bench.run(quick=args.quick, progress=progress)
+    print(rounding_bench.format_report(report))
+    if args.plot:
+        rounding_bench.plot(report, args.plot)
+        print(f"wrote {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rounding_bench.as_dict(report), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
     if args.end_to_end:
         return _end_to_end(args)
+    if args.rounding:
+        return _rounding(args)
     if args.data_parallel:
         return _data_parallel(args)
     if args.model:
@@ -262,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="Llama shape for --end-to-end (1b: TinyLlama-1.1B)")
     bench.add_argument("--e2e-batch", type=int, default=2, help="sequences per micro-batch")
     bench.add_argument("--e2e-seq-len", type=int, default=1024, help="tokens per sequence")
+    bench.add_argument("--rounding", action="store_true",
+                       help="fp32 vs bf16 round-to-nearest vs bf16 stochastic-rounding buffers: memory, "
+                            "speed, window gradient error against fp64, loss curves (CPU)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png",
                        help="write a figure: per op and tensor list, GB/s of every path as bars, "

@@ -142,6 +142,7 @@ def check_accumulate_args(
     found_inf: Tensor | None,
     norm_sq: Tensor | None,
     *,
+    seed_tensor: Tensor | None = None,
     check_memory: bool = True,
 ) -> None:
     """Raises on any argument accumulate_ cannot take; writes nothing.
@@ -150,7 +151,7 @@ def check_accumulate_args(
     (fake tensors under torch.compile have none).
     """
     check_lengths(acc, "acc", grads, "grads")
-    device = call_device(acc, scale_tensor, found_inf, norm_sq)
+    device = call_device(acc, scale_tensor, found_inf, norm_sq, seed_tensor)
     if device is None:
         return
     spans: list[tuple[int, int, str, bool]] | None = [] if check_memory else None
@@ -167,8 +168,21 @@ def check_accumulate_args(
     _check_state(scale_tensor, "scale", device, written=False, spans=spans)
     _check_state(found_inf, "found_inf", device, written=True, spans=spans)
     _check_state(norm_sq, "norm_sq", device, written=True, spans=spans)
+    if seed_tensor is not None:
+        check_seed_tensor(seed_tensor, device)
     if spans is not None:
         _check_no_overlap(spans)
+
+
+def check_seed_tensor(seed: Tensor, device: torch.device) -> None:
+    """accumulate_'s tensor seed: one int64 on the call's device."""
+    check_tensor(seed, "seed")
+    if not (seed.layout == torch.strided and seed.numel() == 1 and seed.dtype == torch.int64
+            and seed.device == device):
+        raise ValueError(
+            f"seed must be a 1-element torch.int64 tensor on {device}, got shape {_shape(seed)}, "
+            f"dtype {seed.dtype} on {seed.device}"
+        )
 
 
 def check_finalize_args(

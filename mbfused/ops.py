@@ -23,7 +23,8 @@ _lib = torch.library.Library("mbfused", "FRAGMENT")
 
 _lib.define(
     "accumulate_(Tensor(a!)[] acc, Tensor[] grads, float scale=1.0, Tensor? scale_tensor=None, "
-    "*, bool overwrite=False, Tensor(b!)? found_inf=None, Tensor(c!)? norm_sq=None) -> ()"
+    "*, bool overwrite=False, Tensor(b!)? found_inf=None, Tensor(c!)? norm_sq=None, "
+    "bool stochastic_rounding=False, int seed=0, Tensor? seed_tensor=None) -> ()"
 )
 
 
@@ -54,6 +55,27 @@ def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Ten
     if isinstance(scale, Tensor):
         return 1.0, scale
     return _as_float(scale, name, "a Python number or a 1-element torch.float32 tensor"), None
+
+
+def _split_seed(stochastic_rounding: bool, seed: int | Tensor | None) -> tuple[int, Tensor | None]:
+    """accumulate_'s seed as the op's (int64, tensor) pair. An int is taken mod 2^64 and
+    passed as the int64 with those bits; a tensor is checked with the other tensors."""
+    if seed is None:
+        if stochastic_rounding:
+            raise ValueError("stochastic_rounding=True needs a seed: pass seed=<int> or a 1-element "
+                             "torch.int64 tensor on the tensors' device")
+        return 0, None
+    if not stochastic_rounding:
+        raise ValueError("seed is given but stochastic_rounding is False: pass "
+                         "stochastic_rounding=True to round stochastically, or drop the seed")
+    if isinstance(seed, Tensor):
+        return 0, seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or a 1-element torch.int64 tensor, got {type(seed).__name__}")
+    if not -(1 << 63) <= seed < (1 << 64):
+        raise ValueError(f"seed must be in [-2**63, 2**64) (64 bits), got {seed}")
+    seed = int(seed) % (1 << 64)
+    return seed - (1 << 64) if seed >= (1 << 63) else seed, None
 
 
 def _as_sequence(tensors: Sequence[Tensor], name: str) -> list[Tensor] | tuple[Tensor, ...]:
@@ -108,6 +130,8 @@ def accumulate_(
     overwrite: bool = False,
     found_inf: Tensor | None = None,
     norm_sq: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
 ) -> None:
     """Accumulates micro-batch gradients into buffers, in place, in one fused pass.
 
@@ -125,6 +149,15 @@ def accumulate_(
             is inf or nan; never cleared. Accumulation still happens.
         norm_sq: optional 1-element fp32 tensor; the sum of squares of the updated
             ``acc`` is added to it.
+        stochastic_rounding: round bf16/fp16 ``acc`` stochastically (unbiased: up with
+            probability equal to the remainder's fraction of the gap) instead of to
+            nearest; fp32 ``acc`` is unaffected. The bits depend only on (seed, tensor
+            index, element index): every backend gives the same (see
+            :func:`mbfused.reference.stochastic_round`).
+        seed: with ``stochastic_rounding``, an int (64 bits) or a 1-element
+            torch.int64 tensor on the tensors' device (no host synchronisation, and
+            under torch.compile no recompilation when it changes). A call with the same
+            seed draws the same random numbers: advance it per call.
 
     Raises:
         ValueError / TypeError naming the offending argument; nothing is written then.
@@ -134,14 +167,18 @@ def accumulate_(
     _check_flag(overwrite, "overwrite")
     _check_optional_tensor(found_inf, "found_inf")
     _check_optional_tensor(norm_sq, "norm_sq")
+    _check_flag(stochastic_rounding, "stochastic_rounding")
+    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed)
     eager = _eager_entry("_accumulate_eager", acc)
-    if eager is not None and eager(acc, grads, scale_value, scale_tensor, overwrite, found_inf, norm_sq):
+    if eager is not None and eager(acc, grads, scale_value, scale_tensor, overwrite, found_inf, norm_sq,
+                                   stochastic_rounding, seed_value, seed_tensor):
         return
     _check_tensors(acc, "acc")
     _check_tensors(grads, "grads")
     torch.ops.mbfused.accumulate_.default(
         list(acc), list(grads), scale_value, scale_tensor,
-        overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq)
+        overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq,
+        stochastic_rounding=stochastic_rounding, seed=seed_value, seed_tensor=seed_tensor)
 
 
 def finalize_(
@@ -287,17 +324,21 @@ def _native_backend(op_name: str, check: Callable[..., None]) -> Callable:
     return backend
 
 
-def _check_accumulate(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq) -> None:
-    _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq)
+def _check_accumulate(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq,
+                      stochastic_rounding, seed, seed_tensor) -> None:
+    _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq, seed_tensor=seed_tensor)
 
 
 def _accumulate_python(run: Callable[..., None]) -> Callable[..., None]:
     """A Python backend of accumulate_: validate everything, then run."""
 
-    def backend(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq):
-        _check_accumulate(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq)
+    def backend(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq,
+                stochastic_rounding, seed, seed_tensor):
+        _check_accumulate(acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq,
+                          stochastic_rounding, seed, seed_tensor)
         run(acc, grads, scale if scale_tensor is None else scale_tensor,
-            overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq)
+            overwrite=overwrite, found_inf=found_inf, norm_sq=norm_sq,
+            stochastic_rounding=stochastic_rounding, seed=seed if seed_tensor is None else seed_tensor)
 
     return backend
 
@@ -318,9 +359,11 @@ _ACCUMULATE_BACKENDS: dict[str, Callable[..., None]] = {
 
 @torch.library.impl(_lib, "accumulate_", "CompositeExplicitAutograd")
 def _accumulate_impl(
-    acc, grads, scale=1.0, scale_tensor=None, *, overwrite=False, found_inf=None, norm_sq=None
+    acc, grads, scale=1.0, scale_tensor=None, *, overwrite=False, found_inf=None, norm_sq=None,
+    stochastic_rounding=False, seed=0, seed_tensor=None,
 ) -> None:
-    args = (acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq)
+    args = (acc, grads, scale, scale_tensor, overwrite, found_inf, norm_sq,
+            stochastic_rounding, seed, seed_tensor)
     if not acc:
         # Nothing to run, but the call is checked all the same (lengths, scale, state tensors).
         _check_accumulate(*args)
@@ -331,9 +374,11 @@ def _accumulate_impl(
 
 @torch.library.register_fake("mbfused::accumulate_", lib=_lib)
 def _accumulate_fake(
-    acc, grads, scale=1.0, scale_tensor=None, *, overwrite=False, found_inf=None, norm_sq=None
+    acc, grads, scale=1.0, scale_tensor=None, *, overwrite=False, found_inf=None, norm_sq=None,
+    stochastic_rounding=False, seed=0, seed_tensor=None,
 ) -> None:
-    _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq, check_memory=False)
+    _checks.check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq, seed_tensor=seed_tensor,
+                                  check_memory=False)
 
 
 def _check_finalize(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out) -> None:

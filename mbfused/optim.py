@@ -42,11 +42,17 @@ __all__ = ["MicroBatchOptimizer", "WindowMisuse", "fused_optimizer_step", "suppo
 
 _NORMALIZE = ("mean", "sum", "items")
 _MODES = ("bucket", "param")
-_ROUNDINGS = ("nearest",)
+_ROUNDINGS = ("nearest", "stochastic")
 _STATE_KEY = "mbfused"  # the window's part of state_dict(), next to the wrapped optimizer's
 # torch.optim's optimizers whose per-parameter state counts no "step"; every other one of
 # them keeps a "step" in each parameter's state and fails at its first step() without it.
 _TORCH_STATE_WITHOUT_STEP = frozenset({"SGD", "Muon", "LBFGS"})
+
+
+def _draw_seed() -> int:
+    """A 64-bit seed from torch's default generator (torch.manual_seed fixes it)."""
+    low, high = torch.randint(0, 1 << 32, (2,), dtype=torch.int64).tolist()
+    return (high << 32) | low
 
 
 def _as_positive_int(value, name: str) -> int:
@@ -176,7 +182,12 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             tokens, to ``step``), for losses that are sums over items: the exact mean over
             a window whose micro-batches hold different numbers of items.
         accum_dtype: dtype of the accumulation buffers (fp32, or bf16/fp16 to save memory).
-        rounding: ``"nearest"`` (the only one so far).
+        rounding: ``"nearest"``, or ``"stochastic"`` for 16-bit ``accum_dtype``: every
+            rounding of a buffer is unbiased (``accumulate_``'s ``stochastic_rounding``),
+            so long windows and small late contributions do not stall; reproducible from
+            a seed drawn from torch's default generator at construction (so
+            ``torch.manual_seed`` fixes it) and kept in ``state_dict``. Refused with fp32
+            buffers, which are never rounded to 16 bits.
         mode: ``"bucket"``: buffers live in flat buckets of about ``bucket_mb`` MB, and a
             bucket is accumulated during ``backward()`` as soon as all its gradients are
             ready, which frees those gradients early (peak memory holds about one bucket
@@ -239,8 +250,11 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         if accum_dtype not in ACCUM_DTYPES:
             raise ValueError(f"accum_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {accum_dtype}")
         if rounding not in _ROUNDINGS:
-            raise ValueError(f"rounding must be 'nearest' (stochastic rounding is not available yet), "
-                             f"got {rounding!r}")
+            raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and accum_dtype == torch.float32:
+            raise ValueError("rounding='stochastic' rounds 16-bit buffers, but accum_dtype=torch.float32 "
+                             "buffers are never rounded to 16 bits: pass accum_dtype=torch.bfloat16 "
+                             "(or torch.float16), or leave rounding='nearest'")
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, got {mode!r}")
         if (isinstance(bucket_mb, bool) or not isinstance(bucket_mb, numbers.Real)
@@ -298,7 +312,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             params, accumulation_steps, accum_dtype=accum_dtype,
             bucket_bytes=bucket_mb * 2**20 if mode == "bucket" else 0,
             unscale=(lambda: _amp.inverse_scale(scaler)) if scaler is not None else (lambda: None),
-            loss_scaled=scaler is not None)
+            loss_scaled=scaler is not None,
+            rounding_seed=_draw_seed() if rounding == "stochastic" else None)
         self._window.backend = requested_backend()  # for backward hooks; renewed by every step()
         self._reduction = (WindowReduction(self._window, process_group,
                                            reduce_buffers=model_sync is None or model_sync.reduces_buffers)
@@ -702,6 +717,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             "micro_step": self.micro_step,
             "window": self._window.state(),
         }
+        if self._window.rounding_seed is not None:
+            state_dict[_STATE_KEY]["rounding_seed"] = self._window.rounding_seed
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -760,6 +777,12 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                              f"{'no' if window is None else 'a'} window")
         if window is not None:
             self._window.check_state(window)
+        seed = ours.get("rounding_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
+            raise ValueError(f"state_dict has rounding_seed={seed!r}; it must be an int in [0, 2**64)")
+        if seed is not None and self._window.rounding_seed is None:
+            raise ValueError("state_dict has a rounding_seed (saved with rounding='stochastic') but this "
+                             f"optimizer has rounding={self.rounding!r}")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores ``state_dict()``'s result, a half-finished window included. A torch
@@ -784,6 +807,8 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
             self._window.load_state(0, None)
         else:
             self._window.load_state(ours["micro_step"], ours["window"])
+            if ours.get("rounding_seed") is not None:
+                self._window.rounding_seed = ours["rounding_seed"]
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -796,9 +821,11 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                   "rounding": self.rounding, "mode": self.mode, "bucket_mb": self.bucket_mb,
                   "scaler": self.scaler, "model": self.model}
         return {"optimizer": self.optimizer, "config": config,
-                "window": {"micro_step": self.micro_step, "window": self._window.state()}}
+                "window": {"micro_step": self.micro_step, "window": self._window.state()},
+                "rounding_seed": self._window.rounding_seed}
 
     def __setstate__(self, state: dict) -> None:
         config = dict(state["config"])
         self.__init__(state["optimizer"], config.pop("accumulation_steps"), **config)
         self._window.load_state(state["window"]["micro_step"], state["window"]["window"])
+        self._window.rounding_seed = state.get("rounding_seed")

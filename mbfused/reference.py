@@ -8,6 +8,7 @@ them, so the comparison is against exactly these lines.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -27,6 +28,9 @@ __all__ = [
     "baseline_window_",
     "clip_coefficient",
     "finalize_",
+    "philox4x32_10",
+    "stochastic_bits",
+    "stochastic_round",
     "wgrad_accumulate_",
     "window_coefficient",
 ]
@@ -46,20 +50,27 @@ def accumulate_(
     overwrite: bool = False,
     found_inf: Tensor | None = None,
     norm_sq: Tensor | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
 ) -> None:
     """``acc[i] <- (0 if overwrite else acc[i]) + float32(grads[i]) * scale``.
 
     Computed in fp32 (product and sum rounded separately) and rounded once to
-    ``acc[i].dtype``. ``found_inf`` is set to 1 when a gradient holds inf or nan (never
-    cleared); ``norm_sq`` gets the sum of the squares of the updated ``acc`` added,
-    summed in fp64 and rounded to fp32 once. No host synchronisation.
+    ``acc[i].dtype``: to nearest, or with ``stochastic_rounding`` (bf16/fp16 ``acc``
+    only; fp32 is stored as computed) by :func:`stochastic_round` with the random words
+    :func:`stochastic_bits` (seed, i, element index). ``found_inf`` is set to 1 when a
+    gradient holds inf or nan (never cleared); ``norm_sq`` gets the sum of the squares of
+    the updated ``acc`` added, summed in fp64 and rounded to fp32 once. No host
+    synchronisation.
     """
     s = _scale_operand(scale)
     total = None
-    for a, g in zip(acc, grads, strict=True):
+    for index, (a, g) in enumerate(zip(acc, grads, strict=True)):
         update = g.float() * s
         if not overwrite:
             update = a.float() + update
+        if stochastic_rounding and a.dtype in _STOCHASTIC_DTYPES:
+            update = stochastic_round(update, stochastic_bits(seed, index, a.shape, a.device), a.dtype)
         a.copy_(update)
         if found_inf is not None and g.numel() > 0:
             found_inf.masked_fill_(~torch.isfinite(g).all(), 1.0)
@@ -68,6 +79,119 @@ def accumulate_(
             total = square_sum if total is None else total + square_sum
     if norm_sq is not None and total is not None:
         norm_sq.add_(total.float())
+
+
+# Stochastic rounding. The random word of element e (flat index) of acc[t] is word e % 4
+# of Philox4x32-10 (Salmon et al., SC'11; Random123's philox4x32_10) at
+#     counter = (e // 4 mod 2^32, e // 4 >> 32, t mod 2^32, t >> 32),  key = (seed mod 2^32, seed >> 32)
+# with the seed taken mod 2^64: one Philox block serves four consecutive elements, and no
+# two (seed, tensor, element) share a word. The rounding of a finite fp32 value x with a
+# random word r: let frac be the part of |x| beyond the round-toward-zero neighbour, as a
+# 32-bit fixed-point fraction of the gap between the two neighbours (truncated below 2^-32
+# of the gap; exact wherever |x| is a bf16/fp16 normal or |x| >= 2^-32 for fp16); x rounds
+# away from zero iff frac + r >= 2^32, i.e. with probability frac / 2^32. For bf16 and the
+# fp16 normal range that is the integer add-and-truncate on the fp32 bit pattern:
+# bf16 = (bits(x) + (r >> 16)) >> 16, fp16 = (bits(x) + (r >> 19)) & ~0x1FFF converted.
+# Above the largest finite value the exponent carries on as if unbounded: bf16 rounds to
+# inf with the probability frac (and always beyond 2^128 - 2^104, the fp32 range ends
+# first), fp16 to inf from 65504 with probability (|x| - 65504) / 32 and always from 65536.
+# inf stays inf, NaN stays NaN (as round-to-nearest converts them).
+PHILOX_ROUND_MULTIPLIERS = (0xD2511F53, 0xCD9E8D57)
+PHILOX_KEY_INCREMENTS = (0x9E3779B9, 0xBB67AE85)
+_MASK32 = 0xFFFFFFFF
+_STOCHASTIC_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _mulhilo32(multiplier: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit halves of ``multiplier * x`` for int64 tensors holding values
+    in [0, 2^32): x is split into 16-bit halves so no int64 product exceeds 2^48."""
+    low_product = (x & 0xFFFF) * multiplier
+    high_product = (x >> 16) * multiplier
+    middle = low_product + ((high_product & 0xFFFF) << 16)
+    return (high_product >> 16) + (middle >> 32), middle & _MASK32
+
+
+def philox4x32_10(counter: Sequence[Tensor], key: Sequence[int | Tensor]) -> tuple[Tensor, ...]:
+    """Philox4x32-10 on int64 tensors holding 32-bit words: four output words for the
+    counter words ``counter`` (c0..c3) under the key ``key`` (k0, k1; ints or 0-d tensors)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    m0, m1 = PHILOX_ROUND_MULTIPLIERS
+    for round_index in range(10):
+        if round_index:
+            k0 = (k0 + PHILOX_KEY_INCREMENTS[0]) & _MASK32
+            k1 = (k1 + PHILOX_KEY_INCREMENTS[1]) & _MASK32
+        high0, low0 = _mulhilo32(m0, c0)
+        high1, low1 = _mulhilo32(m1, c2)
+        c0, c1, c2, c3 = high1 ^ c1 ^ k0, low1, high0 ^ c3 ^ k1, low0
+    return c0, c1, c2, c3
+
+
+def _philox_key(seed: int | Tensor) -> tuple[int | Tensor, int | Tensor]:
+    if isinstance(seed, Tensor):
+        seed = seed.reshape(()).long()  # read where it is: no host synchronisation
+        return seed & _MASK32, (seed >> 32) & _MASK32
+    seed = int(seed) % (1 << 64)
+    return seed & _MASK32, seed >> 32
+
+
+def stochastic_bits(seed: int | Tensor, tensor_index: int, shape: Sequence[int],
+                    device: torch.device | None = None) -> Tensor:
+    """The random words (int64 tensor of values in [0, 2^32), shaped `shape`, on `device`,
+    else the seed's or the CPU) that round the elements of acc[tensor_index] under `seed`
+    (see the layout above)."""
+    if device is None:
+        device = seed.device if isinstance(seed, Tensor) else torch.device("cpu")
+    numel = math.prod(shape)
+    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    counter = (blocks & _MASK32, blocks >> 32,
+               torch.full_like(blocks, tensor_index & _MASK32), torch.full_like(blocks, tensor_index >> 32))
+    words = torch.stack(philox4x32_10(counter, _philox_key(seed)), dim=1)
+    return words.reshape(-1)[:numel].reshape(shape)
+
+
+def stochastic_round(value: Tensor, random: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 `value` rounded to bf16/fp16 with the random words `random` (int64 in
+    [0, 2^32), same shape): up (away from zero) with probability equal to the
+    remainder's fraction of the gap. Exact integer arithmetic on the fp32 bits."""
+    random = random.to(value.device)
+    bits = value.float().view(torch.int32).long() & _MASK32
+    if dtype == torch.bfloat16:
+        rounded = _as_int16((bits + (random >> 16)) >> 16).view(torch.bfloat16)
+    elif dtype == torch.float16:
+        rounded = _stochastic_fp16(bits, random)
+    else:
+        raise ValueError(f"stochastic rounding rounds to torch.bfloat16 or torch.float16, not {dtype}")
+    return torch.where(torch.isfinite(value), rounded, value.to(dtype))
+
+
+def _stochastic_fp16(bits: Tensor, random: Tensor) -> Tensor:
+    magnitude = bits & 0x7FFFFFFF
+    exponent = magnitude >> 23
+    # fp16 normal range (|x| >= 2^-14) and beyond: drop 13 mantissa bits, carry into the
+    # exponent; the truncated fp32 value is an fp16 value, or >= 65536 (-> inf).
+    truncated = (bits + (random >> 19)) & ~0x1FFF
+    normal = _as_int32(truncated).view(torch.float32).to(torch.float16)
+    # fp16 subnormal range: |x| = m * 2^-s in units of 2^-24 (the subnormal gap), with m
+    # the 24-bit significand; the result is q = m >> s subnormal steps, plus one when the
+    # remainder, as a 32-bit fraction of the gap, and r carry past 2^32.
+    significand = (magnitude & 0x7FFFFF) | ((exponent > 0).long() << 23)
+    shift = 126 - exponent.clamp(min=1)
+    steps = significand >> shift.clamp(max=31)
+    remainder = significand - (steps << shift.clamp(max=31))
+    fraction = (remainder << (32 - shift).clamp(min=0)) >> (shift - 32).clamp(min=0, max=40)
+    steps = steps + (fraction > (_MASK32 - random)).long()
+    subnormal = _as_int16(steps | ((bits >> 31) << 15)).view(torch.float16)
+    return torch.where(exponent >= 113, normal, subnormal)
+
+
+def _as_int16(pattern: Tensor) -> Tensor:
+    """An int64 tensor of 16-bit patterns as int16 (two's complement)."""
+    return (pattern - ((pattern & 0x8000) << 1)).to(torch.int16)
+
+
+def _as_int32(pattern: Tensor) -> Tensor:
+    return (pattern - ((pattern & 0x80000000) << 1)).to(torch.int32)
 
 
 @torch.no_grad()

@@ -225,13 +225,18 @@ class AccumulationWindow:
             non-finite flag of its own as well (``micro_found_inf``), for a scaler updated
             every micro-batch, and a gradient a layer adds into ``main_grad`` itself is
             refused (it cannot be unscaled).
+        rounding_seed: None: buffers round to nearest. An int: every accumulation rounds
+            stochastically, the first call with this seed and each later call with the
+            next one (mod 2^64), so no two calls (micro-batches, buckets) share random
+            numbers; ``rounding_seed`` is the seed of the next call.
     """
 
     def __init__(self, params: list[Tensor], accumulation_steps: int, *, accum_dtype: torch.dtype,
                  bucket_bytes: float, unscale: Callable[[], Tensor | None],
-                 loss_scaled: bool = False) -> None:
+                 loss_scaled: bool = False, rounding_seed: int | None = None) -> None:
         self.accumulation_steps = accumulation_steps
         self.accum_dtype = accum_dtype
+        self.rounding_seed = rounding_seed
         self.bucket_bytes = bucket_bytes
         self.device = params[0].device if params else torch.device("cpu")
         self.sharded = any(is_sharded(p) for p in params)  # FSDP2: buffers hold local shards
@@ -443,6 +448,15 @@ class AccumulationWindow:
                 grads[i] = grad.contiguous()
         return grads
 
+    def _rounding(self) -> dict:
+        """accumulate_'s rounding arguments for one call; a stochastic call takes the
+        next seed."""
+        if self.rounding_seed is None:
+            return {}
+        seed = self.rounding_seed
+        self.rounding_seed = (seed + 1) % (1 << 64)
+        return {"stochastic_rounding": True, "seed": seed}
+
     def accumulate(self, slots: list[Slot], grads: list[Tensor] | None = None,
                    in_backward: bool = False) -> None:
         """One fused pass per kind (first write of the window, or add) of the `slots`'
@@ -472,22 +486,23 @@ class AccumulationWindow:
         if fresh is None or all(fresh) or not any(fresh):
             overwrite = fresh is not None and fresh[0]
             buffers = self.buffers_of(slots)
+            rounding = self._rounding()
             try:
                 ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
-                                norm_sq=norm_sq)
+                                norm_sq=norm_sq, **rounding)
             except (TypeError, ValueError, RuntimeError):
                 # The op checks every argument before it writes anything. Checked here per
                 # parameter only now (it costs as much as the kernel on small tensors): to
                 # name the parameter, or to retry with contiguous copies of the gradients.
                 grads = self._ready_grads(slots)
                 ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
-                                norm_sq=norm_sq)
+                                norm_sq=norm_sq, **rounding)
         else:
             grads = self._ready_grads(slots)  # two calls: all checked before the first
             for kind in (True, False):
                 chosen = [i for i, f in enumerate(fresh) if f == kind]
                 ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
-                                overwrite=kind, found_inf=found_inf, norm_sq=norm_sq)
+                                overwrite=kind, found_inf=found_inf, norm_sq=norm_sq, **self._rounding())
         if fresh is not None:
             for s, was_fresh in zip(slots, fresh, strict=True):
                 if was_fresh:

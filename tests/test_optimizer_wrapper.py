@@ -387,7 +387,8 @@ def test_a_forgotten_zero_grad_is_caught_for_sixteen_bit_parameters_too(mode, dt
         ({"scaler": object()}, TypeError, "scaler must be a torch.amp.GradScaler"),
         ({"optimizer": object()}, TypeError, "optimizer must be a torch.optim.Optimizer"),
         ({"accumulation_steps": 10**400}, ValueError, r"accumulation_steps must be at most 2\*\*62"),
-        ({"rounding": "stochastic"}, ValueError, "stochastic rounding is not available yet"),
+        ({"rounding": "stochastic"}, ValueError, "rounding='stochastic' rounds 16-bit buffers"),
+        ({"rounding": "up"}, ValueError, "rounding must be 'nearest' or 'stochastic'"),
         ({"model": object()}, TypeError, "model must be a torch.nn.Module"),
     ],
 )

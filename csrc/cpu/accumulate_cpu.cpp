@@ -13,13 +13,16 @@ namespace {
 void accumulate_cpu(
     at::TensorList acc, at::TensorList grads, double scale,
     const std::optional<at::Tensor>& scale_tensor, bool overwrite,
-    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& norm_sq) {
-  check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq);
+    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& norm_sq,
+    bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& seed_tensor) {
+  check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq, seed_tensor);
   if (acc.empty()) {
     return;
   }
   TORCH_CHECK_VALUE(acc[0].is_cpu(), "the cpu backend needs CPU tensors; acc[0] is on ", acc[0].device());
   const float s = scale_tensor.has_value() ? scale_tensor->item<float>() : static_cast<float>(scale);
+  const PhiloxKey key =
+      philox_key(static_cast<uint64_t>(seed_tensor.has_value() ? seed_tensor->item<int64_t>() : seed));
   const KernelTable& table = kernels_for(selected_isa());
   std::vector<AccumulateKernel> kernel(acc.size());
   for (size_t i = 0; i < acc.size(); ++i) {
@@ -31,9 +34,12 @@ void accumulate_cpu(
   // number of threads.
   std::vector<ChunkResult> results(chunks.size());
   for_each_chunk(chunks, [&](int64_t c, const Chunk& chunk) {
+    // fp32 buffers are stored as computed: stochastic rounding leaves them alone.
+    const bool stochastic = stochastic_rounding && acc[chunk.tensor].scalar_type() != at::kFloat;
+    const RandomStream random{key, static_cast<uint64_t>(chunk.tensor), chunk.start};
     results[c] = kernel[chunk.tensor](
         element_ptr(acc[chunk.tensor], chunk.start), const_element_ptr(grads[chunk.tensor], chunk.start),
-        chunk.length, s, overwrite, want_norm);
+        chunk.length, s, overwrite, want_norm, stochastic ? &random : nullptr);
   });
 
   bool nonfinite = false;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "accumulate_math.h"
+#include "philox.h"
 
 #include <c10/core/ScalarType.h>
 
@@ -16,9 +17,19 @@ struct ChunkResult {
   double norm_sq;  // sum of the squares of the chunk's updated accumulator elements
 };
 
-// accumulate_: acc[0:n] <- (overwrite ? 0 : acc) + grad * scale.
+// Where a chunk's random words come from under stochastic rounding: the call's key,
+// the tensor's index in the call and the chunk's first element within the tensor.
+struct RandomStream {
+  PhiloxKey key;
+  uint64_t tensor;
+  int64_t first_element;
+};
+
+// accumulate_: acc[0:n] <- (overwrite ? 0 : acc) + grad * scale, rounded to nearest, or
+// stochastically when `random` is given.
 using AccumulateKernel = ChunkResult (*)(
-    void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool want_norm);
+    void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool want_norm,
+    const RandomStream* random);
 // finalize_'s scaling pass: dst[0:n] <- src * coef (dst may be src).
 using ScaleKernel = void (*)(const void* src, void* dst, int64_t n, float coef);
 // finalize_'s norm pass: sum of src[0:n]^2.
@@ -93,6 +104,30 @@ inline ChunkResult accumulate_range(
     float block = 0.0f;
     for (; i < block_end; ++i) {
       const float stored = accumulate_element(acc[i], grad[i], scale, overwrite, result.nonfinite);
+      block += stored * stored;
+    }
+    result.norm_sq += block;
+  }
+  return result;
+}
+
+// The stochastic-rounding loop: one Philox block per four elements (element e of the
+// tensor takes word e % 4 of block e / 4, as mbfused.reference.stochastic_bits).
+template <typename Acc, typename Grad>
+inline ChunkResult accumulate_range_stochastic(
+    Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite, const RandomStream& random) {
+  ChunkResult result{false, 0.0};
+  PhiloxBlock words{};
+  for (int64_t i = 0; i < n;) {
+    const int64_t block_end = n - i < kNormBlock ? n : i + kNormBlock;
+    float block = 0.0f;
+    for (; i < block_end; ++i) {
+      const auto element = static_cast<uint64_t>(random.first_element + i);
+      if (i == 0 || element % 4 == 0) {
+        words = stochastic_block(random.key, random.tensor, element / 4);
+      }
+      const float stored = accumulate_element_stochastic(
+          acc[i], grad[i], scale, overwrite, result.nonfinite, words.word[element % 4]);
       block += stored * stored;
     }
     result.norm_sq += block;

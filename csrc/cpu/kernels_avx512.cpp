@@ -18,6 +18,7 @@ namespace {
 struct Avx512 {
   using Vec = __m512;
   using Mask = __mmask16;
+  using IVec = __m512i;  // 32-bit integer lanes (Philox, stochastic rounding)
   static constexpr int64_t kWidth = 16;
 
   static Vec zero() { return _mm512_setzero_ps(); }
@@ -54,6 +55,52 @@ struct Avx512 {
     const __m256i half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), half);
     return _mm512_cvtph_ps(half);
+  }
+
+  // Stochastic rounding to bf16 (mbfused.reference.stochastic_round): the high 16 bits
+  // of the random word added to the fp32 bits, truncated; NaN becomes 0x7FC0.
+  static Vec store_stochastic(c10::BFloat16* p, Vec v, IVec random) {
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(v), _mm512_srli_epi32(random, 16)), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16));
+  }
+
+  // 32-bit integer lanes for Philox.
+  static IVec iset1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
+  static IVec iload(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static void istore(uint32_t* p, IVec v) { _mm512_storeu_si512(p, v); }
+  static IVec ixor(IVec a, IVec b) { return _mm512_xor_si512(a, b); }
+  static IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
+  static IVec iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+  // words[4 * j + w] = c_w[j]: a 4x4 transpose within each 128-bit lane (r_i: block
+  // 4L + i in lane L), then a 4x4 transpose of the lanes across r_0..r_3.
+  static void store_transposed(uint32_t* words, IVec c0, IVec c1, IVec c2, IVec c3) {
+    const IVec t0 = _mm512_unpacklo_epi32(c0, c1);
+    const IVec t1 = _mm512_unpackhi_epi32(c0, c1);
+    const IVec t2 = _mm512_unpacklo_epi32(c2, c3);
+    const IVec t3 = _mm512_unpackhi_epi32(c2, c3);
+    const IVec r0 = _mm512_unpacklo_epi64(t0, t2);
+    const IVec r1 = _mm512_unpackhi_epi64(t0, t2);
+    const IVec r2 = _mm512_unpacklo_epi64(t1, t3);
+    const IVec r3 = _mm512_unpackhi_epi64(t1, t3);
+    const IVec u0 = _mm512_shuffle_i32x4(r0, r1, _MM_SHUFFLE(1, 0, 1, 0));
+    const IVec u1 = _mm512_shuffle_i32x4(r2, r3, _MM_SHUFFLE(1, 0, 1, 0));
+    const IVec u2 = _mm512_shuffle_i32x4(r0, r1, _MM_SHUFFLE(3, 2, 3, 2));
+    const IVec u3 = _mm512_shuffle_i32x4(r2, r3, _MM_SHUFFLE(3, 2, 3, 2));
+    istore(words, _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)));
+    istore(words + 16, _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+    istore(words + 32, _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(2, 0, 2, 0)));
+    istore(words + 48, _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  // hi:lo = x * m per lane (mul_epu32 multiplies the even lanes; odd lanes shifted down).
+  static void mulhilo(IVec x, uint32_t m, IVec& hi, IVec& lo) {
+    const IVec vm = iset1(m);
+    const IVec even = _mm512_mul_epu32(x, vm);
+    const IVec odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), vm);
+    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
   }
 
   static Mask empty_mask() { return 0; }

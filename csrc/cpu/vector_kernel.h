@@ -8,6 +8,68 @@
 
 namespace mbfused::cpu {
 
+// Philox4x32-10 on V's integer lanes, one block per lane: words[4 * j + w] = word w of
+// block first_block + j of tensor `tensor` (element order: see stochastic_block).
+template <class V>
+inline void philox_words(PhiloxKey key, uint64_t tensor, uint64_t first_block, uint32_t* words) {
+  typename V::IVec c0, c1;
+  const auto low = static_cast<uint32_t>(first_block);
+  if (low <= UINT32_MAX - (V::kWidth - 1)) {  // no carry into the high word across the lanes
+    c0 = V::iadd(V::iset1(low), V::iota());
+    c1 = V::iset1(static_cast<uint32_t>(first_block >> 32));
+  } else {
+    alignas(64) uint32_t lows[V::kWidth];
+    alignas(64) uint32_t highs[V::kWidth];
+    for (int64_t j = 0; j < V::kWidth; ++j) {
+      lows[j] = static_cast<uint32_t>(first_block + j);
+      highs[j] = static_cast<uint32_t>((first_block + j) >> 32);
+    }
+    c0 = V::iload(lows);
+    c1 = V::iload(highs);
+  }
+  typename V::IVec c2 = V::iset1(static_cast<uint32_t>(tensor));
+  typename V::IVec c3 = V::iset1(static_cast<uint32_t>(tensor >> 32));
+  uint32_t k0 = key.lo;
+  uint32_t k1 = key.hi;
+  for (int round = 0; round < 10; ++round) {
+    if (round > 0) {
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    typename V::IVec hi0, lo0, hi1, lo1;
+    V::mulhilo(c0, 0xD2511F53u, hi0, lo0);
+    V::mulhilo(c2, 0xCD9E8D57u, hi1, lo1);
+    c0 = V::ixor(V::ixor(hi1, c1), V::iset1(k0));
+    c1 = lo1;
+    c2 = V::ixor(V::ixor(hi0, c3), V::iset1(k1));
+    c3 = lo0;
+  }
+  V::store_transposed(words, c0, c1, c2, c3);
+}
+
+// Stochastic stores of a vector of fp32 sums with their random words; each returns the
+// value as stored, widened back to fp32. fp32 is stored as is; fp16 rounds lane by lane
+// with the shared scalar definition (its subnormal range has no short vector form).
+template <class V>
+inline typename V::Vec store_stochastic(float* p, typename V::Vec v, const uint32_t*) {
+  return V::store(p, v);
+}
+
+template <class V>
+inline typename V::Vec store_stochastic(c10::BFloat16* p, typename V::Vec v, const uint32_t* random) {
+  return V::store_stochastic(p, v, V::iload(random));
+}
+
+template <class V>
+inline typename V::Vec store_stochastic(c10::Half* p, typename V::Vec v, const uint32_t* random) {
+  alignas(64) float values[V::kWidth];
+  V::store(values, v);
+  for (int64_t j = 0; j < V::kWidth; ++j) {
+    p[j] = stochastic_from_float<c10::Half>(values[j], random[j]);
+  }
+  return V::load(p);
+}
+
 template <class V, typename Acc, typename Grad>
 struct VectorAccumulate {
   template <bool kOverwrite, bool kNorm>
@@ -38,10 +100,49 @@ struct VectorAccumulate {
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
   }
 
+  // Stochastic rounding: one Philox pass gives the words of 4 * kWidth elements.
+  static ChunkResult stochastic_body(Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite,
+                                     const RandomStream& random) {
+    constexpr int64_t kGroup = 4 * V::kWidth;
+    static_assert(kNormBlock % kGroup == 0, "norm blocks hold whole Philox passes");
+    if (random.first_element % 4 != 0) {
+      return accumulate_range_stochastic(acc, grad, n, scale, overwrite, random);
+    }
+    const typename V::Vec vscale = V::set1(scale);
+    typename V::Mask nonfinite = V::empty_mask();
+    double norm_sq = 0.0;
+    alignas(64) uint32_t words[kGroup];
+    const int64_t group_end = n - n % kGroup;
+    int64_t i = 0;
+    while (i < group_end) {
+      const int64_t block_end = group_end - i < kNormBlock ? group_end : i + kNormBlock;
+      typename V::Vec block = V::zero();
+      for (; i < block_end; i += kGroup) {
+        philox_words<V>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 4, words);
+        for (int64_t k = 0; k < kGroup; k += V::kWidth) {
+          const typename V::Vec g = V::load(grad + i + k);
+          nonfinite = V::mark_nonfinite(nonfinite, g);
+          const typename V::Vec scaled = V::mul(g, vscale);
+          const typename V::Vec sum = overwrite ? scaled : V::add(V::load(acc + i + k), scaled);
+          const typename V::Vec stored = store_stochastic<V>(acc + i + k, sum, words + k);
+          block = V::add(block, V::mul(stored, stored));
+        }
+      }
+      norm_sq += V::reduce_add(block);
+    }
+    const RandomStream tail_random{random.key, random.tensor, random.first_element + group_end};
+    ChunkResult tail = accumulate_range_stochastic(acc + group_end, grad + group_end, n - group_end, scale,
+                                                   overwrite, tail_random);
+    return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
+  }
+
   static ChunkResult run(void* acc_ptr, const void* grad_ptr, int64_t n, float scale, bool overwrite,
-                         bool want_norm) {
+                         bool want_norm, const RandomStream* random) {
     auto* acc = static_cast<Acc*>(acc_ptr);
     const auto* grad = static_cast<const Grad*>(grad_ptr);
+    if (random != nullptr) {
+      return stochastic_body(acc, grad, n, scale, overwrite, *random);
+    }
     if (overwrite) {
       return want_norm ? body<true, true>(acc, grad, n, scale) : body<true, false>(acc, grad, n, scale);
     }

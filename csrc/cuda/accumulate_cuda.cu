@@ -4,21 +4,36 @@
 // accumulate_math.h.
 #include "checks.h"
 #include "cuda/multi_tensor.cuh"
+#include "philox.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 namespace mbfused::cuda {
 namespace {
 
-template <typename Acc, typename Grad>
+// Where a launch's random words come from under stochastic rounding: the seed (from the
+// device when seed_ptr is set: no host synchronisation, capturable in a CUDA graph).
+struct StochasticSeed {
+  const int64_t* seed_ptr;
+  int64_t seed_value;
+};
+
+template <typename Acc, typename Grad, bool kStochastic>
 __global__ void __launch_bounds__(kThreads) accumulate_kernel(
     TensorTable table, const float* scale_ptr, float scale_value, bool overwrite,
-    float* found_inf, float* block_norms) {
+    float* found_inf, float* block_norms, StochasticSeed seed) {
   const float scale = scale_ptr != nullptr ? *scale_ptr : scale_value;
+  PhiloxKey key{0u, 0u};
+  if constexpr (kStochastic) {
+    key = philox_key(static_cast<uint64_t>(seed.seed_ptr != nullptr ? *seed.seed_ptr : seed.seed_value));
+  }
   constexpr int kVec = kVecWidth<Acc, Grad>;
+  static_assert(kVec % 4 == 0, "a vector step covers whole Philox blocks");
   bool nonfinite = false;
   // fp32 within a chunk (at most 128 terms per thread), fp64 across the block's chunks,
   // however many chunks a block takes on a GPU with few SMs.
@@ -35,17 +50,40 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(
       for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
         Pack<Acc, kVec> a = *reinterpret_cast<const Pack<Acc, kVec>*>(acc + i);
         const Pack<Grad, kVec> g = *reinterpret_cast<const Pack<Grad, kVec>*>(grad + i);
+        if constexpr (kStochastic) {
+          // Chunks start at multiples of kChunkElements, so element start + i + k takes
+          // word k % 4 of block (start + i) / 4 + k / 4.
+          const auto first_block = static_cast<uint64_t>(work.start + i) / 4;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const float stored = accumulate_element(a.v[k], g.v[k], scale, overwrite, nonfinite);
-          norm_sq += stored * stored;
+          for (int b = 0; b < kVec / 4; ++b) {
+            const PhiloxBlock words = stochastic_block(key, table.index[work.slot], first_block + b);
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+              const float stored = accumulate_element_stochastic(
+                  a.v[4 * b + w], g.v[4 * b + w], scale, overwrite, nonfinite, words.word[w]);
+              norm_sq += stored * stored;
+            }
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            const float stored = accumulate_element(a.v[k], g.v[k], scale, overwrite, nonfinite);
+            norm_sq += stored * stored;
+          }
         }
         *reinterpret_cast<Pack<Acc, kVec>*>(acc + i) = a;
       }
     }
     for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
       Acc a = acc[i];
-      const float stored = accumulate_element(a, grad[i], scale, overwrite, nonfinite);
+      float stored;
+      if constexpr (kStochastic) {
+        const auto element = static_cast<uint64_t>(work.start + i);
+        const PhiloxBlock words = stochastic_block(key, table.index[work.slot], element / 4);
+        stored = accumulate_element_stochastic(a, grad[i], scale, overwrite, nonfinite, words.word[element % 4]);
+      } else {
+        stored = accumulate_element(a, grad[i], scale, overwrite, nonfinite);
+      }
       acc[i] = a;
       norm_sq += stored * stored;
     }
@@ -66,8 +104,9 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(
 void accumulate_cuda(
     at::TensorList acc, at::TensorList grads, double scale,
     const std::optional<at::Tensor>& scale_tensor, bool overwrite,
-    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& norm_sq) {
-  check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq);
+    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& norm_sq,
+    bool stochastic_rounding, int64_t seed, const std::optional<at::Tensor>& seed_tensor) {
+  check_accumulate_args(acc, grads, scale_tensor, found_inf, norm_sq, seed_tensor);
   if (acc.empty()) {
     return;
   }
@@ -85,6 +124,8 @@ void accumulate_cuda(
   const float* scale_ptr = scale_tensor.has_value() ? scale_tensor->const_data_ptr<float>() : nullptr;
   float* found_inf_ptr = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   const auto scale_value = static_cast<float>(scale);
+  const StochasticSeed stochastic_seed{
+      seed_tensor.has_value() ? seed_tensor->const_data_ptr<int64_t>() : nullptr, seed};
 
   const DtypeGroups groups = group_by_dtypes(acc, grads);
   int64_t blocks_used = 0;
@@ -96,9 +137,20 @@ void accumulate_cuda(
           using Grad = decltype(grad_tag);
           for_each_launch(groups.members[a][g], acc, grads, blocks_used,
                           [&](const TensorTable& table, int n_blocks, int64_t first_block) {
-            accumulate_kernel<Acc, Grad><<<n_blocks, kThreads, 0, stream>>>(
-                table, scale_ptr, scale_value, overwrite, found_inf_ptr,
-                block_norms != nullptr ? block_norms + first_block : nullptr);
+            float* norms = block_norms != nullptr ? block_norms + first_block : nullptr;
+            // fp32 buffers are stored as computed: stochastic rounding leaves them alone.
+            bool launched = false;
+            if constexpr (!std::is_same_v<Acc, float>) {
+              if (stochastic_rounding) {
+                accumulate_kernel<Acc, Grad, true><<<n_blocks, kThreads, 0, stream>>>(
+                    table, scale_ptr, scale_value, overwrite, found_inf_ptr, norms, stochastic_seed);
+                launched = true;
+              }
+            }
+            if (!launched) {
+              accumulate_kernel<Acc, Grad, false><<<n_blocks, kThreads, 0, stream>>>(
+                  table, scale_ptr, scale_value, overwrite, found_inf_ptr, norms, stochastic_seed);
+            }
           });
         });
       });

@@ -27,16 +27,18 @@ namespace mbfused::cuda {
 constexpr int64_t kChunkElements = 64 * 1024;
 constexpr int kThreads = 512;
 constexpr int kBlocksPerSm = 4;  // 4 x 512 threads fill an SM of A100 / H100
-// 96 * (8 + 8 + 8 + 8) + 8 = 3080 bytes of kernel arguments for the table.
+// 96 * (8 + 8 + 8 + 8 + 8) + 8 = 3848 bytes of kernel arguments for the table.
 constexpr int kMaxTensors = 96;
 
 // Pointer table of one launch: per tensor a destination (null for pure reductions), a
-// source, its size and the inclusive prefix sum of chunk counts.
+// source, its size, the inclusive prefix sum of chunk counts and its index in the op's
+// lists (stochastic rounding keys its random numbers by it).
 struct TensorTable {
   void* dst[kMaxTensors];
   const void* src[kMaxTensors];
   int64_t numel[kMaxTensors];
   int64_t chunk_end[kMaxTensors];
+  int64_t index[kMaxTensors];
   int64_t slots;
 };
 static_assert(sizeof(TensorTable) + 128 <= 4096, "kernel arguments exceed 4 KB");
@@ -166,6 +168,7 @@ void for_each_launch(const std::vector<int64_t>& members, at::TensorList dst, at
       table.src[s] = src[t].const_data_ptr();
       table.numel[s] = src[t].numel();
       table.chunk_end[s] = plan.chunk_end[s];
+      table.index[s] = t;
     }
     const int blocks = grid_size(plan.total_chunks());
     launch(table, blocks, blocks_used);

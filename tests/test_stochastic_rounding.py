@@ -1,0 +1,447 @@
+"""accumulate_ with stochastic rounding: the generator, the rounding, and every backend.
+
+The reference (mbfused.reference.stochastic_bits / stochastic_round) defines the bits;
+the cpu backend (each instruction set), the torch backend and the triton kernels (under
+the interpreter here) must give exactly those bits for the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from accumulate_cases import (
+    assert_rejected_unchanged,
+    assert_same,
+    assert_same_bits,
+    bits,
+    clone_all,
+)
+from conftest import DTYPES, every_cpu_tensor_backend
+
+import mbfused
+from mbfused import reference
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# Random123's kat_vectors for philox4x32_10: (counter, key) -> output.
+PHILOX_KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize(("counter", "key", "expected"), PHILOX_KNOWN_ANSWERS)
+def test_philox_known_answers(counter, key, expected):
+    words = reference.philox4x32_10([torch.tensor([c]) for c in counter], key)
+    assert tuple(int(w) for w in words) == expected
+    tensor_key = [torch.tensor(k) for k in key]
+    assert tuple(int(w) for w in reference.philox4x32_10([torch.tensor([c]) for c in counter], tensor_key)) == expected
+
+
+def test_stochastic_bits_layout():
+    """Element e of tensor t takes word e % 4 of the block at counter (e // 4, t), key = seed."""
+    seed, tensor = (7 << 32) | 3, 5
+    words = reference.stochastic_bits(seed, tensor, (10,))
+    for element in range(10):
+        block = reference.philox4x32_10(
+            [torch.tensor([element // 4]), torch.tensor([0]), torch.tensor([tensor]), torch.tensor([0])],
+            (3, 7))
+        assert int(words[element]) == int(block[element % 4])
+
+
+def _spread_values(numel, gen):
+    """fp32 values over the whole range of bf16 and fp16: subnormals, normals, edges."""
+    magnitude = torch.rand(numel, generator=gen) + 0.5
+    exponent = torch.randint(-40, 20, (numel,), generator=gen).float()
+    exponent[: numel // 4] = torch.randint(-140, 128, (numel // 4,), generator=gen).float()
+    sign = torch.randint(0, 2, (numel,), generator=gen).float() * 2 - 1
+    values = sign * magnitude * torch.exp2(exponent)
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 65535.0, -65530.0, 3.3895e38, 3.4e38,
+                          6.0e-8, 2.9e-8, 1.0e-9, 6.1e-5, -6.1e-5, 1e-40, 1.0, 1.001, -1.001])
+    values[: len(edges)] = edges
+    return values
+
+
+def _round_toward_zero_neighbours(values, dtype):
+    """(toward zero, away from zero) neighbours of each finite fp32 value in `dtype`, as
+    bit patterns: the nearest value stepped back when it lies beyond, and the next one out."""
+    nearest = values.to(dtype)
+    pattern = bits(nearest).long() & 0x7FFF
+    pattern = pattern - (nearest.float().abs() > values.abs()).long()
+    sign = (values < 0).long() << 15
+    return sign | pattern, sign | (pattern + 1)
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_every_result_is_a_neighbour(backend, dtype):
+    gen = torch.Generator().manual_seed(1)
+    values = _spread_values(20000, gen)
+    acc = [torch.empty(values.shape, dtype=dtype)]
+    with mbfused.use_backend(backend):
+        mbfused.accumulate_(acc, [values], overwrite=True, stochastic_rounding=True, seed=11)
+    down, up = _round_toward_zero_neighbours(values, dtype)
+    got = bits(acc[0]).long() & 0xFFFF
+    exact = acc[0].float() == values
+    assert ((got == down & 0xFFFF) | (got == up & 0xFFFF) | exact).all()
+    assert (got[~exact] == up[~exact] & 0xFFFF).any() and (got[~exact] == down[~exact] & 0xFFFF).any()
+    # Exactly representable values stay as they are.
+    representable = values.to(dtype).float()
+    again = [torch.empty(values.shape, dtype=dtype)]
+    with mbfused.use_backend(backend):
+        mbfused.accumulate_(again, [representable], overwrite=True, stochastic_rounding=True, seed=12)
+    assert_same_bits(again[0], representable.to(dtype))
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_non_finite_values_stay(backend, dtype):
+    values = torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0])
+    acc = [torch.empty(4, dtype=dtype)]
+    with mbfused.use_backend(backend):
+        mbfused.accumulate_(acc, [values], overwrite=True, stochastic_rounding=True, seed=3)
+    assert acc[0][0] == float("inf") and acc[0][1] == -float("inf") and acc[0][2].isnan() and acc[0][3] == 1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize(("dtype", "increment"), [(torch.bfloat16, 1e-3), (torch.float16, 1e-4)])
+def test_unbiased_where_round_to_nearest_stalls(backend, dtype, increment):
+    """1.0 plus 200 additions below half an ulp: round-to-nearest never moves; the mean
+    over 4096 independently rounded elements lands within 4 standard errors of the sum."""
+    if mbfused.available_backends()[backend] is not None:
+        pytest.skip(f"{backend} backend unavailable")
+    steps, numel = 200, 4096
+    grad = [torch.full((numel,), increment)]
+    nearest = [torch.ones(numel, dtype=dtype)]
+    stochastic = [torch.ones(numel, dtype=dtype)]
+    with mbfused.use_backend(backend):
+        for step in range(steps):
+            mbfused.accumulate_(nearest, grad)
+            mbfused.accumulate_(stochastic, grad, stochastic_rounding=True, seed=1000 + step)
+    exact = 1.0 + steps * float(torch.tensor(increment, dtype=torch.float32))
+    assert (nearest[0] == 1).all()
+    sums = stochastic[0].double()
+    standard_error = sums.std().item() / numel ** 0.5
+    assert standard_error > 0
+    assert abs(sums.mean().item() - exact) < 4 * standard_error
+
+
+# Sizes around vector widths (8, 16), Philox passes (32, 64 elements), CPU chunks (32K)
+# and Triton/CUDA chunks (64K).
+SR_SIZES = (1, 3, 4, 5, 31, 33, 64, 65, 127, 1029, 32768 + 5, 65536 + 7)
+
+
+def _edge_rich(shape, dtype, gen):
+    values = _spread_values(max(shape[0], 20), gen)[: shape[0]]
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("tensor_seed", [False, True])
+def test_backends_give_the_reference_bits(backend, overwrite, tensor_seed, cpu_isa):
+    if backend != "cpu" and cpu_isa != "scalar":
+        pytest.skip("instruction sets matter to the cpu backend only")
+    gen = torch.Generator().manual_seed(5)
+    shapes, acc, grads = [], [], []
+    for i, size in enumerate(SR_SIZES):
+        acc_dtype = DTYPES[i % 3]
+        for grad_dtype in DTYPES if size < 200 else DTYPES[i % 3: i % 3 + 1]:
+            shapes.append((size,))
+            acc.append(_edge_rich((size,), acc_dtype, gen))
+            grads.append(_edge_rich((size,), grad_dtype, gen) * 1e-3)
+    acc.insert(3, torch.empty(0, dtype=torch.bfloat16))
+    grads.insert(3, torch.empty(0))
+    seed = 2**64 - 12345
+    ours, theirs = clone_all(acc), clone_all(acc)
+    ours_norm, theirs_norm = torch.zeros(1), torch.zeros(1)
+    seed_arg = torch.tensor([seed - 2**64]) if tensor_seed else seed
+    with mbfused.use_backend(backend):
+        mbfused.accumulate_(ours, grads, 0.75, overwrite=overwrite, norm_sq=ours_norm,
+                            stochastic_rounding=True, seed=seed_arg)
+    reference.accumulate_(theirs, grads, 0.75, overwrite=overwrite, norm_sq=theirs_norm,
+                          stochastic_rounding=True, seed=seed)
+    assert_same(ours, theirs)
+    torch.testing.assert_close(ours_norm, theirs_norm, rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+def test_same_seed_same_bits_other_seed_other_bits(backend):
+    gen = torch.Generator().manual_seed(2)
+    start = [torch.randn(5000, generator=gen).bfloat16(), torch.randn(300, generator=gen).half()]
+    grads = [torch.randn(5000, generator=gen) * 1e-2, torch.randn(300, generator=gen) * 1e-2]
+    runs = []
+    for seed in (42, 42, 43):
+        acc = clone_all(start)
+        with mbfused.use_backend(backend):
+            mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=seed)
+        runs.append(acc)
+    assert_same(runs[0], runs[1])
+    assert all(not torch.equal(bits(a), bits(b)) for a, b in zip(runs[0], runs[2], strict=True))
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+def test_fp32_buffers_ignore_the_flag(backend):
+    gen = torch.Generator().manual_seed(3)
+    start = [torch.randn(1000, generator=gen)]
+    grads = [torch.randn(1000, generator=gen).bfloat16()]
+    plain, stochastic = clone_all(start), clone_all(start)
+    with mbfused.use_backend(backend):
+        mbfused.accumulate_(plain, grads, 0.3)
+        mbfused.accumulate_(stochastic, grads, 0.3, stochastic_rounding=True, seed=9)
+    assert_same(stochastic, plain)
+
+
+def _accumulate_kwargs(**overrides):
+    kwargs = dict(acc=[torch.ones(8, dtype=torch.bfloat16)], grads=[torch.full((8,), 1e-3)],
+                  stochastic_rounding=True, seed=1)
+    kwargs.update(overrides)
+    return kwargs
+
+
+BAD_SEEDS = [
+    (dict(seed=None), ValueError, "stochastic_rounding=True needs a seed"),
+    (dict(stochastic_rounding=False), ValueError, "seed is given but stochastic_rounding is False"),
+    (dict(seed=1.5), TypeError, "seed must be an int"),
+    (dict(seed=True), TypeError, "seed must be an int"),
+    (dict(seed=2**64), ValueError, "seed must be in [-2**63, 2**64)"),
+    (dict(seed=-(2**63) - 1), ValueError, "seed must be in [-2**63, 2**64)"),
+    (dict(seed=torch.tensor([1], dtype=torch.int32)), ValueError,
+     "seed must be a 1-element torch.int64 tensor on cpu, got shape [1], dtype torch.int32"),
+    (dict(seed=torch.tensor([1, 2])), ValueError, "seed must be a 1-element torch.int64 tensor on cpu, got shape [2]"),
+    (dict(seed=torch.tensor([1], device="meta")), ValueError, "seed must be a 1-element torch.int64 tensor on cpu"),
+    (dict(stochastic_rounding=1), TypeError, "stochastic_rounding must be a bool"),
+]
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize(("overrides", "error", "fragment"), BAD_SEEDS)
+def test_bad_seed_refused_nothing_written(backend, overrides, error, fragment):
+    assert_rejected_unchanged(backend, mbfused.accumulate_, _accumulate_kwargs(**overrides), error, fragment)
+
+
+def test_extreme_seeds_are_their_64_bit_patterns():
+    grads = [torch.randn(100) * 1e-3]
+    for as_int, as_tensor in ((2**64 - 1, -1), (2**63, -(2**63)), (-(2**63), -(2**63))):
+        acc_int, acc_tensor = [torch.ones(100, dtype=torch.bfloat16)], [torch.ones(100, dtype=torch.bfloat16)]
+        mbfused.accumulate_(acc_int, grads, stochastic_rounding=True, seed=as_int)
+        mbfused.accumulate_(acc_tensor, grads, stochastic_rounding=True, seed=torch.tensor([as_tensor]))
+        assert_same(acc_int, acc_tensor)
+
+
+def test_opcheck_with_stochastic_rounding():
+    acc = [torch.randn(33).bfloat16(), torch.randn(7).half(), torch.randn(5)]
+    grads = [torch.randn(33), torch.randn(7).bfloat16(), torch.randn(5)]
+    torch.library.opcheck(
+        torch.ops.mbfused.accumulate_.default, (acc, grads, 0.5, None),
+        {"norm_sq": torch.zeros(1), "stochastic_rounding": True, "seed": 0, "seed_tensor": torch.tensor([77])})
+
+
+def test_compiles_with_a_tensor_seed():
+    acc = [torch.randn(64).bfloat16()]
+    grads = [torch.randn(64) * 1e-3]
+    seed = torch.tensor([5])
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(acc, grads, seed):
+        mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=seed)
+        seed.add_(1)
+
+    eager = clone_all(acc)
+    step(acc, grads, seed)
+    mbfused.accumulate_(eager, grads, stochastic_rounding=True, seed=5)
+    assert_same(acc, eager)
+    assert seed.item() == 6
+
+
+# -- MicroBatchOptimizer(rounding="stochastic") ----------------------------------------
+
+
+def _net():
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+def _micro_batches(count, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(5, 8, generator=gen) for _ in range(count)]
+
+
+def _train(model, opt, batches):
+    for x in batches:
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _wrapper(model, rounding="stochastic", **kwargs):
+    return mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 4,
+                                       accum_dtype=torch.bfloat16, rounding=rounding, **kwargs)
+
+
+def _assert_same_params(a, b):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert_same_bits(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_optimizer_resumes_mid_window_bit_exact(mode):
+    torch.manual_seed(0)
+    start = _net()
+    batches = _micro_batches(10)
+    whole = copy.deepcopy(start)
+    torch.manual_seed(1)
+    _train(whole, _wrapper(whole, mode=mode, bucket_mb=0.0003), batches)
+
+    first = copy.deepcopy(start)
+    torch.manual_seed(1)
+    opt = _wrapper(first, mode=mode, bucket_mb=0.0003)
+    _train(first, opt, batches[:6])
+    checkpoint = copy.deepcopy({"model": first.state_dict(), "opt": opt.state_dict()})
+    assert opt.micro_step == 2
+
+    resumed = _net()
+    resumed.load_state_dict(checkpoint["model"])
+    torch.manual_seed(2)  # another seed at construction: the checkpoint's wins
+    opt = _wrapper(resumed, mode=mode, bucket_mb=0.0003)
+    opt.load_state_dict(checkpoint["opt"])
+    _train(resumed, opt, batches[6:])
+    _assert_same_params(resumed, whole)
+
+    nearest = copy.deepcopy(start)
+    _train(nearest, _wrapper(nearest, rounding="nearest", mode=mode, bucket_mb=0.0003), batches)
+    assert any(not torch.equal(p, q) for p, q in zip(nearest.parameters(), whole.parameters(), strict=True))
+
+
+def test_optimizer_seed_comes_from_torch_manual_seed_and_advances_per_call():
+    seeds = []
+    for torch_seed in (3, 3, 4):
+        torch.manual_seed(torch_seed)
+        seeds.append(_wrapper(_net()).state_dict()["mbfused"]["rounding_seed"])
+    assert seeds[0] == seeds[1] != seeds[2]
+
+    torch.manual_seed(3)
+    model = _net()
+    # Four parameters in buckets of 314 bytes: three accumulate_ calls per micro-batch.
+    opt = _wrapper(model, mode="bucket", bucket_mb=0.0003)
+    calls = []
+    original = mbfused.ops.accumulate_
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("seed"))
+        return original(*args, **kwargs)
+
+    mbfused.ops.accumulate_ = recording
+    try:
+        _train(model, opt, _micro_batches(4))
+    finally:
+        mbfused.ops.accumulate_ = original
+    assert len(calls) > 4
+    assert calls == [(seeds[0] + i) % 2**64 for i in range(len(calls))]
+    assert opt.state_dict()["mbfused"]["rounding_seed"] == seeds[0] + len(calls)
+
+
+def test_a_pickled_optimizer_keeps_its_seed_mid_window():
+    torch.manual_seed(0)
+    model = _net()
+    opt = _wrapper(model)
+    _train(model, opt, _micro_batches(6))
+    model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.state_dict()["mbfused"]["rounding_seed"] == opt.state_dict()["mbfused"]["rounding_seed"]
+    more = _micro_batches(2, seed=1)
+    _train(model, opt, more)
+    _train(model2, opt2, more)
+    _assert_same_params(model, model2)
+
+
+def test_optimizer_refuses_stochastic_fp32_buffers_and_bad_saved_seeds():
+    model = _net()
+    with pytest.raises(ValueError, match=r"accum_dtype=torch\.float32 buffers are never rounded"):
+        mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 4, rounding="stochastic")
+    with pytest.raises(ValueError, match="rounding must be 'nearest' or 'stochastic'"):
+        mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 4, rounding="up")
+    opt = _wrapper(model)
+    saved = opt.state_dict()
+    saved["mbfused"]["rounding_seed"] = -1
+    with pytest.raises(ValueError, match="rounding_seed=-1"):
+        opt.load_state_dict(saved)
+    nearest = _wrapper(_net(), rounding="nearest")
+    with pytest.raises(ValueError, match="has a rounding_seed"):
+        nearest.load_state_dict(opt.state_dict())
+
+
+# -- the rounding benchmark ----------------------------------------------------------------
+
+
+def test_rounding_bench_measures_what_it_reports():
+    pytest.importorskip("transformers")
+    from mbfused import rounding_bench
+
+    rows = {r.buffers: r for r in rounding_bench.window_errors("bulk", 64, 2, lambda _: None)}
+    assert rows["fp32"].rel_error < 1e-6
+    # 63 additions of 1e-3 of the first: each below half a bf16 ulp, all lost to nearest.
+    assert rows["bf16-nearest"].rel_error > 2 * rows["bf16-stochastic"].rel_error
+    speed = {r.buffers: r for r in rounding_bench.measure_speed(1 << 16, 1, lambda _: None)}
+    assert [speed[name].bytes_per_parameter for name in rounding_bench.BUFFERS] == [4.0, 2.0, 2.0]
+
+
+# -- on a GPU ------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+@pytest.mark.parametrize("tensor_seed", [False, True])
+def test_gpu_backends_give_the_reference_bits(backend, tensor_seed):
+    if (reason := mbfused.available_backends()[backend]) is not None:
+        pytest.skip(f"{backend} backend not usable: {reason}")
+    gen = torch.Generator().manual_seed(8)
+    sizes = (*SR_SIZES, 2048 * 32 * 3 + 17)
+    acc = [_edge_rich((n,), DTYPES[i % 3], gen).cuda() for i, n in enumerate(sizes)]
+    grads = [(_edge_rich((n,), DTYPES[(i + 1) % 3], gen) * 1e-3).cuda() for i, n in enumerate(sizes)]
+    seed = 2**63 + 99
+    ours, theirs = clone_all(acc), clone_all(acc)
+    seed_arg = torch.tensor([seed - 2**64], device="cuda") if tensor_seed else seed
+    torch.cuda.set_sync_debug_mode("error" if tensor_seed and backend == "cuda" else "default")
+    try:
+        with mbfused.use_backend(backend):
+            mbfused.accumulate_(ours, grads, 0.75, stochastic_rounding=True, seed=seed_arg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference.accumulate_(theirs, grads, 0.75, stochastic_rounding=True, seed=seed)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_graph_replays_with_the_seed_tensor_of_the_replay(backend):
+    if (reason := mbfused.available_backends()[backend]) is not None:
+        pytest.skip(f"{backend} backend not usable: {reason}")
+    grads = [torch.randn(300_000, device="cuda") * 1e-3, torch.randn(4097, device="cuda").half()]
+    start = [torch.ones(300_000, device="cuda").bfloat16(), torch.ones(4097, device="cuda").half()]
+    acc = clone_all(start)
+    seed = torch.tensor([1], device="cuda")
+    with mbfused.use_backend(backend):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=seed)  # warm-up
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=seed)
+        for a, s in zip(acc, start, strict=True):
+            a.copy_(s)
+        seed.fill_(12345)
+        graph.replay()
+    expected = clone_all(start)
+    reference.accumulate_(expected, grads, stochastic_rounding=True, seed=12345)
+    assert_same(acc, expected)
