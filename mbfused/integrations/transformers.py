@@ -16,8 +16,8 @@ How Trainer's loop (transformers 5.x) is taken over, everything else left as it 
   ``gradient_accumulation_steps``, is ended by ``step()`` calls without gradients.
 - Trainer's own clipping and grad norm become the wrapper's ``last_grad_norm``; Trainer's
   ``optimizer.step()`` at the sync step finds the window stepped already (and checks it).
-- The wrapper is built at the first ``training_step``, which gets the model as Trainer
-  runs it: a ``DistributedDataParallel`` one under torchrun is passed as ``model=`` (one
+- The wrapper is built once Trainer has prepared the model, for the model as Trainer runs
+  it: a ``DistributedDataParallel`` one under torchrun is passed as ``model=`` (one
   reduction per window; Trainer's ``no_sync`` around the other micro-batches changes
   nothing).
 - Checkpoints: ``optimizer.pt`` is the wrapper's state dict. Trainer saves only at a
@@ -234,11 +234,18 @@ class MicroBatchTrainer(transformers.Trainer):
                                               max_norm if max_norm and max_norm > 0 else None)
         return self.optimizer
 
+    def _prepare_for_training(self, *args, **kwargs):
+        model, train_dataloader = super()._prepare_for_training(*args, **kwargs)
+        # Here, not at the first training_step: that runs inside Trainer's no_sync(), which
+        # would switch a DDP model's own synchronisation back on when it exits.
+        self._trainer_optimizer().attach(model)
+        return model, train_dataloader
+
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         facade = self._trainer_optimizer()
-        if facade is None:
-            raise RuntimeError("MicroBatchTrainer.training_step runs inside train(), after create_optimizer")
-        wrapper = facade.attach(model)
+        if facade is None or facade.micro_batch_optimizer is None:
+            raise RuntimeError("MicroBatchTrainer.training_step runs inside train()")
+        wrapper = facade.micro_batch_optimizer
         # Releases the last window's gradient, kept as .grad until Trainer's model.zero_grad().
         wrapper.zero_grad()
         loss = super().training_step(model, inputs, num_items_in_batch)
