@@ -5,8 +5,10 @@
 Both train the same small Llama (random init, fp32) on the same padded micro-batches
 with the same TrainingArguments (AdamW, clipping, linear schedule). Runs alternate
 (plain, fused, fused, plain, ...) so that load on the machine hits both alike. A
-callback stamps the end of every window; the first window of each run (warm-up) is
-left out. Prints the median time per window of each and their ratio.
+callback stamps the end of every window, in wall-clock and in this process's CPU time
+(the figure to trust on a shared machine, where other processes stretch the wall
+clock); the first window of each run (warm-up) is left out. Prints the median time per
+window of each and their ratio.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from mbfused.integrations.transformers import MicroBatchTrainer
 
 class WindowClock(TrainerCallback):
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stamps: list[tuple[float, float]] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.stamps.append(time.perf_counter())
+        self.stamps.append((time.perf_counter(), time.process_time()))
 
 
 def samples(count: int, max_len: int, seed: int = 0) -> list[dict]:
@@ -52,7 +54,8 @@ def pad(batch: list[dict]) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def window_times(trainer_class, windows: int, steps: int, batch: int, out: str) -> list[float]:
+def window_times(trainer_class, windows: int, steps: int, batch: int, out: str) -> list[tuple[float, float]]:
+    """(wall, cpu) seconds of every window after the first."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688,
                                          num_hidden_layers=4, num_attention_heads=8,
@@ -64,7 +67,7 @@ def window_times(trainer_class, windows: int, steps: int, batch: int, out: str) 
     trainer = trainer_class(model=model, args=args, train_dataset=samples(windows * steps * batch, 64),
                             data_collator=pad, callbacks=[clock])
     trainer.train()
-    return [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(clock.stamps, clock.stamps[1:])]
 
 
 def main() -> None:
@@ -73,7 +76,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4, help="gradient_accumulation_steps")
     parser.add_argument("--batch", type=int, default=4, help="per_device_train_batch_size")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time is clean)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
     transformers.logging.set_verbosity_error()
@@ -84,10 +87,12 @@ def main() -> None:
             for trainer_class in order:
                 times[trainer_class] += window_times(trainer_class, options.windows, options.steps,
                                                      options.batch, out)
-    plain, fused = (statistics.median(times[c]) for c in (Trainer, MicroBatchTrainer))
-    print(f"time per window ({options.steps} micro-batches of {options.batch}, "
-          f"{len(times[Trainer])} windows each, median): Trainer {plain * 1e3:.1f} ms, "
-          f"MicroBatchTrainer {fused * 1e3:.1f} ms, ratio {fused / plain:.3f}")
+    print(f"time per window ({options.steps} micro-batches of {options.batch}, {len(times[Trainer])} windows "
+          f"each, median, {options.threads} thread(s)):")
+    for i, clock in enumerate(("wall", "cpu")):
+        plain, fused = (statistics.median(t[i] for t in times[c]) for c in (Trainer, MicroBatchTrainer))
+        print(f"  {clock}: Trainer {plain * 1e3:.1f} ms, MicroBatchTrainer {fused * 1e3:.1f} ms, "
+              f"ratio {fused / plain:.3f}")
 
 
 if __name__ == "__main__":

@@ -65,6 +65,11 @@ class TrainerOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self.optimizer = optimizer
+        # Schedule-free optimizers switch weights with train()/eval(), which Trainer calls
+        # when the optimizer it holds has them.
+        for mode in ("train", "eval"):
+            if callable(getattr(optimizer, mode, None)):
+                setattr(self, mode, getattr(optimizer, mode))
         self.accumulation_steps = accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.micro_batch_optimizer: MicroBatchOptimizer | None = None
@@ -131,7 +136,7 @@ class TrainerOptimizer(torch.optim.Optimizer):
             raise WindowMisuse(
                 "Trainer's optimizer.step() came without an accumulation window ended by "
                 "MicroBatchTrainer.training_step: a training loop of its own must call "
-                "trainer.optimizer.micro_batch_optimizer.step() after every micro-batch instead")
+                "trainer.micro_batch_optimizer.step() after every micro-batch instead")
         self._windows_stepped = self._windows_ended
 
     def zero_grad(self, set_to_none: bool = True) -> None:
