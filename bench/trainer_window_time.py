@@ -1,6 +1,7 @@
 """Time per window: MicroBatchTrainer against plain transformers.Trainer, interleaved.
 
     python bench/trainer_window_time.py [--rounds 3] [--windows 8] [--steps 4]
+    torchrun --nproc_per_node 2 bench/trainer_window_time.py      (DDP, gloo)
 
 Both train the same small Llama (random init, fp32) on the same padded micro-batches
 with the same TrainingArguments (AdamW, clipping, linear schedule). Runs alternate
@@ -14,6 +15,7 @@ window of each and their ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -62,7 +64,8 @@ def window_times(trainer_class, windows: int, steps: int, batch: int, out: str) 
                                          num_key_value_heads=4, max_position_embeddings=128))
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch, gradient_accumulation_steps=steps,
                              max_grad_norm=1.0, learning_rate=1e-3, max_steps=windows, logging_steps=windows,
-                             save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+                             save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+                             ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None)
     clock = WindowClock()
     trainer = trainer_class(model=model, args=args, train_dataset=samples(windows * steps * batch, 64),
                             data_collator=pad, callbacks=[clock])
@@ -87,8 +90,10 @@ def main() -> None:
             for trainer_class in order:
                 times[trainer_class] += window_times(trainer_class, options.windows, options.steps,
                                                      options.batch, out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     print(f"time per window ({options.steps} micro-batches of {options.batch}, {len(times[Trainer])} windows "
-          f"each, median, {options.threads} thread(s)):")
+          f"each, median, {os.environ.get('WORLD_SIZE', '1')} rank(s) of {options.threads} thread(s)):")
     for i, clock in enumerate(("wall", "cpu")):
         plain, fused = (statistics.median(t[i] for t in times[c]) for c in (Trainer, MicroBatchTrainer))
         print(f"  {clock}: Trainer {plain * 1e3:.1f} ms, MicroBatchTrainer {fused * 1e3:.1f} ms, "
