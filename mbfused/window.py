@@ -368,9 +368,11 @@ class AccumulationWindow:
         if slot.arrived_in == self._serial:
             raise WindowMisuse(
                 f"parameter {slot.index}'s gradient arrived twice before step(): step() must be "
-                "called after every micro-batch's backward(). Turn off the framework's or the "
-                "loop's own gradient accumulation (e.g. gradient_accumulation_steps=1, "
-                "accumulate_grad_batches=1): MicroBatchOptimizer does it. One micro-batch with "
+                "called after every micro-batch's backward(). Under Hugging Face Trainer, "
+                "Accelerate or Lightning, use mbfused.integrations (MicroBatchTrainer, "
+                "MicroBatchAccelerator, MicroBatchAccumulation), which hand the framework's "
+                "accumulation to the window; in a loop of your own, remove its accumulation: "
+                "MicroBatchOptimizer does it. One micro-batch with "
                 "several losses: sum them and call backward() once (with torch.utils.checkpoint, "
                 "use_reentrant=False).")
         slot.arrived_in = self._serial
