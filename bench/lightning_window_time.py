@@ -10,11 +10,17 @@ time of one window varies by 2x from one fit to the next, its CPU time much less
 torch thread by default, so that CPU time is compute, not threads waiting).
 
     PYTHONPATH=. python3 bench/lightning_window_time.py [--rounds 8] [--width 1024] [--threads 1]
+
+Under DDP (strategy="ddp" on gloo, one process per rank; rank 0 prints, each rank with
+its own micro-batches):
+
+    PYTHONPATH=. torchrun --nproc_per_node 2 --master_port 29611 bench/lightning_window_time.py --devices 2
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -65,9 +71,10 @@ class _WindowTimer(pl.Callback):
 def _fit(fused: bool, args, batches) -> _WindowTimer:
     timer = _WindowTimer(args.steps)
     callbacks = [MicroBatchAccumulation(), timer] if fused else [timer]
+    ddp = {"devices": args.devices, "strategy": "ddp"} if args.devices > 1 else {}
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                          enable_model_summary=False, max_epochs=1, accumulate_grad_batches=args.steps,
-                         gradient_clip_val=1.0, callbacks=callbacks)
+                         gradient_clip_val=1.0, callbacks=callbacks, use_distributed_sampler=False, **ddp)
     loader = torch.utils.data.DataLoader(range(args.windows * args.steps), batch_size=None)
     trainer.fit(_MLP(args.width, args.depth, batches), loader)
     return timer
@@ -82,13 +89,16 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="ranks under strategy='ddp' (launch with torchrun --nproc_per_node)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     import logging
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    gen = torch.Generator().manual_seed(0)
+    rank = int(os.environ.get("RANK", "0"))
+    gen = torch.Generator().manual_seed(rank)
     batches = [torch.randn(args.micro_batch, args.width, generator=gen) for _ in range(args.windows * args.steps)]
     times = {(path, clock): [] for path in ("lightning", "mbfused") for clock in ("wall", "cpu")}
     for _ in range(args.rounds):
@@ -96,9 +106,12 @@ def main() -> None:
             timer = _fit(path == "mbfused", args, batches)
             times[path, "wall"] += timer.wall
             times[path, "cpu"] += timer.cpu
+    if rank != 0:
+        return
     params = sum(p.numel() for p in _MLP(args.width, args.depth, batches).parameters())
+    ranks = f", {args.devices} ranks under DDP (gloo)" if args.devices > 1 else ""
     print(f"{params / 1e6:.1f}M parameters in {2 * args.depth + 1} tensors, accumulate_grad_batches="
-          f"{args.steps}, micro-batch {args.micro_batch}x{args.width}, torch threads {torch.get_num_threads()}")
+          f"{args.steps}, micro-batch {args.micro_batch}x{args.width}, torch threads {torch.get_num_threads()}{ranks}")
     for clock in ("wall", "cpu"):
         medians = {path: statistics.median(times[path, clock]) for path in ("lightning", "mbfused")}
         for path, median in medians.items():
