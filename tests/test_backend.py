@@ -86,6 +86,16 @@ def test_import_says_nothing_where_numpy_is_missing():
     assert "NumPy" not in proc.stderr, proc.stderr
 
 
+def test_import_never_imports_a_framework():
+    """The integrations' frameworks are optional: importing mbfused (and its planner and
+    CLI) loads none of them; importing an integration loads its own only."""
+    frameworks = ("transformers", "accelerate", "lightning", "pytorch_lightning")
+    code = ("import sys, mbfused, mbfused.__main__, mbfused.planner, mbfused.integrations; "
+            f"print([m for m in {frameworks!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]", out
+
+
 def _backward_on_another_thread(loss):
     """Runs loss.backward() on a fresh thread, as the autograd engine runs CUDA work on a
     device thread of its own, where the caller's context variables are not set."""

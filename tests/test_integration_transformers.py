@@ -100,10 +100,12 @@ def flat(model: torch.nn.Module) -> torch.Tensor:
 
 
 def train(trainer_class, model_name: str, out: Path, optimizers=None, resume=None, callbacks=None,
-          samples: int = SAMPLES, **overrides):
+          samples: int = SAMPLES, eval_samples: int = 0, **overrides):
     make_model, make_data, collate = MODELS[model_name]
     model = make_model()
     kwargs = {} if optimizers is None else {"optimizers": optimizers(model)}
+    if eval_samples:
+        kwargs["eval_dataset"] = make_data(eval_samples)[::-1]
     trainer = trainer_class(model=model, args=arguments(out, **overrides), train_dataset=make_data(samples),
                             data_collator=collate, callbacks=callbacks, **kwargs)
     trainer.train(resume_from_checkpoint=resume)
@@ -145,6 +147,17 @@ def test_parameters_and_logs_match_plain_trainer(tmp_path, name, optim):
     wrapper = fused.micro_batch_optimizer
     assert isinstance(wrapper, MicroBatchOptimizer) and wrapper.max_grad_norm == MAX_GRAD_NORM
     assert wrapper.accumulation_steps == STEPS and wrapper.micro_step == 0
+
+
+def test_evaluation_during_training_changes_nothing(tmp_path):
+    """eval_steps between windows: the evaluation runs on the window's parameters, as in
+    plain Trainer, and training goes on as if it had not run."""
+    plain, fused = assert_within_noise_floor("regressor", tmp_path, eval_samples=8, eval_strategy="steps",
+                                             eval_steps=2)
+    evals, plain_evals = ([e for e in t.state.log_history if "eval_loss" in e] for t in (fused, plain))
+    assert [e["step"] for e in evals] == [e["step"] for e in plain_evals] and len(evals) >= 2
+    for mine, theirs in zip(evals, plain_evals, strict=True):
+        assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
 
 
 def test_a_users_optimizer_and_scheduler_are_wrapped(tmp_path):
