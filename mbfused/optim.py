@@ -142,7 +142,49 @@ def _sum_of_squares(window: AccumulationWindow, written) -> Tensor:
     return torch.stack(norms).float().square().sum().reshape(1)
 
 
-class MicroBatchOptimizer(torch.optim.Optimizer):
+class WrappingOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` are
+    another optimizer's (``self.optimizer``): one object, so that a scheduler's learning
+    rate reaches the wrapped optimizer. Subclasses call ``_wrap(optimizer)`` in place of
+    ``Optimizer.__init__``, which would build groups of their own."""
+
+    def _wrap(self, optimizer: torch.optim.Optimizer) -> None:
+        # What torch.optim.Optimizer.__init__ sets up, less the parameters.
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.optimizer.defaults = value
+
+
+class MicroBatchOptimizer(WrappingOptimizer):
     """Gradient accumulation over micro-batches around any ``torch.optim`` optimizer.
 
     Call ``step()`` after every micro-batch's ``backward()``, as in an ordinary training
@@ -275,17 +317,7 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
                 "gradient shards as the reduce-scatter delivers them")
         self._check_no_foreign_main_grad(params)
 
-        # What torch.optim.Optimizer.__init__ sets up, less the parameters: param_groups,
-        # state and defaults are the wrapped optimizer's (properties below).
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
-
-        self.optimizer = optimizer
+        self._wrap(optimizer)
         self.max_grad_norm = max_grad_norm
         self.normalize = normalize
         self.accum_dtype = accum_dtype
@@ -387,30 +419,6 @@ class MicroBatchOptimizer(torch.optim.Optimizer):
         self._window.close()
 
     # -- the Optimizer face -------------------------------------------------------------
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict) -> None:
-        self.optimizer.defaults = value
 
     @property
     def accumulation_steps(self) -> int:

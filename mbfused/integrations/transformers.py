@@ -28,12 +28,11 @@ How Trainer's loop (transformers 5.x) is taken over, everything else left as it 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import torch
 import transformers
 
-from mbfused.optim import MicroBatchOptimizer, WindowMisuse
+from mbfused.optim import MicroBatchOptimizer, WindowMisuse, WrappingOptimizer
 
 __all__ = ["MicroBatchTrainer", "TrainerOptimizer"]
 
@@ -42,7 +41,7 @@ logger = logging.getLogger(__name__)
 _STATE_KEY = "mbfused"  # the window's part of MicroBatchOptimizer.state_dict()
 
 
-class TrainerOptimizer(torch.optim.Optimizer):
+class TrainerOptimizer(WrappingOptimizer):
     """The optimizer Trainer holds under :class:`MicroBatchTrainer` (``trainer.optimizer``,
     inside accelerate's ``AcceleratedOptimizer``).
 
@@ -55,16 +54,7 @@ class TrainerOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, accumulation_steps: int,
                  max_grad_norm: float | None) -> None:
-        # What torch.optim.Optimizer.__init__ sets up, less the parameters (the wrapped
-        # optimizer's, below), as MicroBatchOptimizer does.
-        self._optimizer_step_pre_hooks = OrderedDict()
-        self._optimizer_step_post_hooks = OrderedDict()
-        self._optimizer_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_state_dict_post_hooks = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._patch_step_function()
-        self.optimizer = optimizer
+        self._wrap(optimizer)
         # Schedule-free optimizers switch weights with train()/eval(), which Trainer calls
         # when the optimizer it holds has them.
         for mode in ("train", "eval"):
@@ -75,30 +65,6 @@ class TrainerOptimizer(torch.optim.Optimizer):
         self.micro_batch_optimizer: MicroBatchOptimizer | None = None
         self._windows_ended = 0
         self._windows_stepped = 0
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict:
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict) -> None:
-        self.optimizer.defaults = value
 
     def __repr__(self) -> str:
         return f"TrainerOptimizer({self.micro_batch_optimizer or self.optimizer!r})"
