@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from gloo_ranks import run_ranks
+from readme_sections import first_python_block
 
 accelerate = pytest.importorskip("accelerate")
 from accelerate import Accelerator  # noqa: E402
@@ -386,9 +387,7 @@ def test_plain_accelerator_with_a_micro_batch_optimizer_names_the_fix(steps, ste
 
 
 def test_the_readme_example_runs_and_learns(tmp_path):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Accelerate\n", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    code = first_python_block("Accelerate")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env=env)

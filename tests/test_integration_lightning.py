@@ -12,10 +12,10 @@ import re
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
+from readme_sections import first_python_block
 
 pl = pytest.importorskip("lightning.pytorch")
 
@@ -25,7 +25,6 @@ from mbfused.integrations.lightning import MicroBatchAccumulation  # noqa: E402
 N = 3
 CLIP = 0.05  # below the window's gradient norm: clipping is active in every window
 WINDOWS = 8
-README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _micro_batches(count: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -299,8 +298,7 @@ def test_ddp_on_two_gloo_ranks_equals_one_process(tmp_path):
 
 
 def test_the_readme_lightning_script_runs(tmp_path):
-    section = README.read_text().split("\n## Lightning\n", 1)[1].split("\n## ", 1)[0]
-    script = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    script = first_python_block("Lightning")
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from readme_sections import first_python_block
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -290,9 +291,7 @@ def test_two_ranks_under_ddp_match_plain_trainer(tmp_path):
 # -- the README's example -------------------------------------------------------------------
 
 def test_the_readme_example_trains(tmp_path):
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Hugging Face Trainer", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    code = first_python_block("Hugging Face Trainer")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
