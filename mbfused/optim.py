@@ -711,11 +711,7 @@ class MicroBatchOptimizer(WrappingOptimizer):
         checkpoint may be taken mid-window). A plain torch optimizer loads it too.
         Taken between a backward() and its step(), it raises: the buffers may hold part of
         that micro-batch, which the window does not count yet."""
-        if self._window.micro_batch_in_progress():
-            raise WindowMisuse(
-                "state_dict() was called between a backward() and its step(): the accumulation "
-                "buffers may already hold part of that micro-batch, which a resumed window would "
-                "then count twice. Take the checkpoint after step()")
+        self._check_no_micro_batch_in_progress("state_dict()")
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = dict(self.optimizer.state_dict())
@@ -820,7 +816,15 @@ class MicroBatchOptimizer(WrappingOptimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
+    def _check_no_micro_batch_in_progress(self, call: str) -> None:
+        if self._window.micro_batch_in_progress():
+            raise WindowMisuse(
+                f"{call} was called between a backward() and its step(): the accumulation "
+                "buffers may already hold part of that micro-batch, which a resumed window would "
+                "then count twice. Take the checkpoint after step()")
+
     def __getstate__(self) -> dict:
+        self._check_no_micro_batch_in_progress("pickling (or copy.deepcopy)")
         if self.process_group is not None:
             raise TypeError("a MicroBatchOptimizer with a process_group cannot be pickled; save "
                             "state_dict() instead")

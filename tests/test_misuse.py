@@ -4,6 +4,7 @@ silent")."""
 
 from __future__ import annotations
 
+import copy
 import gc
 
 import pytest
@@ -191,6 +192,8 @@ def test_a_checkpoint_between_backward_and_step_is_refused(mode):
     model(torch.randn(2, 4)).sum().backward()
     with pytest.raises(WindowMisuse, match=r"state_dict\(\) was called between a backward\(\) and its step"):
         opt.state_dict()
+    with pytest.raises(WindowMisuse, match=r"pickling \(or copy.deepcopy\) was called between a backward"):
+        copy.deepcopy(opt)
     opt.step()
     opt.zero_grad()
     assert opt.state_dict()["mbfused"]["micro_step"] == 1
