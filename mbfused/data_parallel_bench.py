@@ -59,58 +59,66 @@ def _model(width: int, layers: int) -> torch.nn.Module:
                                torch.nn.Linear(width, width))
 
 
-def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) -> None:
+def _training(rank: int, path: str, sizes: dict):
+    """The model of `path` on this rank, and a function that trains it for one window."""
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from mbfused.memory import CpuAllocationPeak
     from mbfused.optim import MicroBatchOptimizer
+
+    model = _model(sizes["width"], sizes["layers"])
+    if path in _FSDP_PATHS:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model[0].layers:
+            fully_shard(layer)
+        net = fully_shard(model)
+    else:
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        # DDP's default reduction as a Python hook: it calls all_reduce, where it is counted.
+        net.register_comm_hook(dist.group.WORLD, allreduce_hook)
+    n = sizes["micro_batches"]
+    adamw = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    wrapper = (MicroBatchOptimizer(adamw, n, max_grad_norm=1.0, model=net)
+               if path in _WRAPPER_PATHS else None)
+    gen = torch.Generator().manual_seed(rank)
+    batches = [torch.randn(sizes["batch"], sizes["seq_len"], sizes["width"], generator=gen)
+               for _ in range(n)]
+
+    def window() -> None:
+        for k, x in enumerate(batches):
+            if wrapper is not None:
+                net(x).square().mean().backward()
+                wrapper.step()
+                wrapper.zero_grad()
+            elif path == PATHS[1] and k < n - 1:
+                with net.no_sync():  # around the forward too: it arms the reduction
+                    (net(x).square().mean() / n).backward()
+            else:
+                (net(x).square().mean() / n).backward()
+        if wrapper is None:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            adamw.step()
+            adamw.zero_grad()
+
+    return net, window
+
+
+def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) -> None:
+    import torch.distributed as dist
+
+    from mbfused.memory import CpuAllocationPeak
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    memory = CpuAllocationPeak()
     try:
         sent = [0]
         _count_collectives(sent)
-        memory.__enter__()  # until the second window's end: the steady state, optimizer state included
-        model = _model(sizes["width"], sizes["layers"])
-        if path in _FSDP_PATHS:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model[0].layers:
-                fully_shard(layer)
-            net = fully_shard(model)
-        else:
-            net = torch.nn.parallel.DistributedDataParallel(model)
-            # DDP's default reduction as a Python hook: it calls all_reduce, where it is counted.
-            net.register_comm_hook(dist.group.WORLD, allreduce_hook)
-        n = sizes["micro_batches"]
-        adamw = torch.optim.AdamW(net.parameters(), lr=1e-4)
-        wrapper = (MicroBatchOptimizer(adamw, n, max_grad_norm=1.0, model=net)
-                   if path in _WRAPPER_PATHS else None)
-        gen = torch.Generator().manual_seed(rank)
-        batches = [torch.randn(sizes["batch"], sizes["seq_len"], sizes["width"], generator=gen)
-                   for _ in range(n)]
-
-        def window() -> None:
-            for k, x in enumerate(batches):
-                if wrapper is not None:
-                    net(x).square().mean().backward()
-                    wrapper.step()
-                    wrapper.zero_grad()
-                elif path == PATHS[1] and k < n - 1:
-                    with net.no_sync():  # around the forward too: it arms the reduction
-                        (net(x).square().mean() / n).backward()
-                else:
-                    (net(x).square().mean() / n).backward()
-            if wrapper is None:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                adamw.step()
-                adamw.zero_grad()
-
-        window()  # warm-up (DDP builds its buckets in the first backward)
-        window()
-        memory.__exit__(None, None, None)
+        # Memory until the second window's end: the steady state, optimizer state included.
+        with CpuAllocationPeak() as memory:
+            net, window = _training(rank, path, sizes)
+            window()  # warm-up (DDP builds its buckets in the first backward)
+            window()
         times, sent[0] = [], 0
         for _ in range(sizes["windows"]):
             dist.barrier()
@@ -119,7 +127,7 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
             times.append(time.perf_counter() - start)
         if rank == 0:
             results["result"] = DataParallelResult(
-                path, world, n, sum(p.numel() for p in net.parameters()),
+                path, world, sizes["micro_batches"], sum(p.numel() for p in net.parameters()),
                 statistics.median(times) * 1e3, sent[0] // sizes["windows"], memory.peak)
     finally:
         dist.destroy_process_group()
