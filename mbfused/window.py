@@ -177,6 +177,12 @@ def set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
             p.grad = g
 
 
+def _any_none(items: list) -> bool:
+    """Whether `items` holds None, scanned at C speed (``None in items`` would call each
+    tensor's ``__eq__``)."""
+    return any(map(operator.is_, items, itertools.repeat(None)))
+
+
 def grads_present(params: list[Tensor]) -> bool:
     """Whether any of `params` has a .grad."""
     return any(g is not None for g in _grads_of(params))
@@ -525,7 +531,7 @@ class AccumulationWindow:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
         the parameters, counts `items`. True when the window is complete."""
         grads = _grads_of(self._params)
-        if not any(map(operator.is_, grads, itertools.repeat(None))):  # a C-level scan
+        if not _any_none(grads):
             self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
         else:
             pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
@@ -607,7 +613,7 @@ class AccumulationWindow:
         the buffers: the last micro-batch's gradient of that parameter when kept (each
         storage once), else a new tensor."""
         kept = [s.last_grad for s in written]
-        if not any(map(operator.is_, kept, itertools.repeat(None))) and len(set(map(id, kept))) == len(kept):
+        if not _any_none(kept) and len(set(map(id, kept))) == len(kept):
             return kept  # the usual case, checked at C speed: every one kept, none shared
         outputs, used = [], set()
         for s, grad in zip(written, kept, strict=True):
