@@ -55,11 +55,17 @@ C10_HOST_DEVICE inline PhiloxBlock philox4x32_10(uint32_t c0, uint32_t c1, uint3
   return {{c0, c1, c2, c3}};
 }
 
-// The four random words of elements 4b .. 4b+3 of tensor `tensor` of a call: element e
-// rounds with word e % 4 of block e / 4.
+// The Philox block of elements 8b .. 8b+7 of tensor `tensor` of a call: element e
+// rounds with stochastic_word(block e / 8, e % 8).
 C10_HOST_DEVICE inline PhiloxBlock stochastic_block(PhiloxKey key, uint64_t tensor, uint64_t block) {
   return philox4x32_10(static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32),
                        static_cast<uint32_t>(tensor), static_cast<uint32_t>(tensor >> 32), key);
+}
+
+// The random word of the element at position `lane` (0 .. 7) of its block: 16 random
+// bits, half lane % 2 (0: low) of word lane / 2, in the high half of the word.
+C10_HOST_DEVICE inline uint32_t stochastic_word(const PhiloxBlock& block, int lane) {
+  return (block.word[lane / 2] >> (16 * (lane % 2))) << 16;
 }
 
 }  // namespace mbfused

@@ -172,16 +172,18 @@ def from_fp32(value, DTYPE: tl.constexpr):
 @triton.jit
 def stochastic_words(seed, list_index, first_element, BLOCK: tl.constexpr):
     """The random words (uint32, [BLOCK]) of elements first_element .. + BLOCK of the
-    op's tensor `list_index` (first_element a multiple of 4): element e takes word e % 4
-    of Philox4x32-10 at counter (e // 4 as two words, list_index as two words), key
-    `seed` (see mbfused.reference.stochastic_bits); one Philox block per 4 elements."""
-    blocks = first_element // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    zeros = tl.zeros([BLOCK // 4], dtype=tl.int64)
+    op's tensor `list_index` (first_element a multiple of 8): element e takes half e % 2
+    (0: low) of word (e % 8) // 2 of Philox4x32-10 at counter (e // 8 as two words,
+    list_index as two words), key `seed`, shifted into the high half (see
+    mbfused.reference.stochastic_bits); one Philox block per 8 elements."""
+    blocks = first_element // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+    zeros = tl.zeros([BLOCK // 8], dtype=tl.int64)
     index = zeros + list_index
     r0, r1, r2, r3 = tl.philox(
         seed, (blocks & 0xFFFFFFFF).to(tl.uint32), (blocks >> 32).to(tl.uint32),
         (index & 0xFFFFFFFF).to(tl.uint32), (index >> 32).to(tl.uint32))
-    return tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # words of block order
+    return tl.interleave(words << 16, words & 0xFFFF0000)
 
 
 @triton.jit

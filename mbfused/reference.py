@@ -81,16 +81,20 @@ def accumulate_(
         norm_sq.add_(total.float())
 
 
-# Stochastic rounding. The random word of element e (flat index) of acc[t] is word e % 4
-# of Philox4x32-10 (Salmon et al., SC'11; Random123's philox4x32_10) at
-#     counter = (e // 4 mod 2^32, e // 4 >> 32, t mod 2^32, t >> 32),  key = (seed mod 2^32, seed >> 32)
-# with the seed taken mod 2^64: one Philox block serves four consecutive elements, and no
-# two (seed, tensor, element) share a word. The rounding of a finite fp32 value x with a
-# random word r: let frac be the part of |x| beyond the round-toward-zero neighbour, as a
-# 32-bit fixed-point fraction of the gap between the two neighbours (truncated below 2^-32
-# of the gap; exact wherever |x| is a bf16/fp16 normal or |x| >= 2^-32 for fp16); x rounds
-# away from zero iff frac + r >= 2^32, i.e. with probability frac / 2^32. For bf16 and the
-# fp16 normal range that is the integer add-and-truncate on the fp32 bit pattern:
+# Stochastic rounding. Element e (flat index) of acc[t] takes 16 random bits h: half
+# e % 2 (0: the low half) of word (e % 8) // 2 of Philox4x32-10 (Salmon et al., SC'11;
+# Random123's philox4x32_10) at
+#     counter = (e // 8 mod 2^32, e // 8 >> 32, t mod 2^32, t >> 32),  key = (seed mod 2^32, seed >> 32)
+# with the seed taken mod 2^64: one Philox block serves eight consecutive elements, and no
+# two (seed, tensor, element) share bits. Its random word is r = h << 16. The rounding of
+# a finite fp32 value x with a random word r: let frac be the part of |x| beyond the
+# round-toward-zero neighbour, as a 32-bit fixed-point fraction of the gap between the two
+# neighbours (truncated below 2^-32 of the gap); x rounds away from zero iff
+# frac + r >= 2^32, i.e. with probability frac / 2^32 truncated to 16 bits. That is exact
+# for every bf16 result (the remainder has 16 bits) and every fp16 result but those below
+# 2^-17 in magnitude (fp16 subnormals, whose probability is then short of exact by less
+# than 2^-16, an absolute bias below 2^-40). For bf16 and the fp16 normal range that is the
+# integer add-and-truncate on the fp32 bit pattern:
 # bf16 = (bits(x) + (r >> 16)) >> 16, fp16 = (bits(x) + (r >> 19)) & ~0x1FFF converted.
 # Above the largest finite value the exponent carries on as if unbounded: bf16 rounds to
 # inf with the probability frac (and always beyond 2^128 - 2^104, the fp32 range ends
@@ -137,23 +141,24 @@ def _philox_key(seed: int | Tensor) -> tuple[int | Tensor, int | Tensor]:
 
 def stochastic_bits(seed: int | Tensor, tensor_index: int, shape: Sequence[int],
                     device: torch.device | None = None) -> Tensor:
-    """The random words (int64 tensor of values in [0, 2^32), shaped `shape`, on `device`,
-    else the seed's or the CPU) that round the elements of acc[tensor_index] under `seed`
-    (see the layout above)."""
+    """The random words (int64 tensor of multiples of 2^16 in [0, 2^32), shaped `shape`,
+    on `device`, else the seed's or the CPU) that round the elements of acc[tensor_index]
+    under `seed` (see the layout above)."""
     if device is None:
         device = seed.device if isinstance(seed, Tensor) else torch.device("cpu")
     numel = math.prod(shape)
-    blocks = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    blocks = torch.arange((numel + 7) // 8, dtype=torch.int64, device=device)
     counter = (blocks & _MASK32, blocks >> 32,
                torch.full_like(blocks, tensor_index & _MASK32), torch.full_like(blocks, tensor_index >> 32))
-    words = torch.stack(philox4x32_10(counter, _philox_key(seed)), dim=1)
-    return words.reshape(-1)[:numel].reshape(shape)
+    words = torch.stack(philox4x32_10(counter, _philox_key(seed)), dim=1)  # [block, word]
+    halves = torch.stack((words & 0xFFFF, words >> 16), dim=2)  # [block, word, half]
+    return (halves.reshape(-1)[:numel] << 16).reshape(shape)
 
 
 def stochastic_round(value: Tensor, random: Tensor, dtype: torch.dtype) -> Tensor:
     """fp32 `value` rounded to bf16/fp16 with the random words `random` (int64 in
-    [0, 2^32), same shape): up (away from zero) with probability equal to the
-    remainder's fraction of the gap. Exact integer arithmetic on the fp32 bits."""
+    [0, 2^32), same shape): away from zero iff the remainder, as a 32-bit fraction of the
+    gap, plus the word reaches 2^32. Exact integer arithmetic on the fp32 bits."""
     random = random.to(value.device)
     bits = value.float().view(torch.int32).long() & _MASK32
     if dtype == torch.bfloat16:

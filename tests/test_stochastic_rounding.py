@@ -45,14 +45,17 @@ def test_philox_known_answers(counter, key, expected):
 
 
 def test_stochastic_bits_layout():
-    """Element e of tensor t takes word e % 4 of the block at counter (e // 4, t), key = seed."""
+    """Element e of tensor t takes half e % 2 (low first) of word (e % 8) // 2 of the block at
+    counter (e // 8, t), key = seed, as the high half of its random word."""
     seed, tensor = (7 << 32) | 3, 5
-    words = reference.stochastic_bits(seed, tensor, (10,))
-    for element in range(10):
+    words = reference.stochastic_bits(seed, tensor, (20,))
+    for element in range(20):
         block = reference.philox4x32_10(
-            [torch.tensor([element // 4]), torch.tensor([0]), torch.tensor([tensor]), torch.tensor([0])],
+            [torch.tensor([element // 8]), torch.tensor([0]), torch.tensor([tensor]), torch.tensor([0])],
             (3, 7))
-        assert int(words[element]) == int(block[element % 4])
+        word = int(block[element % 8 // 2])
+        half = word & 0xFFFF if element % 2 == 0 else word >> 16
+        assert int(words[element]) == half << 16
 
 
 def _spread_values(numel, gen):
@@ -132,9 +135,9 @@ def test_unbiased_where_round_to_nearest_stalls(backend, dtype, increment):
     assert abs(sums.mean().item() - exact) < 4 * standard_error
 
 
-# Sizes around vector widths (8, 16), Philox passes (32, 64 elements), CPU chunks (32K)
-# and Triton/CUDA chunks (64K).
-SR_SIZES = (1, 3, 4, 5, 31, 33, 64, 65, 127, 1029, 32768 + 5, 65536 + 7)
+# Sizes around Philox blocks (8 elements), vector widths (8, 16), Philox passes (64, 128
+# elements), CPU chunks (32K) and Triton/CUDA chunks (64K).
+SR_SIZES = (1, 3, 7, 9, 31, 33, 64, 65, 127, 129, 1029, 32768 + 5, 65536 + 7)
 
 
 def _edge_rich(shape, dtype, gen):

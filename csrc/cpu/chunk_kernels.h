@@ -111,8 +111,8 @@ inline ChunkResult accumulate_range(
   return result;
 }
 
-// The stochastic-rounding loop: one Philox block per four elements (element e of the
-// tensor takes word e % 4 of block e / 4, as mbfused.reference.stochastic_bits).
+// The stochastic-rounding loop: one Philox block per eight elements (element e of the
+// tensor takes stochastic_word(block e / 8, e % 8), as mbfused.reference.stochastic_bits).
 template <typename Acc, typename Grad>
 inline ChunkResult accumulate_range_stochastic(
     Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite, const RandomStream& random) {
@@ -123,11 +123,11 @@ inline ChunkResult accumulate_range_stochastic(
     float block = 0.0f;
     for (; i < block_end; ++i) {
       const auto element = static_cast<uint64_t>(random.first_element + i);
-      if (i == 0 || element % 4 == 0) {
-        words = stochastic_block(random.key, random.tensor, element / 4);
+      if (i == 0 || element % 8 == 0) {
+        words = stochastic_block(random.key, random.tensor, element / 8);
       }
       const float stored = accumulate_element_stochastic(
-          acc[i], grad[i], scale, overwrite, result.nonfinite, words.word[element % 4]);
+          acc[i], grad[i], scale, overwrite, result.nonfinite, stochastic_word(words, static_cast<int>(element % 8)));
       block += stored * stored;
     }
     result.norm_sq += block;

@@ -74,6 +74,9 @@ struct Avx2 {
   // 32-bit integer lanes for Philox.
   static IVec iset1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static IVec iload(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static IVec iload_high_halves(const uint16_t* p) {  // 16-bit values into the lanes' high halves
+    return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  }
   static void istore(uint32_t* p, IVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static IVec ixor(IVec a, IVec b) { return _mm256_xor_si256(a, b); }
   static IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }

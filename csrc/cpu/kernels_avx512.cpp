@@ -70,6 +70,9 @@ struct Avx512 {
   // 32-bit integer lanes for Philox.
   static IVec iset1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
   static IVec iload(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static IVec iload_high_halves(const uint16_t* p) {  // 16-bit values into the lanes' high halves
+    return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  }
   static void istore(uint32_t* p, IVec v) { _mm512_storeu_si512(p, v); }
   static IVec ixor(IVec a, IVec b) { return _mm512_xor_si512(a, b); }
   static IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }

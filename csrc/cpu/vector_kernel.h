@@ -9,7 +9,8 @@
 namespace mbfused::cpu {
 
 // Philox4x32-10 on V's integer lanes, one block per lane: words[4 * j + w] = word w of
-// block first_block + j of tensor `tensor` (element order: see stochastic_block).
+// block first_block + j of tensor `tensor`. Read as 16-bit halves (little-endian), half
+// i is the random bits of element 8 * first_block + i (see stochastic_word).
 template <class V>
 inline void philox_words(PhiloxKey key, uint64_t tensor, uint64_t first_block, uint32_t* words) {
   typename V::IVec c0, c1;
@@ -47,25 +48,26 @@ inline void philox_words(PhiloxKey key, uint64_t tensor, uint64_t first_block, u
   V::store_transposed(words, c0, c1, c2, c3);
 }
 
-// Stochastic stores of a vector of fp32 sums with their random words; each returns the
-// value as stored, widened back to fp32. fp32 is stored as is; fp16 rounds lane by lane
-// with the shared scalar definition (its subnormal range has no short vector form).
+// Stochastic stores of a vector of fp32 sums with their elements' 16 random bits; each
+// returns the value as stored, widened back to fp32. fp32 is stored as is; fp16 rounds
+// lane by lane with the shared scalar definition (its subnormal range has no short
+// vector form).
 template <class V>
-inline typename V::Vec store_stochastic(float* p, typename V::Vec v, const uint32_t*) {
+inline typename V::Vec store_stochastic(float* p, typename V::Vec v, const uint16_t*) {
   return V::store(p, v);
 }
 
 template <class V>
-inline typename V::Vec store_stochastic(c10::BFloat16* p, typename V::Vec v, const uint32_t* random) {
-  return V::store_stochastic(p, v, V::iload(random));
+inline typename V::Vec store_stochastic(c10::BFloat16* p, typename V::Vec v, const uint16_t* random) {
+  return V::store_stochastic(p, v, V::iload_high_halves(random));
 }
 
 template <class V>
-inline typename V::Vec store_stochastic(c10::Half* p, typename V::Vec v, const uint32_t* random) {
+inline typename V::Vec store_stochastic(c10::Half* p, typename V::Vec v, const uint16_t* random) {
   alignas(64) float values[V::kWidth];
   V::store(values, v);
   for (int64_t j = 0; j < V::kWidth; ++j) {
-    p[j] = stochastic_from_float<c10::Half>(values[j], random[j]);
+    p[j] = stochastic_from_float<c10::Half>(values[j], static_cast<uint32_t>(random[j]) << 16);
   }
   return V::load(p);
 }
@@ -100,31 +102,33 @@ struct VectorAccumulate {
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
   }
 
-  // Stochastic rounding: one Philox pass gives the words of 4 * kWidth elements.
+  // Stochastic rounding: one Philox pass gives the random bits of 8 * kWidth elements.
   static ChunkResult stochastic_body(Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite,
                                      const RandomStream& random) {
-    constexpr int64_t kGroup = 4 * V::kWidth;
+    constexpr int64_t kGroup = 8 * V::kWidth;
     static_assert(kNormBlock % kGroup == 0, "norm blocks hold whole Philox passes");
-    if (random.first_element % 4 != 0) {
+    if (random.first_element % 8 != 0) {
       return accumulate_range_stochastic(acc, grad, n, scale, overwrite, random);
     }
     const typename V::Vec vscale = V::set1(scale);
     typename V::Mask nonfinite = V::empty_mask();
     double norm_sq = 0.0;
-    alignas(64) uint32_t words[kGroup];
+    // Written by vector stores (which may alias anything), read as 16-bit halves.
+    alignas(64) uint16_t halves[kGroup];
     const int64_t group_end = n - n % kGroup;
     int64_t i = 0;
     while (i < group_end) {
       const int64_t block_end = group_end - i < kNormBlock ? group_end : i + kNormBlock;
       typename V::Vec block = V::zero();
       for (; i < block_end; i += kGroup) {
-        philox_words<V>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 4, words);
+        philox_words<V>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8,
+                        reinterpret_cast<uint32_t*>(halves));
         for (int64_t k = 0; k < kGroup; k += V::kWidth) {
           const typename V::Vec g = V::load(grad + i + k);
           nonfinite = V::mark_nonfinite(nonfinite, g);
           const typename V::Vec scaled = V::mul(g, vscale);
           const typename V::Vec sum = overwrite ? scaled : V::add(V::load(acc + i + k), scaled);
-          const typename V::Vec stored = store_stochastic<V>(acc + i + k, sum, words + k);
+          const typename V::Vec stored = store_stochastic<V>(acc + i + k, sum, halves + k);
           block = V::add(block, V::mul(stored, stored));
         }
       }

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(
     key = philox_key(static_cast<uint64_t>(seed.seed_ptr != nullptr ? *seed.seed_ptr : seed.seed_value));
   }
   constexpr int kVec = kVecWidth<Acc, Grad>;
-  static_assert(kVec % 4 == 0, "a vector step covers whole Philox blocks");
+  static_assert(!kStochastic || kVec % 8 == 0, "a vector step covers whole Philox blocks");
   bool nonfinite = false;
   // fp32 within a chunk (at most 128 terms per thread), fp64 across the block's chunks,
   // however many chunks a block takes on a GPU with few SMs.
@@ -52,15 +52,15 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(
         const Pack<Grad, kVec> g = *reinterpret_cast<const Pack<Grad, kVec>*>(grad + i);
         if constexpr (kStochastic) {
           // Chunks start at multiples of kChunkElements, so element start + i + k takes
-          // word k % 4 of block (start + i) / 4 + k / 4.
-          const auto first_block = static_cast<uint64_t>(work.start + i) / 4;
+          // stochastic_word(block (start + i) / 8 + k / 8, k % 8).
+          const auto first_block = static_cast<uint64_t>(work.start + i) / 8;
 #pragma unroll
-          for (int b = 0; b < kVec / 4; ++b) {
+          for (int b = 0; b < kVec / 8; ++b) {
             const PhiloxBlock words = stochastic_block(key, table.index[work.slot], first_block + b);
 #pragma unroll
-            for (int w = 0; w < 4; ++w) {
+            for (int w = 0; w < 8; ++w) {
               const float stored = accumulate_element_stochastic(
-                  a.v[4 * b + w], g.v[4 * b + w], scale, overwrite, nonfinite, words.word[w]);
+                  a.v[8 * b + w], g.v[8 * b + w], scale, overwrite, nonfinite, stochastic_word(words, w));
               norm_sq += stored * stored;
             }
           }
@@ -79,8 +79,9 @@ __global__ void __launch_bounds__(kThreads) accumulate_kernel(
       float stored;
       if constexpr (kStochastic) {
         const auto element = static_cast<uint64_t>(work.start + i);
-        const PhiloxBlock words = stochastic_block(key, table.index[work.slot], element / 4);
-        stored = accumulate_element_stochastic(a, grad[i], scale, overwrite, nonfinite, words.word[element % 4]);
+        const PhiloxBlock words = stochastic_block(key, table.index[work.slot], element / 8);
+        stored = accumulate_element_stochastic(a, grad[i], scale, overwrite, nonfinite,
+                                               stochastic_word(words, static_cast<int>(element % 8)));
       } else {
         stored = accumulate_element(a, grad[i], scale, overwrite, nonfinite);
       }
