@@ -207,6 +207,18 @@ std::optional<at::Device> call_device(c10::ArrayRef<at::Tensor> acc,
   return std::nullopt;
 }
 
+// The tensor seed of stochastic rounding: one int64 on the call's device.
+void check_seed(const std::optional<at::Tensor>& seed_tensor, const at::Device& device) {
+  if (!seed_tensor.has_value()) {
+    return;
+  }
+  const at::Tensor& seed = *seed_tensor;
+  TORCH_CHECK_VALUE(seed.layout() == at::kStrided && seed.numel() == 1 && seed.scalar_type() == at::kLong &&
+                        seed.device() == device,
+                    "seed must be a 1-element torch.int64 tensor on ", device, ", got shape ",
+                    shape_str(seed.sizes()), ", dtype ", dtype_name(seed.scalar_type()), " on ", seed.device());
+}
+
 }  // namespace
 
 void check_accumulate_args(
@@ -231,25 +243,20 @@ void check_accumulate_args(
   check_state(scale_tensor, "scale", device, /*written=*/false, spans);
   check_state(found_inf, "found_inf", device, /*written=*/true, spans);
   check_state(norm_sq, "norm_sq", device, /*written=*/true, spans);
-  if (seed_tensor.has_value()) {
-    const at::Tensor& seed = *seed_tensor;
-    TORCH_CHECK_VALUE(seed.layout() == at::kStrided && seed.numel() == 1 && seed.scalar_type() == at::kLong &&
-                          seed.device() == device,
-                      "seed must be a 1-element torch.int64 tensor on ", device, ", got shape ",
-                      shape_str(seed.sizes()), ", dtype ", dtype_name(seed.scalar_type()), " on ", seed.device());
-  }
+  check_seed(seed_tensor, device);
   check_no_overlap(std::move(spans));
 }
 
 void check_finalize_args(
     c10::ArrayRef<at::Tensor> acc, const std::optional<at::Tensor>& inv_scale_tensor,
     std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
-    const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out) {
+    const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out,
+    const std::optional<at::Tensor>& seed_tensor) {
   TORCH_CHECK_VALUE(!max_norm.has_value() || *max_norm > 0.0, "max_norm must be a positive number, got ",
                     num(*max_norm));
   TORCH_CHECK_VALUE(out.empty() || out.size() == acc.size(), "out has ", num(out.size()),
                     " tensors but acc has ", num(acc.size()));
-  const std::optional<at::Device> call = call_device(acc, {&inv_scale_tensor, &found_inf, &norm_sq});
+  const std::optional<at::Device> call = call_device(acc, {&inv_scale_tensor, &found_inf, &norm_sq, &seed_tensor});
   if (!call.has_value()) {
     return;
   }
@@ -267,6 +274,7 @@ void check_finalize_args(
   check_state(inv_scale_tensor, "inv_scale", device, /*written=*/false, spans);
   check_state(found_inf, "found_inf", device, /*written=*/false, spans);
   check_state(norm_sq, "norm_sq", device, /*written=*/false, spans);
+  check_seed(seed_tensor, device);
   check_no_overlap(std::move(spans));
 }
 

@@ -19,7 +19,8 @@ void check_accumulate_args(
 void check_finalize_args(
     c10::ArrayRef<at::Tensor> acc, const std::optional<at::Tensor>& inv_scale_tensor,
     std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
-    const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out);
+    const std::optional<at::Tensor>& norm_sq, c10::ArrayRef<at::Tensor> out,
+    const std::optional<at::Tensor>& seed_tensor);
 
 // Validates wgrad_accumulate_'s arguments (see DESIGN.md, "wgrad_accumulate_").
 void check_wgrad_args(const at::Tensor& main_grad, const at::Tensor& grad_output, const at::Tensor& input,

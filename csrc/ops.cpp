@@ -44,7 +44,8 @@ TORCH_LIBRARY(mbfused, m) {
       "Tensor? seed_tensor) -> ()");
   m.def(
       "_finalize_native_(Tensor(a!)[] acc, float inv_scale, Tensor? inv_scale_tensor, float? max_norm, "
-      "Tensor? found_inf, Tensor? norm_sq, Tensor(b!)[] out) -> Tensor");
+      "Tensor? found_inf, Tensor? norm_sq, Tensor(b!)[] out, bool stochastic_rounding, int seed, "
+      "Tensor? seed_tensor) -> Tensor");
   m.def(
       "_wgrad_accumulate_native_(Tensor(a!) main_grad, Tensor grad_output, Tensor input, float scale, "
       "Tensor? scale_tensor, bool overwrite) -> ()");

@@ -211,27 +211,33 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
 }
 
 // _finalize_eager(acc: list | tuple, inv_scale: float, inv_scale_tensor, max_norm: float | None,
-//                 found_inf, norm_sq, out: list | tuple | None) -> Tensor | None (None: not taken).
+//                 found_inf, norm_sq, out: list | tuple | None[, stochastic_rounding: bool, seed: int,
+//                 seed_tensor]) -> Tensor | None (None: not taken).
 PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *acc_obj, *inv_scale_tensor_obj, *max_norm_obj, *found_inf_obj, *norm_sq_obj, *out_obj;
+  PyObject* stochastic_obj = Py_False;
+  PyObject* seed_tensor_obj = Py_None;
   double inv_scale;
-  if (!PyArg_ParseTuple(args, "OdOOOOO", &acc_obj, &inv_scale, &inv_scale_tensor_obj, &max_norm_obj,
-                        &found_inf_obj, &norm_sq_obj, &out_obj)) {
+  long long seed = 0;
+  if (!PyArg_ParseTuple(args, "OdOOOOO|OLO", &acc_obj, &inv_scale, &inv_scale_tensor_obj, &max_norm_obj,
+                        &found_inf_obj, &norm_sq_obj, &out_obj, &stochastic_obj, &seed, &seed_tensor_obj)) {
     return nullptr;
   }
   static const c10::OperatorHandle public_op = c10::Dispatcher::singleton().findSchemaOrThrow("mbfused::finalize_", "");
   if (!no_mode_active() || !(max_norm_obj == Py_None || PyFloat_CheckExact(max_norm_obj)) ||
-      has_device_override(public_op)) {
+      !PyBool_Check(stochastic_obj) || has_device_override(public_op)) {
     Py_RETURN_NONE;
   }
   const ListTensors acc(acc_obj);
   const ListTensors out(out_obj == Py_None ? empty_tuple() : out_obj);
   const StateTensors state(inv_scale_tensor_obj, found_inf_obj, norm_sq_obj);
+  bool seed_plain = true;
+  const std::optional<at::Tensor> seed_tensor = optional_plain_tensor(seed_tensor_obj, &seed_plain);
   // The compiled op takes an empty out for "in place": an out of another length than
   // acc, empty included, is the dispatcher's to refuse.
   const bool out_fits = out_obj == Py_None || out.tensors().size() == acc.tensors().size();
-  if (!acc.plain() || !out.plain() || !state.plain || acc.tensors().empty() || !out_fits) {
+  if (!acc.plain() || !out.plain() || !state.plain || !seed_plain || acc.tensors().empty() || !out_fits) {
     Py_RETURN_NONE;
   }
   const std::optional<double> max_norm =
@@ -240,11 +246,12 @@ PyObject* finalize_eager(PyObject* /*module*/, PyObject* args) {
                              .findSchemaOrThrow("mbfused::_finalize_native_", "")
                              .typed<at::Tensor(at::TensorList, double, const std::optional<at::Tensor>&,
                                                std::optional<double>, const std::optional<at::Tensor>&,
-                                               const std::optional<at::Tensor>&, at::TensorList)>();
+                                               const std::optional<at::Tensor>&, at::TensorList, bool, int64_t,
+                                               const std::optional<at::Tensor>&)>();
   RECORD_FUNCTION("mbfused::finalize_", std::vector<c10::IValue>());
   at::Tensor total_norm = run_kernel([&] {
     return op.call(acc.tensors(), inv_scale, state.scale, max_norm, state.found_inf, state.norm_sq,
-                   out.tensors());
+                   out.tensors(), stochastic_obj == Py_True, static_cast<int64_t>(seed), seed_tensor);
   });
   mark_written(out.tensors().empty() ? acc.tensors() : out.tensors());
   return THPVariable_Wrap(std::move(total_norm));

@@ -169,6 +169,32 @@ def from_fp32(value, DTYPE: tl.constexpr):
         return value.to(DTYPE)
 
 
+def seed_arguments(seed: int | Tensor | None) -> tuple[Tensor | None, int, int]:
+    """(seed_ptr, seed_low, seed_high) of the stochastic kernels: a tensor seed is read on the
+    device; an int travels as two signed 32-bit halves, so its kernel argument type never
+    depends on its value (Triton types an int argument by its magnitude)."""
+    if isinstance(seed, Tensor):
+        return seed, 0, 0
+    bits = 0 if seed is None else int(seed) % (1 << 64)
+
+    def signed32(word: int) -> int:
+        return word - (1 << 32) if word >= (1 << 31) else word
+
+    return None, signed32(bits & 0xFFFFFFFF), signed32(bits >> 32)
+
+
+@triton.jit
+def seed_value(seed_ptr, seed_low, seed_high):
+    """The uint64 seed of a stochastic kernel: ``seed_ptr``'s int64 or, when it is None,
+    the two signed 32-bit halves of ``seed_arguments``."""
+    if seed_ptr is not None:
+        seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
+    else:
+        seed = ((seed_high.to(tl.int32).to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+                | seed_low.to(tl.int32).to(tl.uint32, bitcast=True).to(tl.uint64))
+    return seed
+
+
 @triton.jit
 def stochastic_words(seed, list_index, first_element, BLOCK: tl.constexpr):
     """The random words (uint32, [BLOCK]) of elements first_element .. + BLOCK of the

@@ -37,6 +37,8 @@ from ._common import (
     from_fp32,
     on_tensors_device,
     plan,
+    seed_arguments,
+    seed_value,
     stochastic_from_fp32,
     stochastic_words,
     sum_partials,
@@ -114,11 +116,7 @@ def accumulate_kernel(
     seed = 0
     list_index = 0
     if STOCHASTIC:
-        if seed_ptr is not None:
-            seed = tl.load(seed_ptr).to(tl.uint64, bitcast=True)
-        else:
-            seed = ((seed_high.to(tl.int32).to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
-                    | seed_low.to(tl.int32).to(tl.uint32, bitcast=True).to(tl.uint64))
+        seed = seed_value(seed_ptr, seed_low, seed_high)
         list_index = tl.load(list_indices + tensor)
 
     squares = tl.zeros([BLOCK], dtype=tl.float32)
@@ -181,20 +179,6 @@ def _tune_on_scratch(group: Group, scale: float | Tensor, overwrite: bool,
         )
 
 
-def _seed_arguments(seed: int | Tensor | None) -> tuple[Tensor | None, int, int]:
-    """(seed_ptr, seed_low, seed_high) of accumulate_kernel: a tensor seed is read on the
-    device; an int travels as two signed 32-bit halves, so its kernel argument type never
-    depends on its value (Triton types an int argument by its magnitude)."""
-    if isinstance(seed, Tensor):
-        return seed, 0, 0
-    bits = 0 if seed is None else int(seed) % (1 << 64)
-
-    def signed32(word: int) -> int:
-        return word - (1 << 32) if word >= (1 << 31) else word
-
-    return None, signed32(bits & 0xFFFFFFFF), signed32(bits >> 32)
-
-
 @on_tensors_device
 def accumulate_(
     acc: Sequence[Tensor],
@@ -223,7 +207,7 @@ def accumulate_(
         return
     partials = None if norm_sq is None else torch.empty(launches.blocks, device=device)
     scale_ptr, scale_bits = (scale, 0) if isinstance(scale, Tensor) else (None, fp32_bits(scale))
-    seed_ptr, seed_low, seed_high = _seed_arguments(seed if stochastic_rounding else None)
+    seed_ptr, seed_low, seed_high = seed_arguments(seed if stochastic_rounding else None)
     # Summing squares: the one fixed config (NORM_CONFIG), so the norm's bits never
     # depend on a timing; else the tuned one.
     kernel, options = (accumulate_kernel.fn, NORM_LAUNCH) if partials is not None else (accumulate_kernel, {})

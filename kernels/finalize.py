@@ -46,6 +46,10 @@ from ._common import (
     from_fp32,
     on_tensors_device,
     plan,
+    seed_arguments,
+    seed_value,
+    stochastic_from_fp32,
+    stochastic_words,
     sum_partials,
     to_fp32,
     tuning_once,
@@ -134,27 +138,43 @@ def coefficient_kernel(
 
 
 @triton.jit
-def _scale_tile(dst_ptr, src_ptr, offsets, mask, coef,
-                SRC_DTYPE: tl.constexpr, DST_DTYPE: tl.constexpr):
-    value = to_fp32(tl.load(src_ptr + offsets, mask=mask, other=0), SRC_DTYPE)
-    tl.store(dst_ptr + offsets, from_fp32(value * coef, DST_DTYPE), mask=mask)
+def _scale_tile(dst_ptr, src_ptr, offsets, mask, coef, seed, list_index, first_element,
+                SRC_DTYPE: tl.constexpr, DST_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Scales one tile (elements first_element + offsets - offsets[0] of the tensor)."""
+    value = to_fp32(tl.load(src_ptr + offsets, mask=mask, other=0), SRC_DTYPE) * coef
+    if STOCHASTIC:
+        stored = stochastic_from_fp32(value, stochastic_words(seed, list_index, first_element, BLOCK), DST_DTYPE)
+    else:
+        stored = from_fp32(value, DST_DTYPE)
+    tl.store(dst_ptr + offsets, stored, mask=mask)
 
 
-@triton.autotune(configs=CONFIGS, key=["SRC_DTYPE", "DST_DTYPE", "ALIGNED", "IN_PLACE"],
+@triton.autotune(configs=CONFIGS, key=["SRC_DTYPE", "DST_DTYPE", "ALIGNED", "IN_PLACE", "STOCHASTIC"],
                  do_bench=benchmark)
-@triton.jit(do_not_specialize_on_alignment=[
-    "dst_ptrs", "src_ptrs", "numels", "first_blocks", "block_tensors", "scalars_ptr"])
+@triton.jit(do_not_specialize=["seed_low", "seed_high"], do_not_specialize_on_alignment=[
+    "dst_ptrs", "src_ptrs", "numels", "first_blocks", "list_indices", "block_tensors", "scalars_ptr",
+    "seed_ptr"])
 def scale_kernel(
-    dst_ptrs, src_ptrs, numels, first_blocks, block_tensors, scalars_ptr,
+    dst_ptrs, src_ptrs, numels, first_blocks, list_indices, block_tensors, scalars_ptr,
+    seed_ptr, seed_low, seed_high,
     SRC_DTYPE: tl.constexpr, DST_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-    IN_PLACE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    IN_PLACE: tl.constexpr, STOCHASTIC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One chunk of one tensor per program: ``dst = round(float(src) * coef)``.
 
     ``scalars_ptr`` holds the coefficient and the skip flag of ``coefficient_kernel``.
+    With STOCHASTIC (16-bit dst), rounded as accumulate_kernel rounds: the seed is
+    ``seed_ptr``'s or ``seed_low``/``seed_high`` (see ``seed_value``), ``list_indices``
+    each tensor's index in the op's lists.
     """
     _, tensor, start, length = block_chunk(block_tensors, first_blocks, numels, CHUNK)
     coef = tl.load(scalars_ptr + _COEF)
+    seed = 0
+    list_index = 0
+    if STOCHASTIC:
+        seed = seed_value(seed_ptr, seed_low, seed_high)
+        list_index = tl.load(list_indices + tensor)
     write = tl.load(scalars_ptr + _SKIP) == 0.0
     if IN_PLACE:
         write &= coef != 1.0  # x * 1 == x: nothing to write
@@ -166,15 +186,17 @@ def scale_kernel(
     full_length = length // BLOCK * BLOCK
     for tile in range(0, full_length, BLOCK):
         offsets = tile + tl.arange(0, BLOCK)
-        _scale_tile(dst_ptr, src_ptr, offsets, offsets < full_length, coef, SRC_DTYPE, DST_DTYPE)
+        _scale_tile(dst_ptr, src_ptr, offsets, offsets < full_length, coef, seed, list_index, start + tile,
+                    SRC_DTYPE, DST_DTYPE, STOCHASTIC, BLOCK)
     offsets = full_length + tl.arange(0, BLOCK)
-    _scale_tile(dst_ptr, src_ptr, offsets, offsets < length, coef, SRC_DTYPE, DST_DTYPE)
+    _scale_tile(dst_ptr, src_ptr, offsets, offsets < length, coef, seed, list_index, start + full_length,
+                SRC_DTYPE, DST_DTYPE, STOCHASTIC, BLOCK)
 
 
 _tuned: set[tuple] = set()
 
 
-def _tune_on_scratch(group: Group, in_place: bool, device: torch.device) -> None:
+def _tune_on_scratch(group: Group, in_place: bool, stochastic: bool, device: torch.device) -> None:
     """Runs the autotuner of ``scale_kernel`` for `group` on scratch tensors, once per key.
 
     The scratch call has the real call's tuning key, so it fills the autotuner's cache
@@ -182,7 +204,7 @@ def _tune_on_scratch(group: Group, in_place: bool, device: torch.device) -> None
     """
     if len(scale_kernel.configs) == 1:
         return
-    key = (group.dst_dtype, group.src_dtype, group.aligned, in_place, device)
+    key = (group.dst_dtype, group.src_dtype, group.aligned, in_place, stochastic, device)
     if key in _tuned:
         return
     with tuning_once(_tuned, key):
@@ -191,7 +213,8 @@ def _tune_on_scratch(group: Group, in_place: bool, device: torch.device) -> None
         out = None
         if not in_place:
             out = [torch.empty(TUNING_NUMEL + offset, dtype=group.dst_dtype, device=device)[offset:]]
-        finalize_([acc], 0.5, norm_sq=torch.zeros(1, device=device), out=out)
+        finalize_([acc], 0.5, norm_sq=torch.zeros(1, device=device), out=out,
+                  stochastic_rounding=stochastic, seed=0 if stochastic else None)
 
 
 def _sum_squares(launches: LaunchPlan, device: torch.device) -> Tensor:
@@ -217,6 +240,8 @@ def finalize_(
     found_inf: Tensor | None = None,
     norm_sq: Tensor | None = None,
     out: Sequence[Tensor] | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
 ) -> Tensor:
     """Unscales (and clips) ``acc`` in place, or into ``out``; returns the total norm.
 
@@ -254,14 +279,17 @@ def finalize_(
     if scaled is None or (in_place and inv_scale_ptr is None and max_norm is None
                           and inv_scale_bits == _ONE_BITS):
         return total_norm
+    seed_ptr, seed_low, seed_high = seed_arguments(seed if stochastic_rounding else None)
     for group in scaled.groups:
-        _tune_on_scratch(group, in_place, device)
+        # fp32 results are stored as computed: stochastic rounding leaves them alone.
+        stochastic = stochastic_rounding and group.dst_dtype != torch.float32
+        _tune_on_scratch(group, in_place, stochastic, device)
         blocks_of_group = slice(group.first, group.first + group.count)
         scale_kernel[(group.count,)](
-            scaled.dst_ptrs, scaled.src_ptrs, scaled.numels, scaled.first_blocks,
-            scaled.block_tensors[blocks_of_group], scalars,
+            scaled.dst_ptrs, scaled.src_ptrs, scaled.numels, scaled.first_blocks, scaled.list_indices,
+            scaled.block_tensors[blocks_of_group], scalars, seed_ptr, seed_low, seed_high,
             SRC_DTYPE=TL_DTYPES[group.src_dtype], DST_DTYPE=TL_DTYPES[group.dst_dtype],
-            ALIGNED=group.aligned, IN_PLACE=in_place, CHUNK=CHUNK,
+            ALIGNED=group.aligned, IN_PLACE=in_place, STOCHASTIC=stochastic, CHUNK=CHUNK,
             enable_fp_fusion=False,
         )
     return total_norm

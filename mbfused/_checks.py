@@ -175,7 +175,7 @@ def check_accumulate_args(
 
 
 def check_seed_tensor(seed: Tensor, device: torch.device) -> None:
-    """accumulate_'s tensor seed: one int64 on the call's device."""
+    """accumulate_'s and finalize_'s tensor seed: one int64 on the call's device."""
     check_tensor(seed, "seed")
     if not (seed.layout == torch.strided and seed.numel() == 1 and seed.dtype == torch.int64
             and seed.device == device):
@@ -193,6 +193,7 @@ def check_finalize_args(
     norm_sq: Tensor | None,
     out: Sequence[Tensor] | None,
     *,
+    seed_tensor: Tensor | None = None,
     check_memory: bool = True,
 ) -> None:
     """Raises on any argument finalize_ cannot take; writes nothing (see check_accumulate_args)."""
@@ -200,7 +201,7 @@ def check_finalize_args(
         raise ValueError(f"max_norm must be a positive number, got {max_norm}")
     if out is not None:
         check_lengths(out, "out", acc, "acc")
-    device = call_device(acc, inv_scale_tensor, found_inf, norm_sq)
+    device = call_device(acc, inv_scale_tensor, found_inf, norm_sq, seed_tensor)
     if device is None:
         return
     in_place = out is None
@@ -224,6 +225,8 @@ def check_finalize_args(
     _check_state(inv_scale_tensor, "inv_scale", device, written=False, spans=spans)
     _check_state(found_inf, "found_inf", device, written=False, spans=spans)
     _check_state(norm_sq, "norm_sq", device, written=False, spans=spans)
+    if seed_tensor is not None:
+        check_seed_tensor(seed_tensor, device)
     if spans is not None:
         _check_no_overlap(spans)
 

@@ -30,8 +30,8 @@ _lib.define(
 
 _lib.define(
     "finalize_(Tensor(a!)[] acc, float inv_scale=1.0, Tensor? inv_scale_tensor=None, *, "
-    "float? max_norm=None, Tensor? found_inf=None, Tensor? norm_sq=None, Tensor(b!)[]? out=None) "
-    "-> Tensor"
+    "float? max_norm=None, Tensor? found_inf=None, Tensor? norm_sq=None, Tensor(b!)[]? out=None, "
+    "bool stochastic_rounding=False, int seed=0, Tensor? seed_tensor=None) -> Tensor"
 )
 
 _lib.define(
@@ -58,7 +58,7 @@ def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Ten
 
 
 def _split_seed(stochastic_rounding: bool, seed: int | Tensor | None) -> tuple[int, Tensor | None]:
-    """accumulate_'s seed as the op's (int64, tensor) pair. An int is taken mod 2^64 and
+    """accumulate_'s or finalize_'s seed as the op's (int64, tensor) pair. An int is taken mod 2^64 and
     passed as the int64 with those bits; a tensor is checked with the other tensors."""
     if seed is None:
         if stochastic_rounding:
@@ -189,6 +189,8 @@ def finalize_(
     found_inf: Tensor | None = None,
     norm_sq: Tensor | None = None,
     out: Sequence[Tensor] | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
 ) -> Tensor:
     """Ends an accumulation window: unscale, clip and optionally cast, in one pass.
 
@@ -208,21 +210,31 @@ def finalize_(
         found_inf: optional 1-element fp32 tensor; nonzero skips every write.
         norm_sq: optional 1-element fp32 tensor holding sum(acc^2) (from accumulate_).
         out: optional list like ``acc`` (any float dtype) to receive the result.
+        stochastic_rounding: round the bf16/fp16 results (``out``'s, or ``acc``'s in place)
+            stochastically, as :func:`accumulate_` does: unbiased, the bits fixed by
+            (seed, tensor index, element index). fp32 results are unaffected.
+        seed: with ``stochastic_rounding``, an int (64 bits) or a 1-element int64
+            tensor on the device (no host synchronisation, CUDA-graph safe); use a seed
+            that no ``accumulate_`` call of the window used.
 
     Returns:
         The total norm of ``acc * inv_scale`` as a 0-d fp32 tensor on the device.
     """
     acc, inv_value, inv_tensor, max_norm, out = _finalize_arguments(
         acc, inv_scale, max_norm, found_inf, norm_sq, out)
+    _check_flag(stochastic_rounding, "stochastic_rounding")
+    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed)
     eager = _eager_entry("_finalize_eager", acc)
     if eager is not None:
-        total_norm = eager(acc, inv_value, inv_tensor, max_norm, found_inf, norm_sq, out)
+        total_norm = eager(acc, inv_value, inv_tensor, max_norm, found_inf, norm_sq, out,
+                           stochastic_rounding, seed_value, seed_tensor)
         if total_norm is not None:
             return total_norm
     _check_finalize_lists(acc, out)
     return torch.ops.mbfused.finalize_.default(
         list(acc), inv_value, inv_tensor, max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq,
-        out=None if out is None else list(out))
+        out=None if out is None else list(out), stochastic_rounding=stochastic_rounding, seed=seed_value,
+        seed_tensor=seed_tensor)
 
 
 def wgrad_accumulate_(
@@ -268,13 +280,17 @@ def check_finalize_inputs(
     found_inf: Tensor | None = None,
     norm_sq: Tensor | None = None,
     out: Sequence[Tensor] | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
 ) -> None:
     """Raises exactly as finalize_ would on these arguments; writes nothing."""
     acc, _, inv_tensor, max_norm, out = _finalize_arguments(
         acc, inv_scale, max_norm, found_inf, norm_sq, out)
+    _check_flag(stochastic_rounding, "stochastic_rounding")
+    _, seed_tensor = _split_seed(stochastic_rounding, seed)
     _check_finalize_lists(acc, out)
     _checks.check_finalize_args(list(acc), inv_tensor, max_norm, found_inf, norm_sq,
-                                None if out is None else list(out))
+                                None if out is None else list(out), seed_tensor=seed_tensor)
 
 
 def _finalize_arguments(acc, inv_scale, max_norm, found_inf, norm_sq, out):
@@ -381,18 +397,23 @@ def _accumulate_fake(
                                   check_memory=False)
 
 
-def _check_finalize(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out) -> None:
+def _check_finalize(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out,
+                    stochastic_rounding, seed, seed_tensor) -> None:
     # Below the public op, [] stands for "in place" (the compiled schema has no None).
-    _checks.check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out or None)
+    _checks.check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out or None,
+                                seed_tensor=seed_tensor)
 
 
 def _finalize_python(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """A Python backend of finalize_: validate everything, then run."""
 
-    def backend(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out):
-        _check_finalize(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out)
+    def backend(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out,
+                stochastic_rounding, seed, seed_tensor):
+        _check_finalize(acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out,
+                        stochastic_rounding, seed, seed_tensor)
         return run(acc, inv_scale if inv_scale_tensor is None else inv_scale_tensor,
-                   max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq, out=out or None)
+                   max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq, out=out or None,
+                   stochastic_rounding=stochastic_rounding, seed=seed if seed_tensor is None else seed_tensor)
 
     return backend
 
@@ -414,12 +435,13 @@ _FINALIZE_BACKENDS: dict[str, Callable[..., Tensor]] = {
 @torch.library.impl(_lib, "finalize_", "CompositeExplicitAutograd")
 def _finalize_impl(
     acc, inv_scale=1.0, inv_scale_tensor=None, *, max_norm=None, found_inf=None, norm_sq=None,
-    out=None,
+    out=None, stochastic_rounding=False, seed=0, seed_tensor=None,
 ) -> Tensor:
     if out is not None:
         # Refused here: below, an empty out would be taken for "in place".
         _checks.check_lengths(out, "out", acc, "acc")
-    args = (acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out or [])
+    args = (acc, inv_scale, inv_scale_tensor, max_norm, found_inf, norm_sq, out or [],
+            stochastic_rounding, seed, seed_tensor)
     if not acc:
         # Nothing to scale; the norm is still defined (and may come from norm_sq).
         return _FINALIZE_BACKENDS["torch"](*args)
@@ -431,10 +453,10 @@ def _finalize_impl(
 @torch.library.register_fake("mbfused::finalize_", lib=_lib)
 def _finalize_fake(
     acc, inv_scale=1.0, inv_scale_tensor=None, *, max_norm=None, found_inf=None, norm_sq=None,
-    out=None,
+    out=None, stochastic_rounding=False, seed=0, seed_tensor=None,
 ) -> Tensor:
     _checks.check_finalize_args(
-        acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out, check_memory=False)
+        acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out, seed_tensor=seed_tensor, check_memory=False)
     device = _checks.call_device(acc, inv_scale_tensor, found_inf, norm_sq) or torch.device("cpu")
     return torch.empty((), dtype=torch.float32, device=device)
 

@@ -225,8 +225,9 @@ class MicroBatchOptimizer(WrappingOptimizer):
             a window whose micro-batches hold different numbers of items.
         accum_dtype: dtype of the accumulation buffers (fp32, or bf16/fp16 to save memory).
         rounding: ``"nearest"``, or ``"stochastic"`` for 16-bit ``accum_dtype``: every
-            rounding of a buffer is unbiased (``accumulate_``'s ``stochastic_rounding``),
-            so long windows and small late contributions do not stall; reproducible from
+            rounding of a buffer is unbiased (``accumulate_``'s ``stochastic_rounding``,
+            and ``finalize_``'s when the window's unscaling or clipping writes 16-bit
+            gradients), so long windows and small late contributions do not stall; reproducible from
             a seed drawn from torch's default generator at construction (so
             ``torch.manual_seed`` fixes it) and kept in ``state_dict``. Refused with fp32
             buffers, which are never rounded to 16 bits.
@@ -653,7 +654,8 @@ class MicroBatchOptimizer(WrappingOptimizer):
             buffers = window.buffers_of(written)
             out = None if same_dtype else window.outputs_for(written)
             total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
-                                       found_inf=window.found_inf, norm_sq=norm_sq, out=out)
+                                       found_inf=window.found_inf, norm_sq=norm_sq, out=out,
+                                       **window.rounding_for(buffers if out is None else out))
             if window.unchecked_written:
                 # Gradients added into main_grad by their layers were not checked: an inf
                 # or nan among them makes the window's norm non-finite (norm_sq is None

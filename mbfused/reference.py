@@ -208,6 +208,8 @@ def finalize_(
     found_inf: Tensor | None = None,
     norm_sq: Tensor | None = None,
     out: Sequence[Tensor] | None = None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
 ) -> Tensor:
     """Unscales (and clips) the accumulated gradients; returns the total norm.
 
@@ -215,7 +217,10 @@ def finalize_(
     ``||acc * inv_scale||_2`` (sum of squares in fp64, then fp32 math);
     ``coef = inv_scale * min(1, max_norm / (total_norm + 1e-6))``. If ``found_inf``
     holds a nonzero value nothing changes; else ``acc *= coef``, or with ``out``,
-    ``out[i] = cast(acc[i] * coef)``. No host synchronisation.
+    ``out[i] = cast(acc[i] * coef)``: to nearest, or with ``stochastic_rounding`` (bf16/
+    fp16 destinations only) by :func:`stochastic_round` with the words
+    :func:`stochastic_bits` (seed, i, element index), as in accumulate_. No host
+    synchronisation.
     """
     # The call's device: acc's or, with no acc, that of the first tensor given.
     tensors = (*acc[:1], inv_scale if isinstance(inv_scale, Tensor) else None, found_inf, norm_sq)
@@ -225,10 +230,12 @@ def finalize_(
     total_norm, coef = window_coefficient(sum_sq, inv, max_norm)
     skip = found_inf.reshape(()) != 0 if found_inf is not None else None
     targets = acc if out is None else out
-    for a, t in zip(acc, targets, strict=True):
+    for index, (a, t) in enumerate(zip(acc, targets, strict=True)):
         scaled = a.float() * coef
+        if stochastic_rounding and t.dtype in _STOCHASTIC_DTYPES:
+            scaled = stochastic_round(scaled, stochastic_bits(seed, index, t.shape, t.device), t.dtype)
         if skip is not None:
-            scaled = torch.where(skip, t.float(), scaled)
+            scaled = torch.where(skip, t, scaled.to(t.dtype))
         t.copy_(scaled)
     return total_norm
 

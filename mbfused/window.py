@@ -233,8 +233,9 @@ class AccumulationWindow:
             refused (it cannot be unscaled).
         rounding_seed: None: buffers round to nearest. An int: every accumulation rounds
             stochastically, the first call with this seed and each later call with the
-            next one (mod 2^64), so no two calls (micro-batches, buckets) share random
-            numbers; ``rounding_seed`` is the seed of the next call.
+            next one (mod 2^64), so no two calls (micro-batches, buckets, a window end
+            that rounds) share random numbers; ``rounding_seed`` is the seed of the next
+            call.
     """
 
     def __init__(self, params: list[Tensor], accumulation_steps: int, *, accum_dtype: torch.dtype,
@@ -464,6 +465,13 @@ class AccumulationWindow:
         seed = self.rounding_seed
         self.rounding_seed = (seed + 1) % (1 << 64)
         return {"stochastic_rounding": True, "seed": seed}
+
+    def rounding_for(self, targets: list[Tensor]) -> dict:
+        """finalize_'s rounding arguments for a window end writing `targets`: stochastic
+        (with the next seed) when the buffers are and a target is 16-bit."""
+        if self.rounding_seed is None or all(t.dtype == torch.float32 for t in targets):
+            return {}
+        return self._rounding()
 
     def accumulate(self, slots: list[Slot], grads: list[Tensor] | None = None,
                    in_backward: bool = False) -> None:

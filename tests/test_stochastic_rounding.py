@@ -1,4 +1,5 @@
-"""accumulate_ with stochastic rounding: the generator, the rounding, and every backend.
+"""accumulate_ and finalize_ with stochastic rounding: the generator, the rounding, and
+every backend.
 
 The reference (mbfused.reference.stochastic_bits / stochastic_round) defines the bits;
 the cpu backend (each instruction set), the torch backend and the triton kernels (under
@@ -263,6 +264,100 @@ def test_compiles_with_a_tensor_seed():
     assert seed.item() == 6
 
 
+# -- finalize_(..., stochastic_rounding=True) --------------------------------------------
+
+
+def _finalize_case(gen):
+    """fp32/bf16/fp16 sums of SR_SIZES, with an out of each dtype per sum dtype."""
+    acc, out = [], []
+    for i, size in enumerate(SR_SIZES):
+        acc.append(_edge_rich((size,), DTYPES[i % 3], gen))
+        out.append(torch.empty(size, dtype=DTYPES[(i + 1) % 3]))
+    acc.insert(3, torch.empty(0, dtype=torch.bfloat16))
+    out.insert(3, torch.empty(0, dtype=torch.float16))
+    return acc, out
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("tensor_seed", [False, True])
+def test_finalize_gives_the_reference_bits(backend, in_place, tensor_seed, cpu_isa):
+    if backend != "cpu" and cpu_isa != "scalar":
+        pytest.skip("instruction sets matter to the cpu backend only")
+    gen = torch.Generator().manual_seed(11)
+    acc, out = _finalize_case(gen)
+    seed = 2**64 - 999
+    ours_acc, theirs_acc = clone_all(acc), clone_all(acc)
+    ours_out, theirs_out = (None, None) if in_place else (clone_all(out), clone_all(out))
+    norm_sq = torch.tensor([4.0e6])  # a clipped window: the coefficient is not a power of two
+    with mbfused.use_backend(backend):
+        ours_norm = mbfused.finalize_(ours_acc, 0.3, max_norm=1.0, norm_sq=norm_sq, out=ours_out,
+                                      stochastic_rounding=True,
+                                      seed=torch.tensor([seed - 2**64]) if tensor_seed else seed)
+    theirs_norm = reference.finalize_(theirs_acc, 0.3, max_norm=1.0, norm_sq=norm_sq, out=theirs_out,
+                                      stochastic_rounding=True, seed=seed)
+    assert_same(ours_acc, theirs_acc)
+    if not in_place:
+        assert_same(ours_out, theirs_out)
+    torch.testing.assert_close(ours_norm, theirs_norm, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_finalize_rounds_each_value_to_a_neighbour_without_bias(backend, dtype):
+    """A window's fp32 sum of 1 + 1e-3 (not a bf16/fp16 value) cast with out=: every
+    result is one of the two neighbours, and the mean is the exact value within 4
+    standard errors, where round-to-nearest gives 1."""
+    numel = 1 << 14
+    acc = [torch.full((numel,), 1.0 + 1e-3)]
+    nearest, stochastic = [torch.empty(numel, dtype=dtype)], [torch.empty(numel, dtype=dtype)]
+    with mbfused.use_backend(backend):
+        mbfused.finalize_(acc, out=nearest)
+        mbfused.finalize_(acc, out=stochastic, stochastic_rounding=True, seed=3)
+    exact = float(acc[0][0])
+    below = torch.tensor(exact).to(dtype)  # round to nearest: the lower neighbour here
+    above = (below.view(torch.int16) + 1).view(dtype)  # the next 16-bit value up
+    assert (nearest[0] == below).all()
+    assert ((stochastic[0] == below) | (stochastic[0] == above)).all()
+    sums = stochastic[0].double()
+    standard_error = sums.std().item() / numel ** 0.5
+    assert standard_error > 0
+    assert abs(sums.mean().item() - exact) < 4 * standard_error
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+def test_finalize_with_found_inf_writes_nothing_when_stochastic(backend):
+    acc = [torch.randn(100).bfloat16() * 3]
+    out = [torch.full((100,), 7.0, dtype=torch.bfloat16)]
+    before, out_before = clone_all(acc), clone_all(out)
+    with mbfused.use_backend(backend):
+        mbfused.finalize_(acc, 0.5, found_inf=torch.ones(1), stochastic_rounding=True, seed=4)
+        mbfused.finalize_(acc, 0.5, found_inf=torch.ones(1), out=out, stochastic_rounding=True, seed=4)
+    assert_same(acc, before)
+    assert_same(out, out_before)
+
+
+def _finalize_kwargs(**overrides):
+    kwargs = dict(acc=[torch.full((8,), 1.001)], out=[torch.zeros(8, dtype=torch.bfloat16)],
+                  stochastic_rounding=True, seed=1)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize(("overrides", "error", "fragment"), BAD_SEEDS)
+def test_finalize_bad_seed_refused_nothing_written(backend, overrides, error, fragment):
+    assert_rejected_unchanged(backend, mbfused.finalize_, _finalize_kwargs(**overrides), error, fragment)
+
+
+def test_opcheck_finalize_with_stochastic_rounding():
+    acc = [torch.randn(33), torch.randn(7).bfloat16(), torch.randn(5)]
+    out = [torch.empty(33, dtype=torch.bfloat16), torch.empty(7, dtype=torch.float16), torch.empty(5)]
+    torch.library.opcheck(
+        torch.ops.mbfused.finalize_.default, (acc, 0.5, None),
+        {"out": out, "stochastic_rounding": True, "seed": 0, "seed_tensor": torch.tensor([77])})
+
+
 # -- MicroBatchOptimizer(rounding="stochastic") ----------------------------------------
 
 
@@ -349,6 +444,39 @@ def test_optimizer_seed_comes_from_torch_manual_seed_and_advances_per_call():
     assert opt.state_dict()["mbfused"]["rounding_seed"] == seeds[0] + len(calls)
 
 
+def test_optimizer_rounds_16_bit_window_gradients_stochastically_with_the_next_seed():
+    """bf16 parameters: finalize_ unscales and clips the bf16 buffers in place, a rounding
+    of its own: stochastic, with the seed after the window's accumulate_ calls (fp32
+    parameters take fp32 copies, which round nothing: no seed, see the test above)."""
+    torch.manual_seed(5)
+    model = _net().to(torch.bfloat16)
+    opt = _wrapper(model, max_grad_norm=0.01)
+    first = opt.state_dict()["mbfused"]["rounding_seed"]
+    accumulate_seeds, finalize_kwargs = [], []
+    original_accumulate, original_finalize = mbfused.ops.accumulate_, mbfused.ops.finalize_
+
+    def recording_accumulate(*args, **kwargs):
+        accumulate_seeds.append(kwargs.get("seed"))
+        return original_accumulate(*args, **kwargs)
+
+    def recording_finalize(*args, **kwargs):
+        finalize_kwargs.append(kwargs)
+        return original_finalize(*args, **kwargs)
+
+    mbfused.ops.accumulate_, mbfused.ops.finalize_ = recording_accumulate, recording_finalize
+    try:
+        _train(model, opt, [x.bfloat16() for x in _micro_batches(4)])
+    finally:
+        mbfused.ops.accumulate_, mbfused.ops.finalize_ = original_accumulate, original_finalize
+    assert accumulate_seeds == [(first + i) % 2**64 for i in range(len(accumulate_seeds))]
+    (kwargs,) = finalize_kwargs
+    assert kwargs["out"] is None
+    assert kwargs["stochastic_rounding"] is True
+    assert kwargs["seed"] == (first + len(accumulate_seeds)) % 2**64
+    assert opt.state_dict()["mbfused"]["rounding_seed"] == (first + len(accumulate_seeds) + 1) % 2**64
+    assert opt.last_grad_norm > 0.01  # the clip was active: the coefficient rounds
+
+
 def test_a_pickled_optimizer_keeps_its_seed_mid_window():
     torch.manual_seed(0)
     model = _net()
@@ -420,6 +548,35 @@ def test_gpu_backends_give_the_reference_bits(backend, tensor_seed):
         torch.cuda.set_sync_debug_mode("default")
     reference.accumulate_(theirs, grads, 0.75, stochastic_rounding=True, seed=seed)
     assert_same(ours, theirs)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_gpu_finalize_gives_the_reference_bits(backend, in_place):
+    if (reason := mbfused.available_backends()[backend]) is not None:
+        pytest.skip(f"{backend} backend not usable: {reason}")
+    acc, out = _finalize_case(torch.Generator().manual_seed(12))
+    acc.append(torch.randn(2048 * 32 * 3 + 17))
+    out.append(torch.empty(2048 * 32 * 3 + 17, dtype=torch.bfloat16))
+    acc, out = [a.cuda() for a in acc], [o.cuda() for o in out]
+    ours_acc, theirs_acc = clone_all(acc), clone_all(acc)
+    ours_out, theirs_out = (None, None) if in_place else (clone_all(out), clone_all(out))
+    norm_sq = torch.tensor([4.0e6], device="cuda")
+    seed = torch.tensor([-5], device="cuda")
+    torch.cuda.set_sync_debug_mode("error" if backend == "cuda" else "default")
+    try:
+        with mbfused.use_backend(backend):
+            mbfused.finalize_(ours_acc, 0.3, max_norm=1.0, norm_sq=norm_sq, out=ours_out,
+                              stochastic_rounding=True, seed=seed)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    reference.finalize_(theirs_acc, 0.3, max_norm=1.0, norm_sq=norm_sq, out=theirs_out,
+                        stochastic_rounding=True, seed=2**64 - 5)
+    assert_same(ours_acc, theirs_acc)
+    if not in_place:
+        assert_same(ours_out, theirs_out)
 
 
 @pytest.mark.gpu

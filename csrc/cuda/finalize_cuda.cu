@@ -5,11 +5,14 @@
 //   3. a scaling pass (multi-tensor apply) that every block skips when found_inf is set.
 #include "checks.h"
 #include "cuda/multi_tensor.cuh"
+#include "philox.h"
 
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 namespace mbfused::cuda {
 namespace {
@@ -62,13 +65,28 @@ __global__ void coefficient_kernel(
   scratch[kSkip] = found_inf != nullptr && *found_inf != 0.0f ? 1.0f : 0.0f;
 }
 
-template <typename Src, typename Dst>
-__global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable table, const float* scratch, bool in_place) {
+// The seed of a stochastic scaling pass: read on the device when seed_ptr is set (no
+// host synchronisation, capturable in a CUDA graph).
+struct ScaleSeed {
+  const int64_t* seed_ptr;
+  int64_t seed_value;
+};
+
+// dst <- cast(src * coef), rounded to nearest, or with kStochastic (16-bit Dst) by the
+// random bits of (seed, tensor index, element index), as accumulate_ rounds.
+template <typename Src, typename Dst, bool kStochastic>
+__global__ void __launch_bounds__(kThreads) scale_kernel(
+    TensorTable table, const float* scratch, bool in_place, ScaleSeed seed) {
   const float coef = scratch[kCoef];
   if (scratch[kSkip] != 0.0f || (in_place && coef == 1.0f)) {
     return;  // found_inf: write nothing; x * 1 == x: nothing to write
   }
+  PhiloxKey key{0u, 0u};
+  if constexpr (kStochastic) {
+    key = philox_key(static_cast<uint64_t>(seed.seed_ptr != nullptr ? *seed.seed_ptr : seed.seed_value));
+  }
   constexpr int kVec = kVecWidth<Src, Dst>;
+  static_assert(!kStochastic || kVec % 8 == 0, "a vector step covers whole Philox blocks");
   const int64_t chunks = total_chunks(table);
   for (int64_t chunk = blockIdx.x; chunk < chunks; chunk += gridDim.x) {
     const ChunkWork work = chunk_work(table, chunk);
@@ -80,15 +98,35 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable table, cons
       for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVec; i < vector_end; i += kThreads * kVec) {
         const Pack<Src, kVec> s = *reinterpret_cast<const Pack<Src, kVec>*>(src + i);
         Pack<Dst, kVec> d;
+        if constexpr (kStochastic) {
+          // Chunks start at multiples of kChunkElements: element start + i + k takes
+          // stochastic_word(block (start + i) / 8 + k / 8, k % 8).
+          const auto first_block = static_cast<uint64_t>(work.start + i) / 8;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          d.v[k] = scaled_element<Dst>(s.v[k], coef);
+          for (int b = 0; b < kVec / 8; ++b) {
+            const PhiloxBlock words = stochastic_block(key, table.index[work.slot], first_block + b);
+#pragma unroll
+            for (int w = 0; w < 8; ++w) {
+              d.v[8 * b + w] = stochastic_from_float<Dst>(to_float(s.v[8 * b + w]) * coef, stochastic_word(words, w));
+            }
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            d.v[k] = scaled_element<Dst>(s.v[k], coef);
+          }
         }
         store_pack(dst + i, d);
       }
     }
     for (int64_t i = vector_end + threadIdx.x; i < work.n; i += kThreads) {
-      dst[i] = scaled_element<Dst>(src[i], coef);
+      if constexpr (kStochastic) {
+        const auto element = static_cast<uint64_t>(work.start + i);
+        const PhiloxBlock words = stochastic_block(key, table.index[work.slot], element / 8);
+        dst[i] = stochastic_from_float<Dst>(to_float(src[i]) * coef, stochastic_word(words, static_cast<int>(element % 8)));
+      } else {
+        dst[i] = scaled_element<Dst>(src[i], coef);
+      }
     }
   }
 }
@@ -96,8 +134,9 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(TensorTable table, cons
 at::Tensor finalize_cuda(
     at::TensorList acc, double inv_scale, const std::optional<at::Tensor>& inv_scale_tensor,
     std::optional<double> max_norm, const std::optional<at::Tensor>& found_inf,
-    const std::optional<at::Tensor>& norm_sq, at::TensorList out) {
-  check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out);
+    const std::optional<at::Tensor>& norm_sq, at::TensorList out, bool stochastic_rounding, int64_t seed,
+    const std::optional<at::Tensor>& seed_tensor) {
+  check_finalize_args(acc, inv_scale_tensor, max_norm, found_inf, norm_sq, out, seed_tensor);
   TORCH_CHECK_VALUE(!acc.empty() && acc[0].is_cuda(), "the cuda backend needs CUDA tensors in acc");
   const c10::cuda::CUDAGuard guard(acc[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -136,6 +175,7 @@ at::Tensor finalize_cuda(
 
   const bool in_place = out.empty();
   const at::TensorList dst = in_place ? acc : out;
+  const ScaleSeed scale_seed{seed_tensor.has_value() ? seed_tensor->const_data_ptr<int64_t>() : nullptr, seed};
   const DtypeGroups groups = group_by_dtypes(acc, dst);
   int64_t blocks_used = 0;
   for (int s = 0; s < kNumScalarKinds; ++s) {
@@ -146,7 +186,16 @@ at::Tensor finalize_cuda(
           using Dst = decltype(dst_tag);
           for_each_launch(groups.members[s][d], dst, acc, blocks_used,
                           [&](const TensorTable& table, int n_blocks, int64_t) {
-            scale_kernel<Src, Dst><<<n_blocks, kThreads, 0, stream>>>(table, scratch_ptr, in_place);
+            // fp32 results are stored as computed: stochastic rounding leaves them alone.
+            if constexpr (!std::is_same_v<Dst, float>) {
+              if (stochastic_rounding) {
+                scale_kernel<Src, Dst, true><<<n_blocks, kThreads, 0, stream>>>(table, scratch_ptr, in_place,
+                                                                                scale_seed);
+                return;
+              }
+            }
+            scale_kernel<Src, Dst, false><<<n_blocks, kThreads, 0, stream>>>(table, scratch_ptr, in_place,
+                                                                             scale_seed);
           });
         });
       });
