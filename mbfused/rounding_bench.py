@@ -7,8 +7,12 @@
   interleaved so that they share the machine's state (median of the repeats);
 - accuracy: the window gradient's relative L2 error against an fp64 sum of the same bf16
   gradients of a tiny random-init Llama (transformers), over windows of N equal
-  micro-batches (mean normalisation) and a window whose first micro-batch carries the
-  bulk while the N - 1 others add the same direction at 1e-3 of its size;
+  micro-batches (mean normalisation) of two kinds of data: random tokens (the
+  micro-batches' gradients are independent: they change sign, and the rounding errors of
+  round-to-nearest average out) and a learnable bigram chain (the gradients share a
+  direction: from about 256 micro-batches on, each adds less than half a bf16 ulp of the
+  running sum, and round-to-nearest stalls); and a window whose first micro-batch
+  carries the bulk while the N - 1 others add the same direction at 1e-3 of its size;
 - training: a few hundred steps of the tiny Llama on a learnable synthetic task (a fixed
   random bigram chain), one run per buffer choice from the same start and data, with the
   loss curves plotted when a file is given.
@@ -39,6 +43,10 @@ BUFFERS = {
 
 # Tiny Llama: hidden, intermediate, layers, heads, kv heads, vocab.
 _TINY_LLAMA = (64, 176, 2, 4, 2, 256)
+
+# The windows of the error table: regime -> (data, sequences per micro-batch). "bulk"
+# takes one random sequence, then N - 1 small copies of its gradient.
+REGIMES = {"equal-random": ("random", 1), "equal-bigram": ("bigram", 8), "bulk": ("random", 1)}
 
 
 @dataclass
@@ -144,25 +152,34 @@ def _rel_error(acc: list[Tensor], exact: list[Tensor]) -> float:
     return math.sqrt(diff / norm)
 
 
+def _micro_batch_ids(regime: str, count: int, seed: int) -> list[Tensor]:
+    data, sequences = REGIMES[regime]
+    vocab = _TINY_LLAMA[-1]
+    if data == "bigram":
+        return _bigram_batches(count, sequences, 32, vocab, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (sequences, 32), generator=gen) for _ in range(count)]
+
+
 def window_errors(regime: str, micro_batches: int, sr_seeds: int, progress) -> list[ErrorRow]:
     """Accumulates one window into fp64, fp32, bf16-nearest and `sr_seeds` bf16-stochastic
     buffers from the same bf16 gradients; the relative errors of each against fp64.
 
-    ``equal``: N micro-batches of one random sequence each, scale 1/N. ``bulk``: the first
-    micro-batch's gradient g, then N - 1 additions of bf16(1e-3 * g), scale 1."""
+    ``equal-random`` / ``equal-bigram``: N micro-batches (see REGIMES), scale 1/N.
+    ``bulk``: the first micro-batch's gradient g, then N - 1 additions of
+    bf16(1e-3 * g), scale 1."""
     model = _tiny_llama(torch.bfloat16)
-    vocab = _TINY_LLAMA[-1]
-    gen = torch.Generator().manual_seed(micro_batches)
+    ids = _micro_batch_ids(regime, micro_batches if regime != "bulk" else 1, seed=micro_batches)
     params = list(model.parameters())
     exact = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     acc = {name: [[torch.zeros(p.shape, dtype=BUFFERS[name][0]) for p in params]
                   for _ in range(sr_seeds if BUFFERS[name][1] == "stochastic" else 1)]
            for name in BUFFERS}
-    scale = 1.0 / micro_batches if regime == "equal" else 1.0
+    scale = 1.0 if regime == "bulk" else 1.0 / micro_batches
     first = None
     for k in range(micro_batches):
-        if regime == "equal" or k == 0:
-            grads = [g.clone() for g in _gradients(model, torch.randint(0, vocab, (1, 32), generator=gen))]
+        if regime != "bulk" or k == 0:
+            grads = [g.clone() for g in _gradients(model, ids[k])]
             first = grads
         else:
             grads = [(g.float() * 1e-3).to(torch.bfloat16) for g in first] if k == 1 else grads
@@ -184,11 +201,12 @@ def window_errors(regime: str, micro_batches: int, sr_seeds: int, progress) -> l
 # -- training ------------------------------------------------------------------------------------
 
 
-def _bigram_batches(count: int, batch: int, seq_len: int, vocab: int) -> list[Tensor]:
+def _bigram_batches(count: int, batch: int, seq_len: int, vocab: int, seed: int = 123) -> list[Tensor]:
     """Sequences of a fixed random bigram chain (each token has 4 likely successors): a
-    task the tiny model learns within a few hundred steps."""
-    gen = torch.Generator().manual_seed(123)
-    successors = torch.randint(0, vocab, (vocab, 4), generator=gen)
+    task the tiny model learns within a few hundred steps. The chain is the same for
+    every `seed`; the seed picks the sequences."""
+    successors = torch.randint(0, vocab, (vocab, 4), generator=torch.Generator().manual_seed(123))
+    gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
         ids = torch.empty(batch, seq_len, dtype=torch.int64)
@@ -234,8 +252,9 @@ def run(*, quick: bool = True, progress: Callable[[str], None] = lambda _: None)
     elements = 1 << 22 if quick else 1 << 25
     speed = measure_speed(elements, 5 if quick else 20, progress)
     errors = []
-    for n in (8, 64, 256, 1024):
-        errors += window_errors("equal", n, 3, progress)
+    for regime in ("equal-random", "equal-bigram"):
+        for n in (8, 64, 256, 1024):
+            errors += window_errors(regime, n, 3, progress)
     errors += window_errors("bulk", 256, 3, progress)
     steps, micro_batches = (200, 8) if quick else (400, 16)
     batches = _bigram_batches(256, 2, 32, _TINY_LLAMA[-1])
@@ -251,14 +270,15 @@ def format_report(report: Report) -> str:
               for r in report.speed]
     lines += ["", f"window gradient vs fp64, tiny Llama ({report.parameters / 1e6:.2f}M parameters), "
               "relative L2 error (stochastic: mean of 3 seeds, spread in brackets):",
-              f"{'window':<10}{'N':>6}" + "".join(f"{name:>24}" for name in BUFFERS) + f"{'nearest/SR':>12}"]
-    cases = sorted({(r.regime, r.micro_batches) for r in report.errors}, key=lambda c: (c[0] != "equal", c[1]))
+              f"{'window':<14}{'N':>6}" + "".join(f"{name:>24}" for name in BUFFERS) + f"{'nearest/SR':>12}"]
+    order = list(REGIMES)
+    cases = sorted({(r.regime, r.micro_batches) for r in report.errors}, key=lambda c: (order.index(c[0]), c[1]))
     for regime, n in cases:
         row = {r.buffers: r for r in report.errors if (r.regime, r.micro_batches) == (regime, n)}
         cells = "".join(f"{row[name].rel_error:>14.3e} [{row[name].rel_error_spread:6.1e}]" if row[name].rel_error_spread
                         else f"{row[name].rel_error:>24.3e}" for name in BUFFERS)
         ratio = row["bf16-nearest"].rel_error / row["bf16-stochastic"].rel_error
-        lines.append(f"{regime:<10}{n:>6}{cells}{ratio:>12.2f}")
+        lines.append(f"{regime:<14}{n:>6}{cells}{ratio:>12.2f}")
     lines += ["", "training, tiny Llama on a bigram chain: mean loss of the first / last 20 windows"]
     for name, losses in report.losses.items():
         lines.append(f"{name:<18}{statistics.fmean(losses[:20]):>8.4f}{statistics.fmean(losses[-20:]):>8.4f}")
@@ -272,10 +292,12 @@ def plot(report: Report, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (errors_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in BUFFERS:
-        rows = sorted((r for r in report.errors if r.regime == "equal" and r.buffers == name),
-                      key=lambda r: r.micro_batches)
-        errors_ax.loglog([r.micro_batches for r in rows], [r.rel_error for r in rows], marker="o", label=name)
+    for regime, style in (("equal-random", ":"), ("equal-bigram", "-")):
+        for color, name in enumerate(BUFFERS):
+            rows = sorted((r for r in report.errors if r.regime == regime and r.buffers == name),
+                          key=lambda r: r.micro_batches)
+            errors_ax.loglog([r.micro_batches for r in rows], [r.rel_error for r in rows], style, marker="o",
+                             color=f"C{color}", label=f"{name}, {regime.removeprefix('equal-')} data")
     errors_ax.set_xlabel("micro-batches per window (N)")
     errors_ax.set_ylabel("relative L2 error vs fp64")
     errors_ax.set_title("window gradient error, tiny Llama")

@@ -136,9 +136,9 @@ def test_unbiased_where_round_to_nearest_stalls(backend, dtype, increment):
     assert abs(sums.mean().item() - exact) < 4 * standard_error
 
 
-# Sizes around Philox blocks (8 elements), vector widths (8, 16), Philox passes (64, 128
-# elements), CPU chunks (32K) and Triton/CUDA chunks (64K).
-SR_SIZES = (1, 3, 7, 9, 31, 33, 64, 65, 127, 129, 1029, 32768 + 5, 65536 + 7)
+# Sizes around Philox blocks (8 elements), vector widths (8, 16), the CPU kernels' groups
+# of Philox passes (128, 256 elements), CPU chunks (32K) and Triton/CUDA chunks (64K).
+SR_SIZES = (1, 3, 7, 9, 31, 33, 64, 65, 127, 129, 257, 1029, 32768 + 5, 65536 + 7)
 
 
 def _edge_rich(shape, dtype, gen):

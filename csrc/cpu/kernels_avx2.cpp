@@ -78,7 +78,7 @@ struct Avx2 {
     return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
   }
   static void istore(uint32_t* p, IVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-  static IVec ixor(IVec a, IVec b) { return _mm256_xor_si256(a, b); }
+  static IVec ixor3(IVec a, IVec b, IVec c) { return _mm256_xor_si256(_mm256_xor_si256(a, b), c); }
   static IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
   static IVec iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   // words[4 * j + w] = c_w[j]: a 4x4 transpose within each 128-bit half (r_i: block

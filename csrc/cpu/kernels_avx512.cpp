@@ -74,7 +74,7 @@ struct Avx512 {
     return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   }
   static void istore(uint32_t* p, IVec v) { _mm512_storeu_si512(p, v); }
-  static IVec ixor(IVec a, IVec b) { return _mm512_xor_si512(a, b); }
+  static IVec ixor3(IVec a, IVec b, IVec c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }  // a ^ b ^ c
   static IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
   static IVec iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
   // words[4 * j + w] = c_w[j]: a 4x4 transpose within each 128-bit lane (r_i: block

@@ -8,28 +8,34 @@
 
 namespace mbfused::cpu {
 
-// Philox4x32-10 on V's integer lanes, one block per lane: words[4 * j + w] = word w of
-// block first_block + j of tensor `tensor`. Read as 16-bit halves (little-endian), half
-// i is the random bits of element 8 * first_block + i (see stochastic_word).
-template <class V>
+// Philox4x32-10 on V's integer lanes, one block per lane, for kPasses * kWidth blocks:
+// words[4 * j + w] = word w of block first_block + j of tensor `tensor`. Read as 16-bit
+// halves (little-endian), half i is the random bits of element 8 * first_block + i (see
+// stochastic_word). The passes are independent chains of multiplies, interleaved round
+// by round: one pass alone waits on each round's multiply latency.
+template <class V, int kPasses>
 inline void philox_words(PhiloxKey key, uint64_t tensor, uint64_t first_block, uint32_t* words) {
-  typename V::IVec c0, c1;
-  const auto low = static_cast<uint32_t>(first_block);
-  if (low <= UINT32_MAX - (V::kWidth - 1)) {  // no carry into the high word across the lanes
-    c0 = V::iadd(V::iset1(low), V::iota());
-    c1 = V::iset1(static_cast<uint32_t>(first_block >> 32));
-  } else {
-    alignas(64) uint32_t lows[V::kWidth];
-    alignas(64) uint32_t highs[V::kWidth];
-    for (int64_t j = 0; j < V::kWidth; ++j) {
-      lows[j] = static_cast<uint32_t>(first_block + j);
-      highs[j] = static_cast<uint32_t>((first_block + j) >> 32);
+  using IVec = typename V::IVec;
+  IVec c0[kPasses], c1[kPasses], c2[kPasses], c3[kPasses];
+  for (int p = 0; p < kPasses; ++p) {
+    const uint64_t pass_block = first_block + static_cast<uint64_t>(p) * V::kWidth;
+    const auto low = static_cast<uint32_t>(pass_block);
+    if (low <= UINT32_MAX - (V::kWidth - 1)) {  // no carry into the high word across the lanes
+      c0[p] = V::iadd(V::iset1(low), V::iota());
+      c1[p] = V::iset1(static_cast<uint32_t>(pass_block >> 32));
+    } else {
+      alignas(64) uint32_t lows[V::kWidth];
+      alignas(64) uint32_t highs[V::kWidth];
+      for (int64_t j = 0; j < V::kWidth; ++j) {
+        lows[j] = static_cast<uint32_t>(pass_block + j);
+        highs[j] = static_cast<uint32_t>((pass_block + j) >> 32);
+      }
+      c0[p] = V::iload(lows);
+      c1[p] = V::iload(highs);
     }
-    c0 = V::iload(lows);
-    c1 = V::iload(highs);
+    c2[p] = V::iset1(static_cast<uint32_t>(tensor));
+    c3[p] = V::iset1(static_cast<uint32_t>(tensor >> 32));
   }
-  typename V::IVec c2 = V::iset1(static_cast<uint32_t>(tensor));
-  typename V::IVec c3 = V::iset1(static_cast<uint32_t>(tensor >> 32));
   uint32_t k0 = key.lo;
   uint32_t k1 = key.hi;
   for (int round = 0; round < 10; ++round) {
@@ -37,15 +43,19 @@ inline void philox_words(PhiloxKey key, uint64_t tensor, uint64_t first_block, u
       k0 += 0x9E3779B9u;
       k1 += 0xBB67AE85u;
     }
-    typename V::IVec hi0, lo0, hi1, lo1;
-    V::mulhilo(c0, 0xD2511F53u, hi0, lo0);
-    V::mulhilo(c2, 0xCD9E8D57u, hi1, lo1);
-    c0 = V::ixor(V::ixor(hi1, c1), V::iset1(k0));
-    c1 = lo1;
-    c2 = V::ixor(V::ixor(hi0, c3), V::iset1(k1));
-    c3 = lo0;
+    for (int p = 0; p < kPasses; ++p) {
+      IVec hi0, lo0, hi1, lo1;
+      V::mulhilo(c0[p], 0xD2511F53u, hi0, lo0);
+      V::mulhilo(c2[p], 0xCD9E8D57u, hi1, lo1);
+      c0[p] = V::ixor3(hi1, c1[p], V::iset1(k0));
+      c1[p] = lo1;
+      c2[p] = V::ixor3(hi0, c3[p], V::iset1(k1));
+      c3[p] = lo0;
+    }
   }
-  V::store_transposed(words, c0, c1, c2, c3);
+  for (int p = 0; p < kPasses; ++p) {
+    V::store_transposed(words + 4 * V::kWidth * p, c0[p], c1[p], c2[p], c3[p]);
+  }
 }
 
 // Stochastic stores of a vector of fp32 sums with their elements' 16 random bits; each
@@ -102,10 +112,11 @@ struct VectorAccumulate {
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
   }
 
-  // Stochastic rounding: one Philox pass gives the random bits of 8 * kWidth elements.
+  // Stochastic rounding: each Philox pass gives the random bits of 8 * kWidth elements.
+  static constexpr int kPhiloxPasses = 2;
   static ChunkResult stochastic_body(Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite,
                                      const RandomStream& random) {
-    constexpr int64_t kGroup = 8 * V::kWidth;
+    constexpr int64_t kGroup = 8 * V::kWidth * kPhiloxPasses;
     static_assert(kNormBlock % kGroup == 0, "norm blocks hold whole Philox passes");
     if (random.first_element % 8 != 0) {
       return accumulate_range_stochastic(acc, grad, n, scale, overwrite, random);
@@ -121,7 +132,7 @@ struct VectorAccumulate {
       const int64_t block_end = group_end - i < kNormBlock ? group_end : i + kNormBlock;
       typename V::Vec block = V::zero();
       for (; i < block_end; i += kGroup) {
-        philox_words<V>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8,
+        philox_words<V, kPhiloxPasses>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8,
                         reinterpret_cast<uint32_t*>(halves));
         for (int64_t k = 0; k < kGroup; k += V::kWidth) {
           const typename V::Vec g = V::load(grad + i + k);
