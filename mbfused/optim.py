@@ -76,7 +76,8 @@ def _refuse_direct_step(wrapper_ref: weakref.ref, optimizer, args, kwargs) -> No
 
 # Adapters that take over the gradient synchronisation of a model given as model= (a
 # DistributedDataParallel one, ...): classes with matches(model), a constructor taking
-# (model, params), process_group, check(), after_window() and release().
+# (model, params), process_group, process_groups (those the window's reduction sums
+# over, in turn), check(), after_window() and release().
 # mbfused.distributed registers them, so that this module never imports an engine's code.
 _MODEL_SYNCS: list[type] = []
 
@@ -348,7 +349,8 @@ class MicroBatchOptimizer(WrappingOptimizer):
             loss_scaled=scaler is not None,
             rounding_seed=_draw_seed() if rounding == "stochastic" else None)
         self._window.backend = requested_backend()  # for backward hooks; renewed by every step()
-        self._reduction = (WindowReduction(self._window, process_group,
+        self._reduction = (WindowReduction(self._window,
+                                           model_sync.process_groups if model_sync is not None else [process_group],
                                            reduce_buffers=model_sync is None or model_sync.reduces_buffers)
                            if process_group is not None else None)
         self._guard = optimizer.register_step_pre_hook(
@@ -618,8 +620,13 @@ class MicroBatchOptimizer(WrappingOptimizer):
                 norm_sq = None  # summed again by finalize_ over the reduced buffers
                 written = self._reduction.finish()
             else:
-                # Shards: the window's norm is the root of their squares summed over ranks.
-                norm_sq = norm_sq.clone() if norm_sq is not None else _sum_of_squares(window, written)
+                # Shards: the window's norm is the root of their squares summed over ranks,
+                # each element's once (a replicated shard's by its first replica only).
+                counted = self._model_sync.norm_slots(written)
+                if counted is written and norm_sq is not None:
+                    norm_sq = norm_sq.clone()
+                else:
+                    norm_sq = _sum_of_squares(window, counted)
                 written = self._reduction.finish(norm_sq)
         if self.normalize == "items":
             # A window of 0 items has no gradient: it is skipped (a tensor count decided on

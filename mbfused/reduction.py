@@ -8,9 +8,16 @@ a bucket completed early waits for those before it, and ``finish()`` launches wh
 is left, then sums the window's flags (which parameters got a gradient, inf/nan, the
 item count) in one more all-reduce. Buffers that got no gradient on this rank take part
 as zeros.
+
+Buffers that hold shards (FSDP2) are reduced already: only the flags and the squared
+norm are summed, over each of the groups of the parameters' device mesh in turn (an
+HSDP mesh: its shard groups, then its replicate groups), which sums them over the whole
+mesh.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -21,13 +28,17 @@ __all__ = ["WindowReduction"]
 
 
 class WindowReduction:
-    """Sums `window`'s buffers over `group` at the end of every window; with
-    `reduce_buffers=False` (buffers that hold shards, already reduced) its flags only."""
+    """Sums `window`'s buffers over the one group of `groups` at the end of every window;
+    with `reduce_buffers=False` (buffers that hold shards, already reduced) its flags only,
+    over every group of `groups` in turn."""
 
-    def __init__(self, window: AccumulationWindow, group, reduce_buffers: bool = True) -> None:
+    def __init__(self, window: AccumulationWindow, groups: list, reduce_buffers: bool = True) -> None:
+        if reduce_buffers and len(groups) != 1:
+            raise ValueError("buffers are summed over one process group")
         self.window = window
-        self.group = group
-        self.world_size = dist.get_world_size(group)
+        self.groups = groups
+        self.group = groups[0]
+        self.world_size = math.prod(dist.get_world_size(g) for g in groups)
         self.reduce_buffers = reduce_buffers
         self._works: list = []
         self._completed: set[int] = set()  # buckets accumulated in the last micro-batch
@@ -67,6 +78,8 @@ class WindowReduction:
         try:
             for work in works:
                 work.wait()
+            for group in self.groups[1:]:
+                dist.all_reduce(meta, group=group)
         except RuntimeError as error:  # the process group's timeout, or a rank that left
             raise RuntimeError(
                 f"rank {dist.get_rank(self.group)}: the all-reduce that ends an accumulation window "

@@ -37,6 +37,7 @@ class DDPSync:
                              "model's own (model.parameters())")
         self.ddp = ddp
         self.process_group = ddp.process_group
+        self.process_groups = [ddp.process_group]
         ddp.require_backward_grad_sync = False
 
     def check(self) -> None:

@@ -14,12 +14,20 @@ instead (less communication, but unsharded gradients kept in FSDP2's own dtype a
 the window), call ``model.set_requires_gradient_sync(opt.sync_gradients)`` before each
 micro-batch's backward: the window then receives the shards once, on its last
 micro-batch.
+
+HSDP and other 2-D meshes: the parameters may be sharded or replicated along each
+dimension of one device mesh (FSDP2's HSDP: replicated across the mesh's first
+dimension, sharded along its second). The gradients arrive reduced over the whole mesh;
+the window's flags are summed over each dimension's group in turn, and each element's
+square is counted once: a rank adds the squares of a parameter only where it is the
+first of its replicas (coordinate 0 along every dimension that replicates it).
 """
 
 from __future__ import annotations
 
 import torch
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import Replicate, Shard
 
 __all__ = ["FSDPSync"]
 
@@ -42,11 +50,30 @@ class FSDPSync:
             raise ValueError("model: the optimizer's parameters must be the fully_shard model's own "
                              "(model.parameters())")
         meshes = {p.device_mesh for p in params}
-        if len(meshes) != 1 or next(iter(meshes)).ndim != 1:
-            raise NotImplementedError("model: the parameters must be sharded over one 1-D device mesh "
-                                      "(HSDP and 2-D meshes are not supported)")
+        if len(meshes) != 1:
+            raise NotImplementedError(f"model: the parameters must share one device mesh, got {len(meshes)} meshes")
+        mesh = meshes.pop()
+        for p in params:
+            if not all(type(placement) in (Shard, Replicate) for placement in p.placements):
+                raise NotImplementedError(
+                    f"model: a parameter of shape {list(p.shape)} is placed {p.placements} on its mesh; "
+                    "the window takes parameters sharded (Shard) or replicated (Replicate) along each "
+                    "dimension")
         self.model = model
-        self.process_group = next(iter(meshes)).get_group()
+        self.process_groups = [mesh.get_group(d) for d in range(mesh.ndim)]
+        self.process_group = self.process_groups[0]
+        coordinate = mesh.get_coordinate()
+        # Parameters whose squares this rank adds to the window's norm (see above).
+        self._first_replica = {
+            id(p) for p in params
+            if all(coordinate[d] == 0 for d, placement in enumerate(p.placements) if type(placement) is Replicate)}
+        self.first_replica_of_all = len(self._first_replica) == len(params)
+
+    def norm_slots(self, written: list) -> list:
+        """The written slots whose squares this rank adds to the window's norm."""
+        if self.first_replica_of_all:
+            return written
+        return [s for s in written if id(s.param) in self._first_replica]
 
     def check(self) -> None:
         return None

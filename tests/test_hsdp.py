@@ -1,0 +1,111 @@
+"""MicroBatchOptimizer(model=...) over FSDP2 on a 2-D device mesh (HSDP: replicated along
+the first dimension, sharded along the second), on two gloo ranks: a (2, 1) mesh (two
+replicas, unsharded) and a (1, 2) mesh (one replica, two shards).
+
+The window's flags are summed over both dimensions and each element's square counted
+once: against one process over both ranks' micro-batches, with clipping active (so a
+norm counted twice over the replicas would show), the parameters agree within rtol 1e-5
+and the ranks are identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gloo_ranks import run_ranks
+
+from mbfused.optim import MicroBatchOptimizer
+
+N = 3
+WORLD = 2
+MAX_NORM = 0.05
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+
+
+def _micro_batches(rank):
+    gen = torch.Generator().manual_seed(300 + rank)
+    return [torch.randn(int(torch.randint(2, 8, (), generator=gen)), 8, generator=gen) for _ in range(N)]
+
+
+def _loss(model, x, normalize):
+    out = model(x).square()
+    return out.sum() if normalize == "items" else out.mean()
+
+
+def _worker(rank, path, mesh_shape, normalize, nan_rank, results):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
+        model = _net()
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, model=model,
+                                  max_grad_norm=MAX_NORM, normalize=normalize)
+        stepped = []
+        for k, x in enumerate(_micro_batches(rank)):
+            loss = _loss(model, x, normalize)
+            if rank == nan_rank and k == 1:
+                loss = loss * float("nan")
+            loss.backward()
+            stepped.append(opt.step(num_items=x.shape[0] if normalize == "items" else None))
+            opt.zero_grad()
+        results[rank] = {
+            "params": {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()},
+            "stepped": stepped,
+            "norm": float(opt.last_grad_norm),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def _one_process(normalize):
+    ref = _net()
+    params = list(ref.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    items = 0
+    for rank in range(WORLD):
+        for x in _micro_batches(rank):
+            ref.zero_grad()
+            _loss(ref, x, normalize).backward()
+            for t, p in zip(total, params, strict=True):
+                t += p.grad / (N * WORLD if normalize == "mean" else 1)
+            items += x.shape[0]
+    for p, t in zip(params, total, strict=True):
+        p.grad = t / items if normalize == "items" else t
+    norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
+    torch.optim.AdamW(params, lr=1e-2).step()
+    return dict(ref.named_parameters()), norm
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("normalize", ["mean", "items"])
+def test_hsdp_window_equals_one_process(tmp_path, mesh_shape, normalize):
+    results = run_ranks(_worker, WORLD, tmp_path / "store", mesh_shape, normalize, None)
+    expected, norm = _one_process(normalize)
+    assert norm > MAX_NORM  # the clip is active: a wrong norm moves the parameters
+    for rank in range(WORLD):
+        got = results[rank]
+        assert got["stepped"] == [False] * (N - 1) + [True]
+        assert got["norm"] == pytest.approx(norm, rel=1e-5)
+        for name, value in expected.items():
+            torch.testing.assert_close(got["params"][name], value.detach(), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+    for name, value in results[0]["params"].items():
+        assert torch.equal(value, results[1]["params"][name]), f"ranks differ in {name}"
+
+
+def test_a_nan_on_one_replica_skips_the_hsdp_window_on_both(tmp_path):
+    results = run_ranks(_worker, WORLD, tmp_path / "store", (2, 1), "mean", 1)
+    initial = dict(_net().named_parameters())
+    for rank in range(WORLD):
+        assert results[rank]["stepped"] == [False] * N
+        for name, value in initial.items():
+            assert torch.equal(results[rank]["params"][name], value.detach())
