@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from mbfused import ops, reference
+from mbfused.window import is_sharded
 
 __all__ = ["fused_optimizer_step", "supports_fused_handoff"]
 
@@ -71,9 +72,10 @@ def fused_optimizer_step(
     grads = _grads(optimizer)
     if not grads:
         raise ValueError("optimizer has no parameter with a .grad to step on")
-    # Validates the arguments exactly as finalize_ does, without writing anything.
-    ops.check_finalize_inputs(grads, inv_scale, max_norm=max_norm, found_inf=found_inf,
-                              norm_sq=norm_sq)
+    # Validates the arguments exactly as finalize_ does, without writing anything (the
+    # local shards of DTensor gradients: FSDP2's, whose optimizer step runs per shard).
+    ops.check_finalize_inputs([g.to_local() if is_sharded(g) else g for g in grads], inv_scale,
+                              max_norm=max_norm, found_inf=found_inf, norm_sq=norm_sq)
     total_norm, coef = total_norm_and_coef(grads, inv_scale, max_norm, norm_sq)
     # 0-d, as GradScaler passes them (the fused kernels subtract found_inf from 0-d steps).
     optimizer.grad_scale = (1.0 / coef).reshape(())

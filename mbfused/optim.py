@@ -645,7 +645,7 @@ class MicroBatchOptimizer(WrappingOptimizer):
             if not skipped:
                 self._step_inner(self.optimizer.step)
         elif (supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype
-              and not window.sharded):
+              ):
             # Read before stepping: torch's fused kernels skip a step with found_inf set,
             # but create the state of parameters that have none first.
             skipped = bool(window.found_inf.item())

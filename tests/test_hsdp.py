@@ -1,6 +1,7 @@
 """MicroBatchOptimizer(model=...) over FSDP2 on a 2-D device mesh (HSDP: replicated along
 the first dimension, sharded along the second), on two gloo ranks: a (2, 1) mesh (two
-replicas, unsharded) and a (1, 2) mesh (one replica, two shards).
+replicas, unsharded) and a (1, 2) mesh (one replica, two shards); with a fused torch
+optimizer too, which takes the window's coefficient in its own kernel (the handoff).
 
 The window's flags are summed over both dimensions and each element's square counted
 once: against one process over both ranks' micro-batches, with clipping active (so a
@@ -36,10 +37,12 @@ def _loss(model, x, normalize):
     return out.sum() if normalize == "items" else out.mean()
 
 
-def _worker(rank, path, mesh_shape, normalize, nan_rank, results):
+def _worker(rank, path, mesh_shape, normalize, fused, nan_rank, results):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    import mbfused.optim
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
     try:
@@ -47,8 +50,11 @@ def _worker(rank, path, mesh_shape, normalize, nan_rank, results):
         model = _net()
         fully_shard(model[0], mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, model=model,
+        opt = MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused), N, model=model,
                                   max_grad_norm=MAX_NORM, normalize=normalize)
+        handoffs = []
+        handoff = mbfused.optim.fused_optimizer_step
+        mbfused.optim.fused_optimizer_step = lambda *args, **kwargs: handoffs.append(1) or handoff(*args, **kwargs)
         stepped = []
         for k, x in enumerate(_micro_batches(rank)):
             loss = _loss(model, x, normalize)
@@ -61,6 +67,7 @@ def _worker(rank, path, mesh_shape, normalize, nan_rank, results):
             "params": {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()},
             "stepped": stepped,
             "norm": float(opt.last_grad_norm),
+            "handoffs": len(handoffs),
         }
     finally:
         dist.destroy_process_group()
@@ -85,15 +92,21 @@ def _one_process(normalize):
     return dict(ref.named_parameters()), norm
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 1), (1, 2)])
-@pytest.mark.parametrize("normalize", ["mean", "items"])
-def test_hsdp_window_equals_one_process(tmp_path, mesh_shape, normalize):
-    results = run_ranks(_worker, WORLD, tmp_path / "store", mesh_shape, normalize, None)
+@pytest.mark.parametrize("mesh_shape, normalize, fused", [
+    ((2, 1), "mean", False),
+    ((1, 2), "mean", False),
+    ((2, 1), "items", False),
+    ((1, 2), "items", True),
+    ((2, 1), "mean", True),
+])
+def test_hsdp_window_equals_one_process(tmp_path, mesh_shape, normalize, fused):
+    results = run_ranks(_worker, WORLD, tmp_path / "store", mesh_shape, normalize, fused, None)
     expected, norm = _one_process(normalize)
     assert norm > MAX_NORM  # the clip is active: a wrong norm moves the parameters
     for rank in range(WORLD):
         got = results[rank]
         assert got["stepped"] == [False] * (N - 1) + [True]
+        assert got["handoffs"] == int(fused)
         assert got["norm"] == pytest.approx(norm, rel=1e-5)
         for name, value in expected.items():
             torch.testing.assert_close(got["params"][name], value.detach(), rtol=1e-5, atol=1e-6,
@@ -103,7 +116,7 @@ def test_hsdp_window_equals_one_process(tmp_path, mesh_shape, normalize):
 
 
 def test_a_nan_on_one_replica_skips_the_hsdp_window_on_both(tmp_path):
-    results = run_ranks(_worker, WORLD, tmp_path / "store", (2, 1), "mean", 1)
+    results = run_ranks(_worker, WORLD, tmp_path / "store", (2, 1), "mean", True, 1)
     initial = dict(_net().named_parameters())
     for rank in range(WORLD):
         assert results[rank]["stepped"] == [False] * N
