@@ -36,7 +36,9 @@ Those functions step an optimizer that has no state yet with zero gradients at l
 rate 0, to make its state exist (to be saved, or loaded into). For the wrapper that is no
 micro-batch: it steps the wrapped optimizer alone, and drops the state so made up again as
 soon as it has been read or replaced; the checkpoint says so, and loading it leaves the
-wrapped optimizer without state, as it was.
+wrapped optimizer without state, as it was. The made-up state also names the window's
+entries, because ``set_optimizer_state_dict`` with ``flatten_optimizer_state_dict=True``
+takes from a flattened state dict only the names the optimizer's state holds.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ try:
 except ImportError:  # a torch built without distributed support
     DTensor = Shard = None
 
-__all__ = ["PREFIX", "called_by_distributed_checkpoint", "initialising_state_for_checkpoint",
+__all__ = ["PREFIX", "called_by_distributed_checkpoint", "entry_names", "initialising_state_for_checkpoint",
            "read_window", "split_window_entries", "window_entries"]
 
 PREFIX = "mbfused_window_"
@@ -157,6 +159,11 @@ def window_entries(window: AccumulationWindow, *, micro_step: int, normalize: st
         ROUNDING_SEED: _rows(seed_halves, mesh),
     })
     return entries
+
+
+def entry_names(window: AccumulationWindow) -> list[tuple[str, ...]]:
+    """The names of ``window_entries``' entries for each of the window's slots."""
+    return [(GRAD, *_FIRST_ONLY) if s.index == 0 else (GRAD,) for s in window.slots]
 
 
 def split_window_entries(state: dict) -> tuple[dict, dict]:

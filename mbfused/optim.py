@@ -824,9 +824,10 @@ class MicroBatchOptimizer(WrappingOptimizer):
                 raise ValueError(
                     "state_dict has no window entries (mbfused_window_* in the parameters' state): it "
                     "was not saved from a MicroBatchOptimizer, or set_optimizer_state_dict was given "
-                    "StateDictOptions(flatten_optimizer_state_dict=True), which keeps only the entries the "
-                    "optimizer holds itself. Load without flatten_optimizer_state_dict; a plain "
-                    "optimizer's checkpoint loads into that optimizer before it is wrapped")
+                    "StateDictOptions(flatten_optimizer_state_dict=True) and an optimizer that has "
+                    "stepped already (it keeps only the entries the optimizer's state holds). Load a "
+                    "flattened state dict into a fresh MicroBatchOptimizer; a plain optimizer's "
+                    "checkpoint loads into that optimizer before it is wrapped")
         self._check_inner_state(inner)
         if ours is not None:
             self._check_window_state(ours)
@@ -856,6 +857,10 @@ class MicroBatchOptimizer(WrappingOptimizer):
         so that the wrapped optimizer's first real step is its first."""
         if not self.state:
             self._step_inner(self.optimizer.step)
+            # Named, for set_optimizer_state_dict(flatten_optimizer_state_dict=True), which
+            # takes from a flattened state dict only the names the optimizer's state holds.
+            for slot, names in zip(self._window.slots, dcp_layout.entry_names(self._window), strict=True):
+                self.optimizer.state[slot.param].update(dict.fromkeys(names))
             self._made_up_state = list(self.state)
         return False
 

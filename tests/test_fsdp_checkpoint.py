@@ -26,6 +26,7 @@ WORLD = 2
 # Micro-batches after which a checkpoint is taken: in the first window (the wrapped
 # optimizer has not stepped: torch makes its state up to save it) and in the second.
 CUTS = (1, N + 2)
+THROUGH = ("memory", "dcp", "dcp, flattened")  # flatten_optimizer_state_dict=True
 
 
 class Net(torch.nn.Module):
@@ -77,6 +78,7 @@ def _worker(rank, path, checkpoint_dir, engine, results):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
@@ -93,29 +95,30 @@ def _worker(rank, path, checkpoint_dir, engine, results):
 
         report = {}
         for cut in CUTS:
-            for through in ("memory", "dcp"):
+            for through in THROUGH:
+                options = StateDictOptions(flatten_optimizer_state_dict=through == "dcp, flattened")
                 model, opt = _build(engine)
                 _train(model, opt, batches[:cut])
                 model_sd = get_model_state_dict(model)
-                optim_sd = get_optimizer_state_dict(model, opt)
+                optim_sd = get_optimizer_state_dict(model, opt, options=options)
                 taken = {"micro_step": opt.micro_step, "state kept": bool(opt.state) == (cut > N)}
-                if through == "dcp":
-                    checkpoint = f"{checkpoint_dir}/{engine}-{cut}"
+                if through != "memory":
+                    checkpoint = f"{checkpoint_dir}/{engine}-{cut}-{through}"
                     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
                 if through == "memory":
                     # As torch optimizers do, the state dict refers to the live state tensors;
                     # two optimizers loaded from it would share them.
                     model_sd, optim_sd = copy.deepcopy(model_sd), copy.deepcopy(optim_sd)
                 fresh_model, fresh_opt = _build(engine)
-                if through == "dcp":
+                if through != "memory":
                     template = {"model": get_model_state_dict(fresh_model),
-                                "optim": get_optimizer_state_dict(fresh_model, fresh_opt)}
+                                "optim": get_optimizer_state_dict(fresh_model, fresh_opt, options=options)}
                     taken["template left the fresh wrapper as it was"] = (fresh_opt.micro_step == 0
                                                                           and not fresh_opt.state)
                     dcp.load(template, checkpoint_id=checkpoint)
                     model_sd, optim_sd = template["model"], template["optim"]
                 set_model_state_dict(fresh_model, model_sd)
-                set_optimizer_state_dict(fresh_model, fresh_opt, optim_sd)
+                set_optimizer_state_dict(fresh_model, fresh_opt, optim_sd, options=options)
                 taken["resumed micro_step"] = fresh_opt.micro_step
                 taken["resumed state"] = bool(fresh_opt.state) == (cut > N)
                 _train(fresh_model, fresh_opt, batches[cut:])
@@ -147,6 +150,17 @@ def _worker(rank, path, checkpoint_dir, engine, results):
             errors["world size"] = None
         except ValueError as error:
             errors["world size"] = (str(error), other.micro_step, bool(other.state))
+        # A flattened state dict loads only what the optimizer's own state names: into one
+        # that has stepped, the window's entries would be left out.
+        flat = get_optimizer_state_dict(model, opt, options=StateDictOptions(flatten_optimizer_state_dict=True))
+        other_model, other = _build(engine)
+        _train(other_model, other, batches[:N])
+        try:
+            set_optimizer_state_dict(other_model, other, flat,
+                                     options=StateDictOptions(flatten_optimizer_state_dict=True))
+            errors["flattened"] = None
+        except ValueError as error:
+            errors["flattened"] = (str(error), other.micro_step, bool(other.state))
         report["errors"] = errors
         dcp.save({"optim": optim_sd}, checkpoint_id=f"{checkpoint_dir}/{engine}-mid-window")
         results[rank] = report
@@ -174,7 +188,7 @@ def test_a_window_checkpointed_with_the_distributed_state_dict_functions_resumes
     for rank in range(WORLD):
         report = results[rank]
         for cut in CUTS:
-            for through in ("memory", "dcp"):
+            for through in THROUGH:
                 taken = report[(cut, through)]
                 where = f"rank {rank}, checkpoint after micro-batch {cut} through {through}"
                 # torch's state initialisation steps the wrapper with zero gradients: no micro-batch.
@@ -199,6 +213,8 @@ def test_a_window_saved_with_another_configuration_is_refused_before_anything_ch
             message, micro_step, has_state = errors[name]
             assert expected in message, (rank, message)
             assert micro_step == 0 and not has_state, f"rank {rank}: a refused {name} changed the optimizer"
+        message, micro_step, has_state = errors["flattened"]
+        assert "no window entries" in message and micro_step == 0 and has_state, (rank, errors["flattened"])
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -217,3 +233,43 @@ def test_a_window_saved_by_two_ranks_is_refused_by_one_process(ranks_run):
     with pytest.raises(CheckpointException, match=r"Size mismatch .* for optim\.state\.first\.weight\.mbfused_window_"):
         dcp.load(template, checkpoint_id=str(directory / "fsdp2-mid-window"), no_dist=True)
     assert opt.micro_step == 0 and not opt.state
+
+
+@pytest.mark.parametrize("options", [
+    {"mode": "bucket"},
+    {"mode": "param", "normalize": "items"},
+    {"accum_dtype": torch.bfloat16, "rounding": "stochastic"},  # the seed is resumed too
+])
+def test_one_process_resumes_a_window_through_the_state_dict_functions(options):
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def build():
+        torch.manual_seed(0)
+        model = Net()
+        return model, MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, bucket_mb=0.001,
+                                          max_grad_norm=0.05, **options)
+
+    def train(model, opt, batches):
+        for x in batches:
+            squares = model(x).square()
+            (squares.sum() if opt.normalize == "items" else squares.mean()).backward()
+            opt.step(num_items=x.shape[0] if opt.normalize == "items" else None)
+            opt.zero_grad()
+
+    batches = _micro_batches(0)
+    model, opt = build()
+    train(model, opt, batches)
+    expected = _full_params(model)
+    model, opt = build()
+    train(model, opt, batches[:N + 2])
+    saved = copy.deepcopy((model.state_dict(), get_optimizer_state_dict(model, opt)))
+    model, opt = build()
+    model.load_state_dict(saved[0])
+    set_optimizer_state_dict(model, opt, saved[1])
+    assert opt.micro_step == 2
+    train(model, opt, batches[N + 2:])
+    for name, value in _full_params(model).items():
+        assert torch.equal(value, expected[name]), name
