@@ -26,7 +26,10 @@ WORLD = 2
 # Micro-batches after which a checkpoint is taken: in the first window (the wrapped
 # optimizer has not stepped: torch makes its state up to save it) and in the second.
 CUTS = (1, N + 2)
-THROUGH = ("memory", "dcp", "dcp, flattened")  # flatten_optimizer_state_dict=True
+# How the checkpoint travels: in memory; through torch.distributed.checkpoint (also with
+# flatten_optimizer_state_dict=True); gathered to full tensors on rank 0 and broadcast
+# from there (full_state_dict=True, cpu_offload=True, broadcast_from_rank0=True).
+THROUGH = ("memory", "dcp", "dcp, flattened", "full, from rank 0")
 
 
 class Net(torch.nn.Module):
@@ -96,28 +99,34 @@ def _worker(rank, path, checkpoint_dir, engine, results):
         report = {}
         for cut in CUTS:
             for through in THROUGH:
-                options = StateDictOptions(flatten_optimizer_state_dict=through == "dcp, flattened")
+                full = through == "full, from rank 0"
+                options = StateDictOptions(flatten_optimizer_state_dict=through == "dcp, flattened",
+                                           full_state_dict=full, cpu_offload=full)
                 model, opt = _build(engine)
                 _train(model, opt, batches[:cut])
-                model_sd = get_model_state_dict(model)
+                model_sd = get_model_state_dict(model, options=options)
                 optim_sd = get_optimizer_state_dict(model, opt, options=options)
                 taken = {"micro_step": opt.micro_step, "state kept": bool(opt.state) == (cut > N)}
-                if through != "memory":
+                if through.startswith("dcp"):
                     checkpoint = f"{checkpoint_dir}/{engine}-{cut}-{through}"
                     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
-                if through == "memory":
+                if not through.startswith("dcp"):
                     # As torch optimizers do, the state dict refers to the live state tensors;
                     # two optimizers loaded from it would share them.
                     model_sd, optim_sd = copy.deepcopy(model_sd), copy.deepcopy(optim_sd)
+                if full:
+                    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                    if rank != 0:
+                        model_sd, optim_sd = {}, {}
                 fresh_model, fresh_opt = _build(engine)
-                if through != "memory":
+                if through.startswith("dcp"):
                     template = {"model": get_model_state_dict(fresh_model),
                                 "optim": get_optimizer_state_dict(fresh_model, fresh_opt, options=options)}
                     taken["template left the fresh wrapper as it was"] = (fresh_opt.micro_step == 0
                                                                           and not fresh_opt.state)
                     dcp.load(template, checkpoint_id=checkpoint)
                     model_sd, optim_sd = template["model"], template["optim"]
-                set_model_state_dict(fresh_model, model_sd)
+                set_model_state_dict(fresh_model, model_sd, options=options)
                 set_optimizer_state_dict(fresh_model, fresh_opt, optim_sd, options=options)
                 taken["resumed micro_step"] = fresh_opt.micro_step
                 taken["resumed state"] = bool(fresh_opt.state) == (cut > N)
