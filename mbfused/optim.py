@@ -482,7 +482,10 @@ class MicroBatchOptimizer(WrappingOptimizer):
             raise TypeError(f"closure must be callable or None, got {type(closure).__name__} "
                             "(pass an item count as step(num_items=...))")
         self._check_usable()
-        if not self._window.micro_batch_in_progress() and dcp_layout.initialising_state_for_checkpoint():
+        # torch.distributed.checkpoint steps an optimizer without state, with gradients set
+        # by hand (no backward delivered them): checked only then.
+        if (not self._window.micro_batch_in_progress() and not self.state
+                and dcp_layout.initialising_state_for_checkpoint()):
             return self._make_up_state_for_checkpoint()
         driven_by_scaler = self._check_scaler_call()
         items = self._check_num_items(num_items)
@@ -803,7 +806,12 @@ class MicroBatchOptimizer(WrappingOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores ``state_dict()``'s result, a half-finished window included. A torch
         optimizer's own state dict loads too (a checkpoint from before the wrapper: the
-        window starts fresh). Checked in full before anything is changed."""
+        window starts fresh). Checked in full before anything is changed.
+
+        The window given as per-parameter state entries (``mbfused.dcp_layout``: what
+        ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` passes on from
+        ``get_optimizer_state_dict``) loads too; called by that function, a state dict
+        without those entries raises (its window would be lost)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -855,13 +863,12 @@ class MicroBatchOptimizer(WrappingOptimizer):
         optimizer steps on those zeros (parameters unchanged at learning rate 0), and the
         state it makes is dropped again once read (state_dict) or replaced (load_state_dict),
         so that the wrapped optimizer's first real step is its first."""
-        if not self.state:
-            self._step_inner(self.optimizer.step)
-            # Named, for set_optimizer_state_dict(flatten_optimizer_state_dict=True), which
-            # takes from a flattened state dict only the names the optimizer's state holds.
-            for slot, names in zip(self._window.slots, dcp_layout.entry_names(self._window), strict=True):
-                self.optimizer.state[slot.param].update(dict.fromkeys(names))
-            self._made_up_state = list(self.state)
+        self._step_inner(self.optimizer.step)
+        # Named, for set_optimizer_state_dict(flatten_optimizer_state_dict=True), which
+        # takes from a flattened state dict only the names the optimizer's state holds.
+        for slot, names in zip(self._window.slots, dcp_layout.entry_names(self._window), strict=True):
+            self.optimizer.state[slot.param].update(dict.fromkeys(names))
+        self._made_up_state = list(self.state)
         return False
 
     def _drop_made_up_state(self) -> None:
