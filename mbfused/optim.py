@@ -76,7 +76,8 @@ def _refuse_direct_step(wrapper_ref: weakref.ref, optimizer, args, kwargs) -> No
 
 # Adapters that take over the gradient synchronisation of a model given as model= (a
 # DistributedDataParallel one, ...): classes with matches(model), a constructor taking
-# (model, params), process_group, check(), after_window() and release().
+# (model, params), process_group, check(), after_window(), release() and
+# holds_window_gradients() (the model keeps gradients of this window that no state dict has).
 # mbfused.distributed registers them, so that this module never imports an engine's code.
 _MODEL_SYNCS: list[type] = []
 
@@ -723,7 +724,11 @@ class MicroBatchOptimizer(WrappingOptimizer):
         Called by ``torch.distributed.checkpoint.state_dict`` (``get_optimizer_state_dict``,
         ``get_state_dict``), which keep only ``"state"`` and ``"param_groups"``, the window
         is given as entries of the per-parameter state instead (``mbfused.dcp_layout``)."""
-        self._check_no_micro_batch_in_progress("state_dict()")
+        try:
+            self._check_window_checkpointable("state_dict()")
+        except WindowMisuse:
+            self._drop_made_up_state()  # torch.distributed.checkpoint's, for this call
+            raise
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = dict(self.optimizer.state_dict())
@@ -849,12 +854,19 @@ class MicroBatchOptimizer(WrappingOptimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _check_no_micro_batch_in_progress(self, call: str) -> None:
+    def _check_window_checkpointable(self, call: str) -> None:
         if self._window.micro_batch_in_progress():
             raise WindowMisuse(
                 f"{call} was called between a backward() and its step(): the accumulation "
                 "buffers may already hold part of that micro-batch, which a resumed window would "
                 "then count twice. Take the checkpoint after step()")
+        if self._model_sync is not None and self._model_sync.holds_window_gradients():
+            raise WindowMisuse(
+                f"{call} was called mid-window while the model holds this window's gradients "
+                "itself (FSDP2 under set_requires_gradient_sync(False) reduce-scatters them only in "
+                "the window's last micro-batch): no state dict has them, so a resumed window would "
+                "lack them. Take the checkpoint at a window's end (step() returned True), or keep "
+                "FSDP2's default reduce-scatter after every micro-batch")
 
     def _make_up_state_for_checkpoint(self) -> bool:
         """``step()`` as torch.distributed.checkpoint's state-dict functions call it on an
@@ -922,7 +934,7 @@ class MicroBatchOptimizer(WrappingOptimizer):
         return inner, ours
 
     def __getstate__(self) -> dict:
-        self._check_no_micro_batch_in_progress("pickling (or copy.deepcopy)")
+        self._check_window_checkpointable("pickling (or copy.deepcopy)")
         if self.process_group is not None:
             raise TypeError("a MicroBatchOptimizer with a process_group cannot be pickled; save "
                             "state_dict() instead")

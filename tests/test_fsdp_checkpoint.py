@@ -19,7 +19,7 @@ import pytest
 import torch
 from gloo_ranks import run_ranks
 
-from mbfused.optim import MicroBatchOptimizer
+from mbfused.optim import MicroBatchOptimizer, WindowMisuse
 
 N = 3
 WORLD = 2
@@ -170,6 +170,19 @@ def _worker(rank, path, checkpoint_dir, engine, results):
             errors["flattened"] = None
         except ValueError as error:
             errors["flattened"] = (str(error), other.micro_step, bool(other.state))
+        if engine == "fsdp2":
+            # Reduce-scattered once per window: FSDP2 holds the window's first gradients itself.
+            model, opt = _build(engine)
+            for x in batches[:2]:
+                model.set_requires_gradient_sync(opt.sync_gradients)
+                model(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+            try:
+                get_optimizer_state_dict(model, opt)
+                errors["held by FSDP2"] = None
+            except WindowMisuse as error:
+                errors["held by FSDP2"] = (str(error), opt.micro_step, bool(opt.state))
         report["errors"] = errors
         dcp.save({"optim": optim_sd}, checkpoint_id=f"{checkpoint_dir}/{engine}-mid-window")
         results[rank] = report
@@ -222,6 +235,9 @@ def test_a_window_saved_with_another_configuration_is_refused_before_anything_ch
             message, micro_step, has_state = errors[name]
             assert expected in message, (rank, message)
             assert micro_step == 0 and not has_state, f"rank {rank}: a refused {name} changed the optimizer"
+        if engine == "fsdp2":
+            message, micro_step, has_state = errors["held by FSDP2"]
+            assert "set_requires_gradient_sync(False)" in message and micro_step == 2 and not has_state, message
         message, micro_step, has_state = errors["flattened"]
         assert "no window entries" in message and micro_step == 0 and has_state, (rank, errors["flattened"])
 
