@@ -194,8 +194,7 @@ def _own_row(value, name: str, shape: tuple, dtype: torch.dtype, world_size: int
     return local[0]
 
 
-def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, normalize: str,
-                world_size: int) -> dict:
+def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, world_size: int) -> dict:
     """The window's part of a state dict in the layout of ``window_entries`` (`entries`,
     keyed by the saved parameter ids; `slot_keys`: the saved id of each slot's parameter),
     as ``MicroBatchOptimizer.state_dict()`` holds it under ``"mbfused"``, plus
@@ -219,7 +218,8 @@ def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, n
     if first[WORLD_SIZE] != world_size:
         raise ValueError(f"state_dict's window was saved by {first[WORLD_SIZE]} ranks, and this optimizer "
                          f"runs on {world_size}: a half-finished window cannot be resumed on another number "
-                         "of ranks. Resume on as many ranks, or load a checkpoint of a window's end")
+                         "of ranks. Resume on as many ranks, or load a checkpoint of a window's end into the "
+                         "wrapped optimizer before it is wrapped")
     if saved_dtype != window.accum_dtype:
         raise ValueError(f"state_dict's window was accumulated in {saved_dtype or first[ACCUM_DTYPE]!r} but "
                          f"this optimizer's accum_dtype is {window.accum_dtype}: build it with "

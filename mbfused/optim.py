@@ -925,8 +925,7 @@ class MicroBatchOptimizer(WrappingOptimizer):
             saved_ids, (p for group in self.param_groups for p in group["params"]), strict=True)}
         slot_keys = [saved_id_of[id(s.param)] for s in self._window.slots]
         world_size = self._reduction.world_size if self._reduction is not None else 1
-        ours = dcp_layout.read_window(entries, slot_keys, self._window, normalize=self.normalize,
-                                      world_size=world_size)
+        ours = dcp_layout.read_window(entries, slot_keys, self._window, world_size=world_size)
         if ours.pop("optimizer_state_made_up"):
             # The wrapped optimizer had not stepped when the checkpoint was taken: the state
             # saved next to the window was made up for the layout.

@@ -6,8 +6,12 @@ FSDP2 ``fully_shard`` model and over a DDP model.
 A checkpoint taken mid-window, in the first window (the wrapped optimizer has no state
 yet) and in the second, is loaded into a fresh model and a fresh wrapper; both the resumed
 run and the run that took the checkpoint must end bit-identical to a run never
-checkpointed (same operations in the same order, so no tolerance). Loading a window saved
-with another accumulation_steps, accum_dtype or number of ranks raises.
+checkpointed (same operations in the same order, so no tolerance), whether the state
+dict travels in memory, through ``save``/``load`` (also flattened), or gathered on rank 0
+and broadcast from it. Loading a window saved with another accumulation_steps, accum_dtype
+or number of ranks raises, and so does a mid-window checkpoint while FSDP2 holds the
+window's gradients itself; a checkpoint of a window's end loads on another number of
+ranks through the plain optimizer.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from mbfused.optim import MicroBatchOptimizer, WindowMisuse
 
 N = 3
 WORLD = 2
+# torch.distributed.checkpoint.load in this process, with no process group, says it assumes so.
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 # Micro-batches after which a checkpoint is taken: in the first window (the wrapped
 # optimizer has not stepped: torch makes its state up to save it) and in the second.
 CUTS = (1, N + 2)
@@ -95,8 +101,10 @@ def _worker(rank, path, checkpoint_dir, engine, results):
         model, opt = _build(engine)
         _train(model, opt, batches)
         uninterrupted = _full_params(model)
-
         report = {}
+        if engine == "fsdp2":  # at a window's end, for another number of ranks to load
+            dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=f"{checkpoint_dir}/fsdp2-end")
+            report["exp_avg"] = opt.state[model.first.weight]["exp_avg"].full_tensor()
         for cut in CUTS:
             for through in THROUGH:
                 full = through == "full, from rank 0"
@@ -242,7 +250,6 @@ def test_a_window_saved_with_another_configuration_is_refused_before_anything_ch
         assert "no window entries" in message and micro_step == 0 and has_state, (rank, errors["flattened"])
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_a_window_saved_by_two_ranks_is_refused_by_one_process(ranks_run):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -258,6 +265,27 @@ def test_a_window_saved_by_two_ranks_is_refused_by_one_process(ranks_run):
     with pytest.raises(CheckpointException, match=r"Size mismatch .* for optim\.state\.first\.weight\.mbfused_window_"):
         dcp.load(template, checkpoint_id=str(directory / "fsdp2-mid-window"), no_dist=True)
     assert opt.micro_step == 0 and not opt.state
+
+
+def test_a_checkpoint_of_a_windows_end_loads_on_another_number_of_ranks_through_the_plain_optimizer(ranks_run):
+    """The window's per-rank entries tie a checkpoint to its number of ranks; at a window's
+    end there is no window, and the wrapped optimizer's state loads on any number."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    results, directory = ranks_run("fsdp2")
+    model = Net()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    template = {"optim": get_optimizer_state_dict(model, adamw)}
+    dcp.load(template, checkpoint_id=str(directory / "fsdp2-end"), no_dist=True)  # not the window's
+    set_optimizer_state_dict(model, adamw, template["optim"])
+    assert not any(isinstance(k, str) and k.startswith("mbfused_window_") for k in adamw.state[model.first.weight])
+    assert torch.equal(adamw.state[model.first.weight]["exp_avg"], results[0]["exp_avg"])
+    opt = MicroBatchOptimizer(adamw, N)
+    assert opt.micro_step == 0 and opt.state[model.first.weight]["exp_avg"] is not None
 
 
 @pytest.mark.parametrize("options", [
