@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from mbfused import _amp, ops
+from mbfused import _amp, dcp_layout, ops
 from mbfused._backend import requested_backend
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
 from mbfused.reduction import WindowReduction
@@ -77,7 +77,8 @@ def _refuse_direct_step(wrapper_ref: weakref.ref, optimizer, args, kwargs) -> No
 # Adapters that take over the gradient synchronisation of a model given as model= (a
 # DistributedDataParallel one, ...): classes with matches(model), a constructor taking
 # (model, params), process_group, process_groups (those the window's reduction sums
-# over, in turn), check(), after_window() and release().
+# over, in turn), check(), after_window(), release() and holds_window_gradients() (the
+# model keeps gradients of this window that no state dict has).
 # mbfused.distributed registers them, so that this module never imports an engine's code.
 _MODEL_SYNCS: list[type] = []
 
@@ -340,6 +341,9 @@ class MicroBatchOptimizer(WrappingOptimizer):
         self._framework_checked = False
         self._bad_items: Tensor | None = None  # a tensor num_items of this window was nan or < 0
         self._stepping_inner = False
+        # Parameters whose state in the wrapped optimizer torch.distributed.checkpoint made
+        # up (see _make_up_state_for_checkpoint), to be dropped once read or replaced.
+        self._made_up_state: list[Tensor] = []
         self._take_over(params)
         scaler = self.scaler
         self._window = AccumulationWindow(
@@ -482,6 +486,11 @@ class MicroBatchOptimizer(WrappingOptimizer):
             raise TypeError(f"closure must be callable or None, got {type(closure).__name__} "
                             "(pass an item count as step(num_items=...))")
         self._check_usable()
+        # torch.distributed.checkpoint steps an optimizer without state, with gradients set
+        # by hand (no backward delivered them): checked only then.
+        if (not self._window.micro_batch_in_progress() and not self.state
+                and dcp_layout.initialising_state_for_checkpoint()):
+            return self._make_up_state_for_checkpoint()
         driven_by_scaler = self._check_scaler_call()
         items = self._check_num_items(num_items)
         if closure is not None:
@@ -719,19 +728,30 @@ class MicroBatchOptimizer(WrappingOptimizer):
         ``"mbfused"``, with the accumulated gradients of a half-finished window (a
         checkpoint may be taken mid-window). A plain torch optimizer loads it too.
         Taken between a backward() and its step(), it raises: the buffers may hold part of
-        that micro-batch, which the window does not count yet."""
-        self._check_no_micro_batch_in_progress("state_dict()")
+        that micro-batch, which the window does not count yet.
+
+        Called by ``torch.distributed.checkpoint.state_dict`` (``get_optimizer_state_dict``,
+        ``get_state_dict``), which keep only ``"state"`` and ``"param_groups"``, the window
+        is given as entries of the per-parameter state instead (``mbfused.dcp_layout``)."""
+        try:
+            self._check_window_checkpointable("state_dict()")
+        except WindowMisuse:
+            self._drop_made_up_state()  # torch.distributed.checkpoint's, for this call
+            raise
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         state_dict = dict(self.optimizer.state_dict())
-        state_dict[_STATE_KEY] = {
-            "accumulation_steps": self.accumulation_steps,
-            "normalize": self.normalize,
-            "micro_step": self.micro_step,
-            "window": self._window.state(),
-        }
-        if self._window.rounding_seed is not None:
-            state_dict[_STATE_KEY]["rounding_seed"] = self._window.rounding_seed
+        if dcp_layout.called_by_distributed_checkpoint():
+            state_dict["state"] = self._state_with_window_entries(state_dict["state"])
+        else:
+            state_dict[_STATE_KEY] = {
+                "accumulation_steps": self.accumulation_steps,
+                "normalize": self.normalize,
+                "micro_step": self.micro_step,
+                "window": self._window.state(),
+            }
+            if self._window.rounding_seed is not None:
+                state_dict[_STATE_KEY]["rounding_seed"] = self._window.rounding_seed
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
@@ -800,7 +820,12 @@ class MicroBatchOptimizer(WrappingOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores ``state_dict()``'s result, a half-finished window included. A torch
         optimizer's own state dict loads too (a checkpoint from before the wrapper: the
-        window starts fresh). Checked in full before anything is changed."""
+        window starts fresh). Checked in full before anything is changed.
+
+        The window given as per-parameter state entries (``mbfused.dcp_layout``: what
+        ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` passes on from
+        ``get_optimizer_state_dict``) loads too; called by that function, a state dict
+        without those entries raises (its window would be lost)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -810,8 +835,21 @@ class MicroBatchOptimizer(WrappingOptimizer):
         if "optimizer" in state_dict and _STATE_KEY not in state_dict:  # mbfused 0.1's layout
             state_dict = {**state_dict["optimizer"],
                           _STATE_KEY: {k: v for k, v in state_dict.items() if k != "optimizer"}}
+        # State made up by torch.distributed.checkpoint to load into is replaced, or was
+        # never there if this raises.
+        self._drop_made_up_state()
         ours = state_dict.get(_STATE_KEY)
         inner = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        if ours is None:
+            inner, ours = self._window_from_entries(inner)
+            if ours is None and dcp_layout.called_by_distributed_checkpoint() and self._window.slots:
+                raise ValueError(
+                    "state_dict has no window entries (mbfused_window_* in the parameters' state): it "
+                    "was not saved from a MicroBatchOptimizer, or set_optimizer_state_dict was given "
+                    "StateDictOptions(flatten_optimizer_state_dict=True) and an optimizer that has "
+                    "stepped already (it keeps only the entries the optimizer's state holds). Load a "
+                    "flattened state dict into a fresh MicroBatchOptimizer; a plain optimizer's "
+                    "checkpoint loads into that optimizer before it is wrapped")
         self._check_inner_state(inner)
         if ours is not None:
             self._check_window_state(ours)
@@ -825,15 +863,86 @@ class MicroBatchOptimizer(WrappingOptimizer):
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
-    def _check_no_micro_batch_in_progress(self, call: str) -> None:
+    def _check_window_checkpointable(self, call: str) -> None:
         if self._window.micro_batch_in_progress():
             raise WindowMisuse(
                 f"{call} was called between a backward() and its step(): the accumulation "
                 "buffers may already hold part of that micro-batch, which a resumed window would "
                 "then count twice. Take the checkpoint after step()")
+        if self._model_sync is not None and self._model_sync.holds_window_gradients():
+            raise WindowMisuse(
+                f"{call} was called mid-window while the model holds this window's gradients "
+                "itself (FSDP2 under set_requires_gradient_sync(False) reduce-scatters them only in "
+                "the window's last micro-batch): no state dict has them, so a resumed window would "
+                "lack them. Take the checkpoint at a window's end (step() returned True), or keep "
+                "FSDP2's default reduce-scatter after every micro-batch")
+
+    def _make_up_state_for_checkpoint(self) -> bool:
+        """``step()`` as torch.distributed.checkpoint's state-dict functions call it on an
+        optimizer without state: zero gradients at learning rate 0, so that the state exists
+        to be saved or loaded into. No micro-batch: the window is left as it is, the wrapped
+        optimizer steps on those zeros (parameters unchanged at learning rate 0), and the
+        state it makes is dropped again once read (state_dict) or replaced (load_state_dict),
+        so that the wrapped optimizer's first real step is its first."""
+        self._step_inner(self.optimizer.step)
+        # Named, for set_optimizer_state_dict(flatten_optimizer_state_dict=True), which
+        # takes from a flattened state dict only the names the optimizer's state holds.
+        for slot, names in zip(self._window.slots, dcp_layout.entry_names(self._window), strict=True):
+            self.optimizer.state[slot.param].update(dict.fromkeys(names))
+        self._made_up_state = list(self.state)
+        return False
+
+    def _drop_made_up_state(self) -> None:
+        for param in self._made_up_state:
+            self.optimizer.state.pop(param, None)
+        self._made_up_state = []
+
+    def _state_with_window_entries(self, state: dict) -> dict:
+        """The wrapped optimizer's per-parameter `state` (keyed by parameter position)
+        with the window's entries added (``mbfused.dcp_layout``); state made up for the
+        checkpoint is dropped from the wrapped optimizer now that it has been read."""
+        position, start = {}, 0
+        for group in self.param_groups:
+            for offset, p in enumerate(group["params"]):
+                position.setdefault(id(p), start + offset)
+            start += len(group["params"])
+        world_size = self._reduction.world_size if self._reduction is not None else 1
+        entries = dcp_layout.window_entries(self._window, micro_step=self.micro_step, normalize=self.normalize,
+                                            group=self.process_group, world_size=world_size,
+                                            state_made_up=bool(self._made_up_state))
+        state = dict(state)
+        for slot, ours in zip(self._window.slots, entries, strict=True):
+            key = position[id(slot.param)]
+            state[key] = {**state.get(key, {}), **ours}
+        self._drop_made_up_state()
+        return state
+
+    def _window_from_entries(self, inner: dict) -> tuple[dict, dict | None]:
+        """Splits a state dict in ``mbfused.dcp_layout``'s layout into the wrapped
+        optimizer's part and the window's (as ``state_dict()["mbfused"]`` holds it; None when
+        there are no window entries)."""
+        state = inner.get("state")
+        if not isinstance(state, dict):
+            return inner, None
+        inner_state, entries = dcp_layout.split_window_entries(state)
+        if not entries:
+            return inner, None
+        inner = dict(inner, state=inner_state)
+        self._check_inner_state(inner)
+        saved_ids = [pid for group in inner["param_groups"] for pid in group["params"]]
+        saved_id_of = {id(p): pid for pid, p in zip(
+            saved_ids, (p for group in self.param_groups for p in group["params"]), strict=True)}
+        slot_keys = [saved_id_of[id(s.param)] for s in self._window.slots]
+        world_size = self._reduction.world_size if self._reduction is not None else 1
+        ours = dcp_layout.read_window(entries, slot_keys, self._window, world_size=world_size)
+        if ours.pop("optimizer_state_made_up"):
+            # The wrapped optimizer had not stepped when the checkpoint was taken: the state
+            # saved next to the window was made up for the layout.
+            inner = dict(inner, state={})
+        return inner, ours
 
     def __getstate__(self) -> dict:
-        self._check_no_micro_batch_in_progress("pickling (or copy.deepcopy)")
+        self._check_window_checkpointable("pickling (or copy.deepcopy)")
         if self.process_group is not None:
             raise TypeError("a MicroBatchOptimizer with a process_group cannot be pickled; save "
                             "state_dict() instead")

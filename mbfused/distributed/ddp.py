@@ -59,6 +59,10 @@ class DDPSync:
             for buffer in buffers:
                 dist.broadcast(buffer, src=source, group=self.process_group)
 
+    def holds_window_gradients(self) -> bool:
+        """DDP keeps no gradients: its synchronisation is off, the window takes them all."""
+        return False
+
     def release(self) -> None:
         """Gives DDP its synchronisation back (the wrapper was closed)."""
         self.ddp.require_backward_grad_sync = True

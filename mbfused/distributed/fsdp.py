@@ -81,5 +81,21 @@ class FSDPSync:
     def after_window(self) -> None:
         return None
 
+    def holds_window_gradients(self) -> bool:
+        """Whether FSDP2 holds unsharded gradients it has not reduce-scattered yet
+        (micro-batches run under ``set_requires_gradient_sync(False)``): they are in no
+        state dict. Read from FSDP2's parameter state (torch 2.14's layout; False where it
+        is not found)."""
+        for module in self.model.modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", ()):
+                for fsdp_param in group.fsdp_params:
+                    unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                    if (getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None
+                            or (unsharded is not None and unsharded.grad is not None)):
+                        return True
+        return False
+
     def release(self) -> None:
         return None
