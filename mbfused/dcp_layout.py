@@ -115,9 +115,11 @@ def _mesh_of(group, device: torch.device):
 
 
 def _rows(local: Tensor, mesh) -> Tensor:
-    """This rank's `local` as its row of a ``[world, *local.shape]`` tensor."""
+    """This rank's `local` as its row of a ``[world, *local.shape]`` tensor: rows sharded
+    along every dimension of the mesh in turn (on a 2-D mesh the rank at (i, j) holds row
+    i * size(1) + j)."""
     row = local.unsqueeze(0)
-    return row if mesh is None else DTensor.from_local(row, mesh, [Shard(0)], run_check=False)
+    return row if mesh is None else DTensor.from_local(row, mesh, [Shard(0)] * mesh.ndim, run_check=False)
 
 
 def _buffer_entry(slot, mesh) -> Tensor:
@@ -129,13 +131,14 @@ def _buffer_entry(slot, mesh) -> Tensor:
     return _rows(local, mesh) if mesh is not None else local
 
 
-def window_entries(window: AccumulationWindow, *, micro_step: int, normalize: str, group,
+def window_entries(window: AccumulationWindow, *, micro_step: int, normalize: str, group, mesh=None,
                    world_size: int, state_made_up: bool) -> list[dict]:
     """The window's entries for each of its slots (see the module's docstring), in slot
-    order: to be added to the state of the slots' parameters."""
+    order: to be added to the state of the slots' parameters. Per-rank rows are laid out
+    over `mesh` (the sharded parameters' device mesh), else over `group`'s ranks."""
     if not window.slots:
         return []
-    mesh = _mesh_of(group, window.device)
+    mesh = mesh if mesh is not None else _mesh_of(group, window.device)
     entries = [{GRAD: _buffer_entry(s, mesh)} for s in window.slots]
     mid_window = micro_step > 0
     items = window.items if mid_window else 0

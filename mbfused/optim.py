@@ -908,7 +908,8 @@ class MicroBatchOptimizer(WrappingOptimizer):
             start += len(group["params"])
         world_size = self._reduction.world_size if self._reduction is not None else 1
         entries = dcp_layout.window_entries(self._window, micro_step=self.micro_step, normalize=self.normalize,
-                                            group=self.process_group, world_size=world_size,
+                                            group=self.process_group,
+                                            mesh=getattr(self._model_sync, "mesh", None), world_size=world_size,
                                             state_made_up=bool(self._made_up_state))
         state = dict(state)
         for slot, ours in zip(self._window.slots, entries, strict=True):

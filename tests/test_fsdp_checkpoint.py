@@ -76,6 +76,13 @@ def _build(engine, accumulation_steps=N, accum_dtype=torch.float32):
     if engine == "fsdp2":
         fully_shard(model.first)
         fully_shard(model)
+    elif engine.startswith("hsdp"):  # a 2-D mesh: per-rank entries laid out over both dimensions
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (WORLD, 1) if engine == "hsdp, 2 replicas" else (1, WORLD)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        fully_shard(model.first, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     else:
         model = DistributedDataParallel(model)
     opt = MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), accumulation_steps,
@@ -212,7 +219,7 @@ def ranks_run(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp", "hsdp, 2 replicas", "hsdp, 2 shards"])
 def test_a_window_checkpointed_with_the_distributed_state_dict_functions_resumes_bit_identical(ranks_run, engine):
     results, _ = ranks_run(engine)
     for rank in range(WORLD):

@@ -60,6 +60,7 @@ class FSDPSync:
                     "the window takes parameters sharded (Shard) or replicated (Replicate) along each "
                     "dimension")
         self.model = model
+        self.mesh = mesh  # the layout of the window's per-rank checkpoint entries
         self.process_groups = [mesh.get_group(d) for d in range(mesh.ndim)]
         self.process_group = self.process_groups[0]
         coordinate = mesh.get_coordinate()
