@@ -20,6 +20,7 @@ struct Avx2 {
   using Mask = __m256;  // lanes of all ones where a non-finite value was seen
   using IVec = __m256i;  // 32-bit integer lanes (Philox, stochastic rounding)
   static constexpr int64_t kWidth = 8;
+  static constexpr int kPhiloxPasses = 2;  // interleaved Philox passes (16 ymm registers hold two)
 
   static Vec zero() { return _mm256_setzero_ps(); }
   static Vec set1(float x) { return _mm256_set1_ps(x); }

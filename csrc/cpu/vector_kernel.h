@@ -112,8 +112,9 @@ struct VectorAccumulate {
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
   }
 
-  // Stochastic rounding: each Philox pass gives the random bits of 8 * kWidth elements.
-  static constexpr int kPhiloxPasses = 2;
+  // Stochastic rounding: each Philox pass gives the random bits of 8 * kWidth elements;
+  // V::kPhiloxPasses of them interleaved.
+  static constexpr int kPhiloxPasses = V::kPhiloxPasses;
   static ChunkResult stochastic_body(Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite,
                                      const RandomStream& random) {
     constexpr int64_t kGroup = 8 * V::kWidth * kPhiloxPasses;
