@@ -220,9 +220,9 @@ def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, w
     saved_normalize = {code: name for name, code in _NORMALIZE_CODES.items()}.get(first[NORMALIZE])
     if first[WORLD_SIZE] != world_size:
         raise ValueError(f"state_dict's window was saved by {first[WORLD_SIZE]} ranks, and this optimizer "
-                         f"runs on {world_size}: a half-finished window cannot be resumed on another number "
-                         "of ranks. Resume on as many ranks, or load a checkpoint of a window's end into the "
-                         "wrapped optimizer before it is wrapped")
+                         f"runs on {world_size}: its per-rank entries (a half-finished window's, or a "
+                         "window end's) load on as many ranks only. Resume on as many ranks, or load a "
+                         "checkpoint of a window's end into the wrapped optimizer before it is wrapped")
     if saved_dtype != window.accum_dtype:
         raise ValueError(f"state_dict's window was accumulated in {saved_dtype or first[ACCUM_DTYPE]!r} but "
                          f"this optimizer's accum_dtype is {window.accum_dtype}: build it with "

@@ -357,6 +357,11 @@ class MicroBatchOptimizer(WrappingOptimizer):
                                            model_sync.process_groups if model_sync is not None else [process_group],
                                            reduce_buffers=model_sync is None or model_sync.reduces_buffers)
                            if process_group is not None else None)
+        if self._reduction is not None and self._window.rounding_seed is not None:
+            # One seed for all ranks, however each seeded torch: ranks that round identical
+            # buffers (DDP's and process_group='s reduced ones at the window's end, HSDP's
+            # replicated shards) must round them alike, or their parameters drift apart.
+            self._window.rounding_seed = self._reduction.first_rank_value(self._window.rounding_seed)
         self._guard = optimizer.register_step_pre_hook(
             functools.partial(_refuse_direct_step, weakref.ref(self)))
         # Undone when the window closes: by close(), by another wrapper taking the
@@ -653,8 +658,9 @@ class MicroBatchOptimizer(WrappingOptimizer):
             skipped = bool(window.found_inf.item())
             if not skipped:
                 self._step_inner(self.optimizer.step)
-        elif (supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype
-              ):
+        elif supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype:
+            # Under FSDP2 too: the gradients are DTensors over the buffers, and norm_sq
+            # (summed over the ranks above) is the global norm's square.
             # Read before stepping: torch's fused kernels skip a step with found_inf set,
             # but create the state of parameters that have none first.
             skipped = bool(window.found_inf.item())

@@ -10,9 +10,9 @@ item count) in one more all-reduce. Buffers that got no gradient on this rank ta
 as zeros.
 
 Buffers that hold shards (FSDP2) are reduced already: only the flags and the squared
-norm are summed, over each of the groups of the parameters' device mesh in turn (an
-HSDP mesh: its shard groups, then its replicate groups), which sums them over the whole
-mesh.
+norm are summed, over the group of each dimension of the parameters' device mesh in
+turn (an HSDP mesh: its replicate groups, then its shard groups), which sums them over
+the whole mesh.
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ class WindowReduction:
         self._next = 0  # the next bucket to launch
         if reduce_buffers:
             window.on_last_bucket_accumulated = self._bucket_completed
+
+    def first_rank_value(self, value: int) -> int:
+        """`value` (a 64-bit unsigned int) as the first rank of the groups holds it: one
+        broadcast per group, in turn, from its first rank."""
+        signed = value - (1 << 64) if value >= (1 << 63) else value
+        shared = torch.tensor([signed], dtype=torch.int64, device=self.window.device)
+        for group in self.groups:
+            dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
+        return int(shared.item()) % (1 << 64)
 
     def _bucket_completed(self, index: int) -> None:
         self._completed.add(index)

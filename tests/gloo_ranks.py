@@ -27,5 +27,33 @@ def run_ranks(worker, world: int, *args, deadline_s: float = DEADLINE_S) -> dict
                 for process in ranks.processes:
                     if process.is_alive():
                         process.kill()
+                        process.join(5)
                 raise TimeoutError(f"{worker.__name__}: the {world} ranks did not finish within {deadline_s:.0f} s")
         return dict(results)
+
+
+def one_process_window(model: torch.nn.Module, micro_batches: list[list], loss, *, normalize: str = "mean",
+                       max_norm: float, lr: float) -> tuple[torch.nn.Module, float]:
+    """What the ranks' window must equal: `model` (the ranks' start) trained in one process
+    on every rank's micro-batches (``micro_batches[rank][k]``) as one window, the
+    gradients averaged over all micro-batches ("mean") or summed and divided by the items
+    ("items": a micro-batch's item count is its first dimension), clipped to `max_norm`,
+    then one AdamW step at `lr`. ``loss(model, x, rank, k)`` is micro-batch k's loss on
+    `rank`. Returns `model` and the window's gradient norm before clipping."""
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    count = sum(len(batches) for batches in micro_batches)
+    items = 0
+    for rank, batches in enumerate(micro_batches):
+        for k, x in enumerate(batches):
+            model.zero_grad()
+            loss(model, x, rank, k).backward()
+            for t, p in zip(total, params, strict=True):
+                if p.grad is not None:
+                    t += p.grad / (count if normalize == "mean" else 1)
+            items += x.shape[0]
+    for p, t in zip(params, total, strict=True):
+        p.grad = t / items if normalize == "items" else t
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    torch.optim.AdamW(params, lr=lr).step()
+    return model, norm

@@ -72,7 +72,7 @@ def test_every_dtype_pairing_of_both_kernels_is_compiled():
         # argument says whether they round stochastically, which only the 2 x 3 pairings
         # with a 16-bit destination do (accumulate_kernel<Acc, Grad>, scale_kernel<Src, Dst>).
         for kernel, fp32_destination in (("accumulate_kernel", "accumulate_kernelIf"),
-                                         ("scale_kernel", "scale_kernelI\w+fLb1E")):
+                                         ("scale_kernel", r"scale_kernelI\w+fLb1E")):
             found = [name for name in names if kernel in name]
             assert sum("Lb0E" in name for name in found) == 9, (arch, kernel)
             assert sum("Lb1E" in name for name in found) == 6, (arch, kernel)

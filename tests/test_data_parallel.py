@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gloo_ranks import run_ranks
+from gloo_ranks import one_process_window, run_ranks
 
 from mbfused.optim import MicroBatchOptimizer
 
@@ -94,22 +94,9 @@ def _run(tmp_path, scenario, normalize="mean"):
 def _one_process(normalize):
     """The window over both ranks' micro-batches in one process, averaged as DDP does."""
     torch.manual_seed(0)
-    ref = Net()
-    params = list(ref.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    items = 0
-    for rank in range(WORLD):
-        for k, x in enumerate(_micro_batches(rank)):
-            ref.zero_grad()
-            _loss(ref, x, _uses_head(rank, k), normalize).backward()
-            for t, p in zip(total, params, strict=True):
-                if p.grad is not None:
-                    t += p.grad / (N * WORLD if normalize == "mean" else 1)
-            items += x.shape[0]
-    for p, t in zip(params, total, strict=True):
-        p.grad = t / items if normalize == "items" else t
-    torch.nn.utils.clip_grad_norm_(params, 0.05)
-    torch.optim.AdamW(params, lr=1e-2).step()
+    ref, _ = one_process_window(Net(), [_micro_batches(rank) for rank in range(WORLD)],
+                                lambda model, x, rank, k: _loss(model, x, _uses_head(rank, k), normalize),
+                                normalize=normalize, max_norm=0.05, lr=1e-2)
     return ref.state_dict()
 
 

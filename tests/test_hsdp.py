@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gloo_ranks import run_ranks
+from gloo_ranks import one_process_window, run_ranks
 
 from mbfused.optim import MicroBatchOptimizer
 
@@ -74,21 +74,10 @@ def _worker(rank, path, mesh_shape, normalize, fused, nan_rank, results):
 
 
 def _one_process(normalize):
-    ref = _net()
-    params = list(ref.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    items = 0
-    for rank in range(WORLD):
-        for x in _micro_batches(rank):
-            ref.zero_grad()
-            _loss(ref, x, normalize).backward()
-            for t, p in zip(total, params, strict=True):
-                t += p.grad / (N * WORLD if normalize == "mean" else 1)
-            items += x.shape[0]
-    for p, t in zip(params, total, strict=True):
-        p.grad = t / items if normalize == "items" else t
-    norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_NORM))
-    torch.optim.AdamW(params, lr=1e-2).step()
+    """The expected parameters, and the window's norm before clipping."""
+    ref, norm = one_process_window(_net(), [_micro_batches(rank) for rank in range(WORLD)],
+                                   lambda model, x, rank, k: _loss(model, x, normalize),
+                                   normalize=normalize, max_norm=MAX_NORM, lr=1e-2)
     return dict(ref.named_parameters()), norm
 
 

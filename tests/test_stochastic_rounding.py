@@ -506,6 +506,50 @@ def test_optimizer_refuses_stochastic_fp32_buffers_and_bad_saved_seeds():
         nearest.load_state_dict(opt.state_dict())
 
 
+# -- on several ranks ------------------------------------------------------------------------
+
+
+def _replicas_worker(rank, path, engine, results):
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = _net().to(torch.bfloat16)
+        if engine == "ddp":
+            model = DistributedDataParallel(model)
+        else:  # HSDP with two replicas: each rounds the same replicated shards
+            fully_shard(model, mesh=init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard")))
+        torch.manual_seed(100 + rank)  # ranks seeded apart, as per-rank data loading often does
+        opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 4, model=model,
+                                          accum_dtype=torch.bfloat16, rounding="stochastic", max_grad_norm=0.01)
+        seed = opt.state_dict()["mbfused"]["rounding_seed"]
+        _train(model, opt, [x.bfloat16() for x in _micro_batches(8, seed=rank)])
+        params = [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in model.parameters()]
+        results[rank] = {"seed": seed, "params": params}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", ["ddp", "hsdp"])
+def test_replicas_round_alike_however_each_rank_seeded_torch(tmp_path, engine):
+    """The ranks' identical buffers (DDP's reduced ones, rounded again by finalize_ for bf16
+    parameters; HSDP's replicated shards, rounded by every accumulate_) must get the same
+    random bits on every rank, or the replicas drift apart."""
+    from gloo_ranks import run_ranks
+
+    results = run_ranks(_replicas_worker, 2, tmp_path / "store", engine)
+    assert results[0]["seed"] == results[1]["seed"]
+    for p, q in zip(results[0]["params"], results[1]["params"], strict=True):
+        assert torch.equal(p, q)
+
+
 # -- the rounding benchmark ----------------------------------------------------------------
 
 

@@ -113,6 +113,7 @@ inline ChunkResult accumulate_range(
 
 // The stochastic-rounding loop: one Philox block per eight elements (element e of the
 // tensor takes stochastic_word(block e / 8, e % 8), as mbfused.reference.stochastic_bits).
+// acc may be grad itself (finalize_'s in-place stochastic pass): never mark them restrict.
 template <typename Acc, typename Grad>
 inline ChunkResult accumulate_range_stochastic(
     Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite, const RandomStream& random) {

@@ -112,8 +112,10 @@ struct VectorAccumulate {
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
   }
 
-  // Stochastic rounding: each Philox pass gives the random bits of 8 * kWidth elements;
-  // V::kPhiloxPasses of them interleaved.
+  // Stochastic rounding: each Philox pass gives the random bits of 8 * kWidth elements,
+  // V::kPhiloxPasses passes interleaved. acc may be grad itself (finalize_'s in-place
+  // stochastic pass runs this kernel): each element is loaded before it is stored, and
+  // the pointers must never be marked restrict.
   static constexpr int kPhiloxPasses = V::kPhiloxPasses;
   static ChunkResult stochastic_body(Acc* acc, const Grad* grad, int64_t n, float scale, bool overwrite,
                                      const RandomStream& random) {

@@ -62,6 +62,8 @@ class FSDPSync:
         self.model = model
         self.mesh = mesh  # the layout of the window's per-rank checkpoint entries
         self.process_groups = [mesh.get_group(d) for d in range(mesh.ndim)]
+        # The first dimension's group (an HSDP mesh's replicate group): the window's
+        # reduction takes all of process_groups.
         self.process_group = self.process_groups[0]
         coordinate = mesh.get_coordinate()
         # Parameters whose squares this rank adds to the window's norm (see above).
