@@ -88,7 +88,7 @@ def _accumulate_tile(
 # The tables and per-block buffers are read and written one scalar per program: their
 # alignment buys nothing, and specialising on it (it varies with list lengths and group
 # offsets) would compile up to 8 variants of each kernel.
-@triton.autotune(configs=_CONFIGS, key=["ACC_DTYPE", "GRAD_DTYPE", "ALIGNED"], do_bench=benchmark)
+@triton.autotune(configs=_CONFIGS, key=["ACC_DTYPE", "GRAD_DTYPE", "ALIGNED", "STOCHASTIC"], do_bench=benchmark)
 @triton.jit(do_not_specialize=["scale_bits", "seed_low", "seed_high"], do_not_specialize_on_alignment=[
     "acc_ptrs", "grad_ptrs", "numels", "first_blocks", "list_indices", "block_tensors", "partials_ptr",
     "seed_ptr"])
@@ -154,7 +154,8 @@ _tuned: set[tuple] = set()
 
 
 def _tune_on_scratch(group: Group, scale: float | Tensor, overwrite: bool,
-                     found_inf: Tensor | None, device: torch.device) -> None:
+                     found_inf: Tensor | None, stochastic_rounding: bool, seed: int | Tensor | None,
+                     device: torch.device) -> None:
     """Runs the autotuner for `group` on scratch tensors, once per tuning key.
 
     The scratch call passes the same kinds of arguments (None or tensor) as the real one,
@@ -164,7 +165,7 @@ def _tune_on_scratch(group: Group, scale: float | Tensor, overwrite: bool,
     if len(_CONFIGS) == 1:
         return
     key = (group.dst_dtype, group.src_dtype, group.aligned, isinstance(scale, Tensor),
-           found_inf is not None, device)
+           found_inf is not None, stochastic_rounding, isinstance(seed, Tensor), device)
     if key in _tuned:
         return
     with tuning_once(_tuned, key):
@@ -176,6 +177,9 @@ def _tune_on_scratch(group: Group, scale: float | Tensor, overwrite: bool,
             torch.ones(1, device=device) if isinstance(scale, Tensor) else 1.0,
             overwrite=overwrite,
             found_inf=None if found_inf is None else torch.zeros(1, device=device),
+            stochastic_rounding=stochastic_rounding,
+            seed=(torch.zeros(1, dtype=torch.int64, device=device) if isinstance(seed, Tensor) else 0)
+            if stochastic_rounding else None,
         )
 
 
@@ -213,7 +217,7 @@ def accumulate_(
     kernel, options = (accumulate_kernel.fn, NORM_LAUNCH) if partials is not None else (accumulate_kernel, {})
     for group in launches.groups:
         if partials is None:
-            _tune_on_scratch(group, scale, overwrite, found_inf, device)
+            _tune_on_scratch(group, scale, overwrite, found_inf, stochastic_rounding, seed, device)
         blocks = slice(group.first, group.first + group.count)
         kernel[(group.count,)](
             launches.dst_ptrs, launches.src_ptrs, launches.numels, launches.first_blocks,

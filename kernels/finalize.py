@@ -196,15 +196,19 @@ def scale_kernel(
 _tuned: set[tuple] = set()
 
 
-def _tune_on_scratch(group: Group, in_place: bool, stochastic: bool, device: torch.device) -> None:
+def _tune_on_scratch(group: Group, in_place: bool, stochastic_rounding: bool, seed: int | Tensor | None,
+                     device: torch.device) -> None:
     """Runs the autotuner of ``scale_kernel`` for `group` on scratch tensors, once per key.
 
-    The scratch call has the real call's tuning key, so it fills the autotuner's cache
-    entry that the real call then reads; its coefficient is 0.5, so it does write.
+    The scratch call has the real call's tuning key (and the same kinds of arguments,
+    None or tensor: Triton keys its cache by the tensor arguments' dtypes too), so it
+    fills the autotuner's cache entry that the real call then reads; its coefficient is
+    0.5, so it does write.
     """
     if len(scale_kernel.configs) == 1:
         return
-    key = (group.dst_dtype, group.src_dtype, group.aligned, in_place, stochastic, device)
+    key = (group.dst_dtype, group.src_dtype, group.aligned, in_place, stochastic_rounding,
+           isinstance(seed, Tensor), device)
     if key in _tuned:
         return
     with tuning_once(_tuned, key):
@@ -214,7 +218,9 @@ def _tune_on_scratch(group: Group, in_place: bool, stochastic: bool, device: tor
         if not in_place:
             out = [torch.empty(TUNING_NUMEL + offset, dtype=group.dst_dtype, device=device)[offset:]]
         finalize_([acc], 0.5, norm_sq=torch.zeros(1, device=device), out=out,
-                  stochastic_rounding=stochastic, seed=0 if stochastic else None)
+                  stochastic_rounding=stochastic_rounding,
+                  seed=(torch.zeros(1, dtype=torch.int64, device=device) if isinstance(seed, Tensor) else 0)
+                  if stochastic_rounding else None)
 
 
 def _sum_squares(launches: LaunchPlan, device: torch.device) -> Tensor:
@@ -283,7 +289,7 @@ def finalize_(
     for group in scaled.groups:
         # fp32 results are stored as computed: stochastic rounding leaves them alone.
         stochastic = stochastic_rounding and group.dst_dtype != torch.float32
-        _tune_on_scratch(group, in_place, stochastic, device)
+        _tune_on_scratch(group, in_place, stochastic_rounding, seed, device)
         blocks_of_group = slice(group.first, group.first + group.count)
         scale_kernel[(group.count,)](
             scaled.dst_ptrs, scaled.src_ptrs, scaled.numels, scaled.first_blocks, scaled.list_indices,

@@ -327,6 +327,12 @@ def test_autotuning_never_runs_on_the_callers_tensors(device, monkeypatch):
     assert_same(ours, theirs)
     _assert_norm_close(state["norm_sq"], ref_state["norm_sq"])
     assert len(benchmarked) == 2 * 2 * len(configs)
+    # Stochastic rounding with an int seed and with a tensor seed (whose int64 dtype is
+    # part of Triton's cache key): each tuned on scratch tensors, never on the caller's.
+    for seed in (7, torch.tensor([7], device=device)):
+        (ours, _), (theirs, _) = run_both("triton", acc, grads, 0.5, stochastic_rounding=True, seed=seed)
+        assert_same(ours, theirs)
+    assert len(benchmarked) > 2 * 2 * len(configs)  # tuned (on scratch) for the new kinds of call
 
 
 def test_a_failed_tuning_run_is_retried_not_skipped(device, monkeypatch):

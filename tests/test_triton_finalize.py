@@ -352,6 +352,17 @@ def test_autotuning_never_scales_the_callers_tensors_twice(device, monkeypatch):
     # 2 dtype groups x (in-place scaling, scaling into out) x 2 configs; the norm kernel
     # is never tuned (NORM_CONFIG).
     assert len(benchmarked) == 2 * 2 * len(configs)
+    # Stochastic rounding with an int seed and with a tensor seed (whose int64 dtype is
+    # part of Triton's cache key): each tuned on scratch tensors, never on the caller's.
+    tuned_before = len(benchmarked)
+    for seed in (7, torch.tensor([7], device=device)):
+        (ours, _, _), (theirs, _, _) = run_both(acc, 0.5, stochastic_rounding=True, seed=seed)
+        assert_same(ours, theirs)  # in place: a kernel run twice would scale twice
+        (ours, ours_out, _), (_, theirs_out, _) = run_both(acc, 0.5, torch.bfloat16, stochastic_rounding=True,
+                                                           seed=seed)
+        assert_same(ours, acc)
+        assert_same(ours_out, theirs_out)
+    assert len(benchmarked) > tuned_before  # tuned (on scratch) for the new kinds of call
 
 
 @pytest.mark.gpu
