@@ -875,7 +875,7 @@ class MicroBatchOptimizer(WrappingOptimizer):
                 f"{call} was called between a backward() and its step(): the accumulation "
                 "buffers may already hold part of that micro-batch, which a resumed window would "
                 "then count twice. Take the checkpoint after step()")
-        if self._model_sync is not None and self._model_sync.holds_window_gradients():
+        if self._model_sync is not None and self.micro_step > 0 and self._model_sync.holds_window_gradients():
             raise WindowMisuse(
                 f"{call} was called mid-window while the model holds this window's gradients "
                 "itself (FSDP2 under set_requires_gradient_sync(False) reduce-scatters them only in "

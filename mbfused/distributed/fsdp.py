@@ -32,6 +32,13 @@ from torch.distributed.tensor import Replicate, Shard
 __all__ = ["FSDPSync"]
 
 
+_UNKNOWN_FSDP_LAYOUT = (
+    "FSDP2's parameter state on torch {} is not laid out as mbfused reads it (FSDPState."
+    "_fsdp_param_groups, FSDPParam.unsharded_accumulated_grad): whether FSDP2 holds gradients "
+    "of the window (set_requires_gradient_sync(False)) cannot be told, so a mid-window "
+    "checkpoint is refused. Take the checkpoint at a window's end (step() returned True)")
+
+
 class FSDPSync:
     """Takes over the gradients of a ``fully_shard`` model for a MicroBatchOptimizer."""
 
@@ -87,15 +94,22 @@ class FSDPSync:
     def holds_window_gradients(self) -> bool:
         """Whether FSDP2 holds unsharded gradients it has not reduce-scattered yet
         (micro-batches run under ``set_requires_gradient_sync(False)``): they are in no
-        state dict. Read from FSDP2's parameter state (torch 2.14's layout; False where it
-        is not found)."""
+        state dict. Read from FSDP2's private parameter state (torch 2.11 to 2.14's
+        layout); a torch without it raises rather than answer False, which would let a
+        checkpoint lose those gradients silently."""
         for module in self.model.modules():
             if not isinstance(module, FSDPModule):
                 continue
-            for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", ()):
+            state = module._get_fsdp_state()
+            if not hasattr(state, "_fsdp_param_groups"):
+                raise RuntimeError(_UNKNOWN_FSDP_LAYOUT.format(torch.__version__))
+            for group in state._fsdp_param_groups or ():
                 for fsdp_param in group.fsdp_params:
+                    if not hasattr(fsdp_param, "unsharded_accumulated_grad"):
+                        raise RuntimeError(_UNKNOWN_FSDP_LAYOUT.format(torch.__version__))
+                    # Allocated on the first all-gather; absent before any forward.
                     unsharded = getattr(fsdp_param, "_unsharded_param", None)
-                    if (getattr(fsdp_param, "unsharded_accumulated_grad", None) is not None
+                    if (fsdp_param.unsharded_accumulated_grad is not None
                             or (unsharded is not None and unsharded.grad is not None)):
                         return True
         return False
