@@ -1,7 +1,8 @@
 """MicroBatchOptimizer(model=...) over FSDP2 on a 2-D device mesh (HSDP: replicated along
-the first dimension, sharded along the second), on two gloo ranks: a (2, 1) mesh (two
-replicas, unsharded) and a (1, 2) mesh (one replica, two shards); with a fused torch
-optimizer too, which takes the window's coefficient in its own kernel (the handoff).
+the first dimension, sharded along the second), on gloo ranks: a (2, 1) mesh (two
+replicas, unsharded), a (1, 2) mesh (one replica, two shards) and a (2, 2) mesh on four
+ranks; with a fused torch optimizer too, which takes the window's coefficient in its own
+kernel (the handoff).
 
 The window's flags are summed over both dimensions and each element's square counted
 once: against one process over both ranks' micro-batches, with clipping active (so a
@@ -18,7 +19,6 @@ from gloo_ranks import one_process_window, run_ranks
 from mbfused.optim import MicroBatchOptimizer
 
 N = 3
-WORLD = 2
 MAX_NORM = 0.05
 
 
@@ -38,13 +38,15 @@ def _loss(model, x, normalize):
 
 
 def _worker(rank, path, mesh_shape, normalize, fused, nan_rank, results):
+    import math
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     import mbfused.optim
 
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=math.prod(mesh_shape))
     try:
         mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("replicate", "shard"))
         model = _net()
@@ -65,6 +67,8 @@ def _worker(rank, path, mesh_shape, normalize, fused, nan_rank, results):
             opt.zero_grad()
         results[rank] = {
             "params": {name: p.detach().full_tensor().clone() for name, p in model.named_parameters()},
+            "local shards": [p.detach().to_local().clone() for p in model.parameters()],
+            "coordinate": mesh.get_coordinate(),
             "stepped": stepped,
             "norm": float(opt.last_grad_norm),
             "handoffs": len(handoffs),
@@ -73,9 +77,9 @@ def _worker(rank, path, mesh_shape, normalize, fused, nan_rank, results):
         dist.destroy_process_group()
 
 
-def _one_process(normalize):
+def _one_process(normalize, world):
     """The expected parameters, and the window's norm before clipping."""
-    ref, norm = one_process_window(_net(), [_micro_batches(rank) for rank in range(WORLD)],
+    ref, norm = one_process_window(_net(), [_micro_batches(rank) for rank in range(world)],
                                    lambda model, x, rank, k: _loss(model, x, normalize),
                                    normalize=normalize, max_norm=MAX_NORM, lr=1e-2)
     return dict(ref.named_parameters()), norm
@@ -87,12 +91,14 @@ def _one_process(normalize):
     ((2, 1), "items", False),
     ((1, 2), "items", True),
     ((2, 1), "mean", True),
+    ((2, 2), "items", False),
 ])
 def test_hsdp_window_equals_one_process(tmp_path, mesh_shape, normalize, fused):
-    results = run_ranks(_worker, WORLD, tmp_path / "store", mesh_shape, normalize, fused, None)
-    expected, norm = _one_process(normalize)
+    world = mesh_shape[0] * mesh_shape[1]
+    results = run_ranks(_worker, world, tmp_path / "store", mesh_shape, normalize, fused, None)
+    expected, norm = _one_process(normalize, world)
     assert norm > MAX_NORM  # the clip is active: a wrong norm moves the parameters
-    for rank in range(WORLD):
+    for rank in range(world):
         got = results[rank]
         assert got["stepped"] == [False] * (N - 1) + [True]
         assert got["handoffs"] == int(fused)
@@ -100,14 +106,17 @@ def test_hsdp_window_equals_one_process(tmp_path, mesh_shape, normalize, fused):
         for name, value in expected.items():
             torch.testing.assert_close(got["params"][name], value.detach(), rtol=1e-5, atol=1e-6,
                                        msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
-    for name, value in results[0]["params"].items():
-        assert torch.equal(value, results[1]["params"][name]), f"ranks differ in {name}"
+    # Replicas (ranks of one shard coordinate) hold identical shards.
+    for got in results.values():
+        first_replica = next(r for r in results.values() if r["coordinate"][1] == got["coordinate"][1])
+        for mine, theirs in zip(got["local shards"], first_replica["local shards"], strict=True):
+            assert torch.equal(mine, theirs), got["coordinate"]
 
 
 def test_a_nan_on_one_replica_skips_the_hsdp_window_on_both(tmp_path):
-    results = run_ranks(_worker, WORLD, tmp_path / "store", (2, 1), "mean", True, 1)
+    results = run_ranks(_worker, 2, tmp_path / "store", (2, 1), "mean", True, 1)
     initial = dict(_net().named_parameters())
-    for rank in range(WORLD):
+    for rank in range(2):
         assert results[rank]["stepped"] == [False] * N
         for name, value in initial.items():
             assert torch.equal(results[rank]["params"][name], value.detach())
