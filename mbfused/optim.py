@@ -229,11 +229,11 @@ class MicroBatchOptimizer(WrappingOptimizer):
         rounding: ``"nearest"``, or ``"stochastic"`` for 16-bit ``accum_dtype``: every
             rounding of a buffer is unbiased (``accumulate_``'s ``stochastic_rounding``,
             and ``finalize_``'s when the window's unscaling or clipping writes 16-bit
-            gradients), so long windows and small late contributions do not stall; reproducible from
-            a seed drawn from torch's default generator at construction (so
-            ``torch.manual_seed`` fixes it; on several ranks the first rank's, so that
-            ranks holding identical buffers round them alike) and kept in ``state_dict``. Refused with fp32
-            buffers, which are never rounded to 16 bits.
+            gradients), so long windows and small late contributions do not stall;
+            reproducible from a seed drawn from torch's default generator at
+            construction (so ``torch.manual_seed`` fixes it; on several ranks the first
+            rank's, so that ranks holding identical buffers round them alike) and kept in
+            ``state_dict``. Refused with fp32 buffers, which are never rounded to 16 bits.
         mode: ``"bucket"``: buffers live in flat buckets of about ``bucket_mb`` MB, and a
             bucket is accumulated during ``backward()`` as soon as all its gradients are
             ready, which frees those gradients early (peak memory holds about one bucket
