@@ -161,12 +161,42 @@ def _grads_of(params: list[Tensor]) -> list[Tensor | None]:
     return grads if grads is not None else [p.grad for p in params]
 
 
-def _clear_grads(params: list[Tensor]) -> None:
+def clear_grads(params: list[Tensor]) -> None:
     """``p.grad = None`` for each of `params` (in C++ when built, as `_grads_of`)."""
     native = _native.eager_entry("_clear_grads")
     if native is None or not native(params):
         for p in params:
             p.grad = None
+
+
+def _take_grads(params: list[Tensor]) -> list[Tensor | None]:
+    """``_grads_of(params)``, each ``.grad`` then set to None, in one pass (in C++ when
+    built): a micro-batch's gradients are taken off the parameters before they are
+    accumulated, and put back with `_put_back` if that fails."""
+    native = _native.eager_entry("_take_grads")
+    grads = native(params) if native is not None else None
+    if grads is None:
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+    return grads
+
+
+def _put_back(params: list[Tensor], grads: list[Tensor | None]) -> None:
+    """Undoes `_take_grads`: a failed accumulation leaves every ``.grad`` as it found it."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+def _set_attribute(objects: list, name: str, value: object) -> None:
+    """``setattr(obj, name, value)`` for each of `objects` (in C++ when built: the
+    interpreter's loop costs as much as the setattr)."""
+    native = _native.eager_entry("_set_attribute")
+    if native is not None:
+        native(objects, name, value)
+    else:
+        for obj in objects:
+            setattr(obj, name, value)
 
 
 def set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
@@ -421,14 +451,19 @@ class AccumulationWindow:
         bucket.ready.add(slot.index)
         if len(bucket.ready) == len(bucket.slots):
             bucket.ready.clear()
-            slots = [s for s in bucket.slots if s.param.grad is not None]
+            params = [s.param for s in bucket.slots]
+            grads = _take_grads(params)
+            arrived = [(s, g) for s, g in zip(bucket.slots, grads, strict=True) if g is not None]
             # On CUDA this runs on the autograd engine's device thread, where the caller's
             # use_backend() choice (a context variable) is not set: use the one in force
             # at the optimizer's last step() or construction.
             with torch.no_grad(), use_backend(self.backend):
                 try:
-                    self.accumulate(slots, in_backward=True)
-                except (TypeError, ValueError, RuntimeError) as error:
+                    self.accumulate([s for s, _ in arrived], [g for _, g in arrived], in_backward=True)
+                except BaseException as error:
+                    _put_back(params, grads)
+                    if not isinstance(error, (TypeError, ValueError, RuntimeError)):
+                        raise
                     # Buckets completed earlier in this backward are in the buffers
                     # already and cannot be taken out again: the window is lost.
                     self.found_inf.fill_(1.0)
@@ -440,12 +475,13 @@ class AccumulationWindow:
 
     # -- accumulation -------------------------------------------------------------------
 
-    def _ready_grads(self, slots: list[Slot]) -> list[Tensor]:
-        """The slots' gradients, each checked, with a named error for a bad one; a
+    @staticmethod
+    def _ready_grads(slots: list[Slot], grads: list[Tensor]) -> list[Tensor]:
+        """The slots' gradients `grads`, each checked, with a named error for a bad one; a
         non-contiguous gradient is replaced by a contiguous copy, a sparse one (e.g. of
         ``nn.Embedding(sparse=True)``) by its dense equivalent: the buffer is dense anyway,
         and so is the gradient the wrapped optimizer is handed."""
-        grads = [slot.param.grad for slot in slots]
+        grads = list(grads)
         for i, (slot, grad) in enumerate(zip(slots, grads, strict=True)):
             if grad.layout != torch.strided:
                 grads[i] = grad = grad.to_dense()
@@ -465,17 +501,13 @@ class AccumulationWindow:
         self.rounding_seed = (seed + 1) % (1 << 64)
         return {"stochastic_rounding": True, "seed": seed}
 
-    def accumulate(self, slots: list[Slot], grads: list[Tensor] | None = None,
-                   in_backward: bool = False) -> None:
-        """One fused pass per kind (first write of the window, or add) of the `slots`'
-        gradients (`grads`, else their .grad) into their buffers; the parameters' .grad
-        are then released. Nothing is written when a gradient is bad. `in_backward`:
-        called from a backward hook."""
+    def accumulate(self, slots: list[Slot], grads: list[Tensor], in_backward: bool = False) -> None:
+        """One fused pass per kind (first write of the window, or add) of `grads`, the
+        `slots`' gradients, into their buffers. The callers take the gradients off the
+        parameters first (`_take_grads`) and put them back when this raises: nothing is
+        written when a gradient is bad. `in_backward`: called from a backward hook."""
         if not slots:
             return
-        params = self._params if slots is self.slots else [s.param for s in slots]
-        if grads is None:
-            grads = _grads_of(params)
         if self.handed_out and any(id(g) in self.handed_out for g in grads):
             index = next(s.index for s, g in zip(slots, grads, strict=True) if id(g) in self.handed_out)
             raise WindowMisuse(
@@ -502,21 +534,23 @@ class AccumulationWindow:
                 # The op checks every argument before it writes anything. Checked here per
                 # parameter only now (it costs as much as the kernel on small tensors): to
                 # name the parameter, or to retry with contiguous copies of the gradients.
-                grads = self._ready_grads(slots)
+                grads = self._ready_grads(slots, grads)
                 ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
                                 norm_sq=norm_sq, **rounding)
         else:
-            grads = self._ready_grads(slots)  # two calls: all checked before the first
+            grads = self._ready_grads(slots, grads)  # two calls: all checked before the first
             for kind in (True, False):
                 chosen = [i for i, f in enumerate(fresh) if f == kind]
                 ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
                                 overwrite=kind, found_inf=found_inf, norm_sq=norm_sq, **self._rounding())
         if fresh is not None:
-            for s, was_fresh in zip(slots, fresh, strict=True):
-                if was_fresh:
-                    s.written = True
-                    setattr(s.param, OVERWRITE, False)
-                    self._written_count += 1
+            first_written = (slots if all(fresh)
+                             else [s for s, was_fresh in zip(slots, fresh, strict=True) if was_fresh])
+            for s in first_written:
+                s.written = True
+            _set_attribute(self._params if first_written is self.slots else [s.param for s in first_written],
+                           OVERWRITE, False)
+            self._written_count += len(first_written)
         if last:
             # Gradients that reach step() in the last micro-batch were alive until now
             # anyway: they are kept as the storage the window's gradient is written into
@@ -525,17 +559,20 @@ class AccumulationWindow:
             for s, grad in zip(slots, grads, strict=True):
                 s.last_pass_count += 1
                 s.last_grad = grad if not in_backward and grad.dtype == s.handoff_dtype else None
-        _clear_grads(params)
 
     def collect(self, items: float | Tensor) -> bool:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
         the parameters, counts `items`. True when the window is complete."""
-        grads = _grads_of(self._params)
-        if not _any_none(grads):
-            self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
-        else:
-            pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
-            self.accumulate([s for s, _ in pending], [g for _, g in pending])
+        grads = _take_grads(self._params)
+        try:
+            if not _any_none(grads):
+                self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
+            else:
+                pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
+                self.accumulate([s for s, _ in pending], [g for _, g in pending])
+        except BaseException:
+            _put_back(self._params, grads)
+            raise
         if self.bucket_bytes:
             for bucket in self.buckets:
                 bucket.ready.clear()  # buckets left incomplete by this backward
@@ -573,10 +610,10 @@ class AccumulationWindow:
         external = [s.buffer for s in self.slots if s.external]
         if external:
             torch._foreach_zero_(external)
+        written = self.written_slots()
+        _set_attribute(self._params if written is self.slots else [s.param for s in written], OVERWRITE, True)
         for s in self.slots:
-            if s.written:
-                s.written = False
-                setattr(s.param, OVERWRITE, True)
+            s.written = False
             s.last_pass_count = 0
             s.last_grad = None
         self._written_count = 0
