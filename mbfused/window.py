@@ -60,6 +60,7 @@ except ImportError:  # a torch built without distributed support
 
 __all__ = ["AccumulationWindow", "WindowMisuse", "is_stale_window_buffer", "manager_of"]
 
+_DTYPE = operator.attrgetter("dtype")
 ACCUM_DTYPES = _checks.SUPPORTED_DTYPES  # what the fused ops take, buffers and gradients alike
 
 # Attributes a managed parameter carries (Megatron's and Transformer Engine's names).
@@ -296,6 +297,12 @@ class AccumulationWindow:
         self._arrived: list[Slot] = []  # slots whose gradient arrived since the last collect()
         self._serial = 0  # micro-batches collected since construction
         self._written_count = 0  # slots written in this window
+        self._external_buffers: list[Tensor] = []  # of the slots whose main_grad a layer wrote
+        # The last micro-batch's gradients, one per slot, when a single accumulate() call
+        # took them all (the usual case): the slots' last_pass_count and last_grad are
+        # not written then. Otherwise (_last_passes_by_slot) each slot counts its own.
+        self._last_grads: list[Tensor] | None = None
+        self._last_passes_by_slot = False
         self.buckets: list[Bucket] = []
         self.slots: list[Slot] = []
         self._slot_of: dict[int, Slot] = {}  # id(param) -> its slot
@@ -325,6 +332,7 @@ class AccumulationWindow:
         # Whether every buffer is of its parameter's dtype (the window's gradient is then
         # handed out in the buffers themselves).
         self.buffers_in_param_dtype = all(s.handoff_dtype is None for s in self.slots)
+        self._handoff_dtypes = [s.handoff_dtype for s in self.slots]
         this = weakref.ref(self)  # hooks must not keep a dropped window alive
         for slot in new:
             self._slot_of[id(slot.param)] = slot
@@ -432,7 +440,9 @@ class AccumulationWindow:
                     "(grad_added_to_main_grad) while the loss is scaled by a GradScaler: such a "
                     "gradient cannot be unscaled per micro-batch. Use bf16 autocast without a "
                     "scaler, or mbfused.nn.Linear for this layer.")
-            slot.external = True
+            if not slot.external:
+                slot.external = True
+                self._external_buffers.append(slot.buffer)
             # The layer's own gradient went into main_grad; .grad is a placeholder.
             slot.param.grad = None
             setattr(slot.param, GRAD_ADDED, False)
@@ -440,7 +450,9 @@ class AccumulationWindow:
             slot.written = True
             setattr(slot.param, OVERWRITE, False)
             self._written_count += 1
-        slot.last_pass_count += self.last_micro_batch
+        if self.last_micro_batch:
+            self._spread_last_grads()
+            slot.last_pass_count += 1
         # Not checked for inf/nan: the window's norm decides (see norm_sq_if_complete).
         self.unchecked_written = True
 
@@ -520,11 +532,11 @@ class AccumulationWindow:
         found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
         scale = self.micro_scale()
         # Buffers not yet written in this window are overwritten: one call when all
-        # slots are of one kind (the usual case), two otherwise. (Per slot only until
-        # every buffer of the window is written: this runs for every micro-batch.)
-        fresh = None if self._written_count == len(self.slots) else [not s.written for s in slots]
-        if fresh is None or all(fresh) or not any(fresh):
-            overwrite = fresh is not None and fresh[0]
+        # slots are of one kind (the usual case), two otherwise. (Per slot only while
+        # the window is partly written: this runs for every micro-batch.)
+        fresh = self._fresh(slots)
+        if isinstance(fresh, bool):
+            overwrite = fresh
             buffers = self.buffers_of(slots)
             rounding = self._rounding()
             try:
@@ -543,8 +555,8 @@ class AccumulationWindow:
                 chosen = [i for i, f in enumerate(fresh) if f == kind]
                 ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
                                 overwrite=kind, found_inf=found_inf, norm_sq=norm_sq, **self._rounding())
-        if fresh is not None:
-            first_written = (slots if all(fresh)
+        if fresh is not False:
+            first_written = (slots if fresh is True
                              else [s for s, was_fresh in zip(slots, fresh, strict=True) if was_fresh])
             for s in first_written:
                 s.written = True
@@ -556,9 +568,37 @@ class AccumulationWindow:
             # anyway: they are kept as the storage the window's gradient is written into
             # for parameters of another dtype than the buffers (no allocation at the end
             # of the window). Those taken by backward hooks are freed at once.
-            for s, grad in zip(slots, grads, strict=True):
-                s.last_pass_count += 1
-                s.last_grad = grad if not in_backward and grad.dtype == s.handoff_dtype else None
+            if slots is self.slots and not in_backward and not self._last_passes_by_slot:
+                self._last_grads = grads  # the usual case: this call took every gradient
+            else:
+                self._count_last_passes(slots, None if in_backward else grads)
+
+    def _fresh(self, slots: list[Slot]) -> bool | list[bool]:
+        """Whether the slots' buffers are still to be written in this window: True or
+        False when the same holds for all, else one flag per slot."""
+        if self._written_count == len(self.slots):
+            return False
+        if self._written_count == 0:
+            return True
+        fresh = [not s.written for s in slots]
+        return True if all(fresh) else False if not any(fresh) else fresh
+
+    def _count_last_passes(self, slots: list[Slot], grads: list[Tensor] | None) -> None:
+        """Counts a last-micro-batch accumulation of the slots, per slot, and keeps their
+        gradients `grads` (None: none kept)."""
+        self._spread_last_grads()
+        for i, s in enumerate(slots):
+            s.last_pass_count += 1
+            grad = grads[i] if grads is not None else None
+            s.last_grad = grad if grad is not None and grad.dtype == s.handoff_dtype else None
+
+    def _spread_last_grads(self) -> None:
+        """From now on the slots count their own last-micro-batch passes: a record of one
+        call that took every gradient (`_last_grads`) is written into them first."""
+        self._last_passes_by_slot = True
+        if self._last_grads is not None:
+            whole, self._last_grads = self._last_grads, None
+            self._count_last_passes(self.slots, whole)
 
     def collect(self, items: float | Tensor) -> bool:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
@@ -607,16 +647,19 @@ class AccumulationWindow:
         self.unchecked_written = False
         # Layers of other libraries may add into main_grad whatever overwrite_main_grad
         # says (Megatron's do): their buffers start the window at zero.
-        external = [s.buffer for s in self.slots if s.external]
-        if external:
-            torch._foreach_zero_(external)
+        if self._external_buffers:
+            torch._foreach_zero_(self._external_buffers)
         written = self.written_slots()
         _set_attribute(self._params if written is self.slots else [s.param for s in written], OVERWRITE, True)
-        for s in self.slots:
+        for s in written:
             s.written = False
-            s.last_pass_count = 0
-            s.last_grad = None
+        if self._last_passes_by_slot:
+            for s in self.slots:
+                s.last_pass_count = 0
+                s.last_grad = None
         self._written_count = 0
+        self._last_grads = None
+        self._last_passes_by_slot = False
 
     # -- the window's end ---------------------------------------------------------------
 
@@ -633,9 +676,11 @@ class AccumulationWindow:
         """The squared norm summed by the last micro-batch's accumulation, when it covers
         every written buffer: each was accumulated exactly once in that micro-batch, by
         accumulate_ (a gradient added into main_grad by its layer sums no norm)."""
-        if self.unchecked_written or not all(s.last_pass_count == 1 for s in written):
+        if self.unchecked_written:
             return None
-        return self.norm_sq
+        if self._last_grads is None and not all(s.last_pass_count == 1 for s in written):
+            return None
+        return self.norm_sq  # (with _last_grads, one call accumulated every slot, nothing else)
 
     def mark_written(self, slots: list[Slot]) -> None:
         """Counts `slots` as holding this window's gradient (a data-parallel reduction
@@ -649,7 +694,7 @@ class AccumulationWindow:
         """Where the window's gradient is written for parameters of another dtype than
         the buffers: the last micro-batch's gradient of that parameter when kept (each
         storage once), else a new tensor."""
-        kept = [s.last_grad for s in written]
+        kept = self._kept_grads(written)
         if not _any_none(kept) and len(set(map(id, kept))) == len(kept):
             return kept  # the usual case, checked at C speed: every one kept, none shared
         outputs, used = [], set()
@@ -660,6 +705,18 @@ class AccumulationWindow:
             else:
                 outputs.append(torch.empty_like(_local(s.param), memory_format=torch.contiguous_format))
         return outputs
+
+    def _kept_grads(self, written: list[Slot]) -> list[Tensor | None]:
+        """The last micro-batch's gradient of each of `written` where it was kept (taken
+        by step(), of the parameter's dtype), else None."""
+        if self._last_grads is None:
+            return [s.last_grad for s in written]
+        everyone = written is self.slots
+        grads = self._last_grads if everyone else [self._last_grads[s.index] for s in written]
+        wanted = self._handoff_dtypes if everyone else [s.handoff_dtype for s in written]
+        if list(map(_DTYPE, grads)) == wanted:
+            return grads  # the usual case, checked at C speed
+        return [g if g.dtype == want else None for g, want in zip(grads, wanted, strict=True)]
 
     def hand_out(self, written: list[Slot], grads: list[Tensor], *, buffers: bool) -> None:
         """Gives the window's gradient to the optimizer as the parameters' .grad: the
