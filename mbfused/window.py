@@ -34,6 +34,11 @@ A slot's state in the current window:
 - ``last_grad``: the last micro-batch's gradient, reused as the storage of the window's
   gradient for parameters of another dtype than the buffers.
 
+(``last_pass_count`` and ``last_grad`` are left unwritten in the usual last micro-batch,
+one ``accumulate`` call over every slot: the window keeps its gradients in one list then.
+Every per-parameter pass costs on a list of a thousand small tensors: after a kernel has
+streamed the gradients through the cache, each misses it.)
+
 The window's ``unchecked_written`` says a gradient came in without an inf/nan check (from
 ``main_grad`` writes): the window's norm decides then.
 """
