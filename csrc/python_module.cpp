@@ -314,7 +314,10 @@ PyObject* set_attribute(PyObject* /*self*/, PyObject* args) {
     return nullptr;
   }
   for (Py_ssize_t i = 0; i < PyList_GET_SIZE(objects); ++i) {
-    if (PyObject_SetAttr(PyList_GET_ITEM(objects, i), name, value) != 0) {
+    PyObject* object = Py_NewRef(PyList_GET_ITEM(objects, i));  // a __setattr__ may change the list
+    const int failed = PyObject_SetAttr(object, name, value);
+    Py_DECREF(object);
+    if (failed != 0) {
       return nullptr;
     }
   }
