@@ -290,6 +290,47 @@ PyObject* grads_of(PyObject* /*self*/, PyObject* params) {
   END_HANDLE_TH_ERRORS
 }
 
+// `grads_of` and `clear_grads` in one call: the .grad of each parameter of a list (None
+// where it has none), each then set to None; None (and nothing changed) when the list holds
+// anything but plain tensors and parameters. The window takes a micro-batch's gradients
+// off the parameters this way before accumulating them (and puts them back if that
+// fails): a clear after the kernel would walk a thousand parameters again once the
+// kernel has streamed the gradients through the cache, missing it on every one.
+PyObject* take_grads(PyObject* self, PyObject* params) {
+  HANDLE_TH_ERRORS
+  PyObject* grads = grads_of(self, params);
+  if (grads == nullptr || grads == Py_None) {
+    return grads;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(params);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    THPVariable_Unpack(PyList_GET_ITEM(params, i)).mutable_grad() = at::Tensor();
+  }
+  return grads;
+  END_HANDLE_TH_ERRORS
+}
+
+// setattr(obj, name, value) for each object of a list, as a Python loop would do it (any
+// __setattr__ runs; the first error stops it). The window flips `overwrite_main_grad` on
+// every parameter twice per window; the interpreter's loop costs as much as the setattr.
+PyObject* set_attribute(PyObject* /*self*/, PyObject* args) {
+  PyObject* objects = nullptr;
+  PyObject* name = nullptr;
+  PyObject* value = nullptr;
+  if (!PyArg_ParseTuple(args, "O!UO", &PyList_Type, &objects, &name, &value)) {
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(objects); ++i) {
+    PyObject* object = Py_NewRef(PyList_GET_ITEM(objects, i));  // a __setattr__ may change the list
+    const int failed = PyObject_SetAttr(object, name, value);
+    Py_DECREF(object);
+    if (failed != 0) {
+      return nullptr;
+    }
+  }
+  Py_RETURN_NONE;
+}
+
 // Sets .grad to None on each parameter of a list, as `p.grad = None` does; False (and
 // nothing changed) when the list holds anything but plain tensors and parameters.
 PyObject* clear_grads(PyObject* /*self*/, PyObject* params) {
@@ -352,6 +393,9 @@ PyMethodDef methods[] = {
     {"_grads_of", grads_of, METH_O, "[p.grad for p in params] for a list of plain tensors; None when not taken."},
     {"_set_grads", set_grads, METH_VARARGS,
      "p.grad = g for matching lists of plain tensors; False when not taken."},
+    {"_take_grads", take_grads, METH_O,
+     "[p.grad for p in params], each then set to None, for a list of plain tensors; None when not taken."},
+    {"_set_attribute", set_attribute, METH_VARARGS, "setattr(obj, name, value) for each object of a list."},
     {"_clear_grads", clear_grads, METH_O,
      "p.grad = None for each of a list of plain tensors; False when not taken."},
     {nullptr, nullptr, 0, nullptr}};

@@ -32,6 +32,7 @@ from mbfused.window import (
     MAIN_GRAD,
     AccumulationWindow,
     WindowMisuse,
+    clear_grads,
     grads_present,
     is_sharded,
     is_stale_window_buffer,
@@ -722,11 +723,15 @@ class MicroBatchOptimizer(WrappingOptimizer):
         window = self._window
         after_window_end = bool(window.handed_out)
         window.release_handed_out()
-        # Mid-window every managed .grad was taken by step() already: a torch optimizer's
-        # own zero_grad would only walk the parameters (one Python access each).
-        if (after_window_end or type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad
-                or grads_present([p for group in self.param_groups for p in group["params"]])):
+        params = [p for group in self.param_groups for p in group["params"]]
+        if type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
             self.optimizer.zero_grad(set_to_none=set_to_none)
+        elif set_to_none:
+            clear_grads(params)  # what torch's zero_grad does then, in one C++ pass
+        elif after_window_end or grads_present(params):
+            # Mid-window every managed .grad was taken by step() already: torch's
+            # zero_grad would only walk the parameters (one Python access each).
+            self.optimizer.zero_grad(set_to_none=False)
 
     # -- checkpoints --------------------------------------------------------------------
 

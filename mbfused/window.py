@@ -34,6 +34,11 @@ A slot's state in the current window:
 - ``last_grad``: the last micro-batch's gradient, reused as the storage of the window's
   gradient for parameters of another dtype than the buffers.
 
+(``last_pass_count`` and ``last_grad`` are left unwritten in the usual last micro-batch,
+one ``accumulate`` call over every slot: the window keeps its gradients in one list then.
+Every per-parameter pass costs on a list of a thousand small tensors: after a kernel has
+streamed the gradients through the cache, each misses it.)
+
 The window's ``unchecked_written`` says a gradient came in without an inf/nan check (from
 ``main_grad`` writes): the window's norm decides then.
 """
@@ -60,6 +65,7 @@ except ImportError:  # a torch built without distributed support
 
 __all__ = ["AccumulationWindow", "WindowMisuse", "is_stale_window_buffer", "manager_of"]
 
+_DTYPE = operator.attrgetter("dtype")
 ACCUM_DTYPES = _checks.SUPPORTED_DTYPES  # what the fused ops take, buffers and gradients alike
 
 # Attributes a managed parameter carries (Megatron's and Transformer Engine's names).
@@ -161,12 +167,42 @@ def _grads_of(params: list[Tensor]) -> list[Tensor | None]:
     return grads if grads is not None else [p.grad for p in params]
 
 
-def _clear_grads(params: list[Tensor]) -> None:
+def clear_grads(params: list[Tensor]) -> None:
     """``p.grad = None`` for each of `params` (in C++ when built, as `_grads_of`)."""
     native = _native.eager_entry("_clear_grads")
     if native is None or not native(params):
         for p in params:
             p.grad = None
+
+
+def _take_grads(params: list[Tensor]) -> list[Tensor | None]:
+    """``_grads_of(params)``, each ``.grad`` then set to None, in one pass (in C++ when
+    built): a micro-batch's gradients are taken off the parameters before they are
+    accumulated, and put back with `_put_back` if that fails."""
+    native = _native.eager_entry("_take_grads")
+    grads = native(params) if native is not None else None
+    if grads is None:
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+    return grads
+
+
+def _put_back(params: list[Tensor], grads: list[Tensor | None]) -> None:
+    """Undoes `_take_grads`: a failed accumulation leaves every ``.grad`` as it found it."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+
+
+def _set_attribute(objects: list, name: str, value: object) -> None:
+    """``setattr(obj, name, value)`` for each of `objects` (in C++ when built: the
+    interpreter's loop costs as much as the setattr)."""
+    native = _native.eager_entry("_set_attribute")
+    if native is not None:
+        native(objects, name, value)
+    else:
+        for obj in objects:
+            setattr(obj, name, value)
 
 
 def set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
@@ -267,6 +303,12 @@ class AccumulationWindow:
         self._arrived: list[Slot] = []  # slots whose gradient arrived since the last collect()
         self._serial = 0  # micro-batches collected since construction
         self._written_count = 0  # slots written in this window
+        self._external_buffers: list[Tensor] = []  # of the slots whose main_grad a layer wrote
+        # The last micro-batch's gradients, one per slot, when a single accumulate() call
+        # took them all (the usual case): the slots' last_pass_count and last_grad are
+        # not written then. Otherwise (_last_passes_by_slot) each slot counts its own.
+        self._last_grads: list[Tensor] | None = None
+        self._last_passes_by_slot = False
         self.buckets: list[Bucket] = []
         self.slots: list[Slot] = []
         self._slot_of: dict[int, Slot] = {}  # id(param) -> its slot
@@ -296,6 +338,7 @@ class AccumulationWindow:
         # Whether every buffer is of its parameter's dtype (the window's gradient is then
         # handed out in the buffers themselves).
         self.buffers_in_param_dtype = all(s.handoff_dtype is None for s in self.slots)
+        self._handoff_dtypes = [s.handoff_dtype for s in self.slots]
         this = weakref.ref(self)  # hooks must not keep a dropped window alive
         for slot in new:
             self._slot_of[id(slot.param)] = slot
@@ -403,7 +446,9 @@ class AccumulationWindow:
                     "(grad_added_to_main_grad) while the loss is scaled by a GradScaler: such a "
                     "gradient cannot be unscaled per micro-batch. Use bf16 autocast without a "
                     "scaler, or mbfused.nn.Linear for this layer.")
-            slot.external = True
+            if not slot.external:
+                slot.external = True
+                self._external_buffers.append(slot.buffer)
             # The layer's own gradient went into main_grad; .grad is a placeholder.
             slot.param.grad = None
             setattr(slot.param, GRAD_ADDED, False)
@@ -411,7 +456,9 @@ class AccumulationWindow:
             slot.written = True
             setattr(slot.param, OVERWRITE, False)
             self._written_count += 1
-        slot.last_pass_count += self.last_micro_batch
+        if self.last_micro_batch:
+            self._spread_last_grads()
+            slot.last_pass_count += 1
         # Not checked for inf/nan: the window's norm decides (see norm_sq_if_complete).
         self.unchecked_written = True
 
@@ -422,14 +469,19 @@ class AccumulationWindow:
         bucket.ready.add(slot.index)
         if len(bucket.ready) == len(bucket.slots):
             bucket.ready.clear()
-            slots = [s for s in bucket.slots if s.param.grad is not None]
+            params = [s.param for s in bucket.slots]
+            grads = _take_grads(params)
+            arrived = [(s, g) for s, g in zip(bucket.slots, grads, strict=True) if g is not None]
             # On CUDA this runs on the autograd engine's device thread, where the caller's
             # use_backend() choice (a context variable) is not set: use the one in force
             # at the optimizer's last step() or construction.
             with torch.no_grad(), use_backend(self.backend):
                 try:
-                    self.accumulate(slots, in_backward=True)
-                except (TypeError, ValueError, RuntimeError) as error:
+                    self.accumulate([s for s, _ in arrived], [g for _, g in arrived], in_backward=True)
+                except BaseException as error:
+                    _put_back(params, grads)
+                    if not isinstance(error, (TypeError, ValueError, RuntimeError)):
+                        raise
                     # Buckets completed earlier in this backward are in the buffers
                     # already and cannot be taken out again: the window is lost.
                     self.found_inf.fill_(1.0)
@@ -441,12 +493,13 @@ class AccumulationWindow:
 
     # -- accumulation -------------------------------------------------------------------
 
-    def _ready_grads(self, slots: list[Slot]) -> list[Tensor]:
-        """The slots' gradients, each checked, with a named error for a bad one; a
+    @staticmethod
+    def _ready_grads(slots: list[Slot], grads: list[Tensor]) -> list[Tensor]:
+        """The slots' gradients `grads`, each checked, with a named error for a bad one; a
         non-contiguous gradient is replaced by a contiguous copy, a sparse one (e.g. of
         ``nn.Embedding(sparse=True)``) by its dense equivalent: the buffer is dense anyway,
         and so is the gradient the wrapped optimizer is handed."""
-        grads = [slot.param.grad for slot in slots]
+        grads = list(grads)
         for i, (slot, grad) in enumerate(zip(slots, grads, strict=True)):
             if grad.layout != torch.strided:
                 grads[i] = grad = grad.to_dense()
@@ -473,17 +526,13 @@ class AccumulationWindow:
             return {}
         return self._rounding()
 
-    def accumulate(self, slots: list[Slot], grads: list[Tensor] | None = None,
-                   in_backward: bool = False) -> None:
-        """One fused pass per kind (first write of the window, or add) of the `slots`'
-        gradients (`grads`, else their .grad) into their buffers; the parameters' .grad
-        are then released. Nothing is written when a gradient is bad. `in_backward`:
-        called from a backward hook."""
+    def accumulate(self, slots: list[Slot], grads: list[Tensor], in_backward: bool = False) -> None:
+        """One fused pass per kind (first write of the window, or add) of `grads`, the
+        `slots`' gradients, into their buffers. The callers take the gradients off the
+        parameters first (`_take_grads`) and put them back when this raises: nothing is
+        written when a gradient is bad. `in_backward`: called from a backward hook."""
         if not slots:
             return
-        params = self._params if slots is self.slots else [s.param for s in slots]
-        if grads is None:
-            grads = _grads_of(params)
         if self.handed_out and any(id(g) in self.handed_out for g in grads):
             index = next(s.index for s, g in zip(slots, grads, strict=True) if id(g) in self.handed_out)
             raise WindowMisuse(
@@ -496,11 +545,11 @@ class AccumulationWindow:
         found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
         scale = self.micro_scale()
         # Buffers not yet written in this window are overwritten: one call when all
-        # slots are of one kind (the usual case), two otherwise. (Per slot only until
-        # every buffer of the window is written: this runs for every micro-batch.)
-        fresh = None if self._written_count == len(self.slots) else [not s.written for s in slots]
-        if fresh is None or all(fresh) or not any(fresh):
-            overwrite = fresh is not None and fresh[0]
+        # slots are of one kind (the usual case), two otherwise. (Per slot only while
+        # the window is partly written: this runs for every micro-batch.)
+        fresh = self._fresh(slots)
+        if isinstance(fresh, bool):
+            overwrite = fresh
             buffers = self.buffers_of(slots)
             rounding = self._rounding()
             try:
@@ -510,40 +559,73 @@ class AccumulationWindow:
                 # The op checks every argument before it writes anything. Checked here per
                 # parameter only now (it costs as much as the kernel on small tensors): to
                 # name the parameter, or to retry with contiguous copies of the gradients.
-                grads = self._ready_grads(slots)
+                grads = self._ready_grads(slots, grads)
                 ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
                                 norm_sq=norm_sq, **rounding)
         else:
-            grads = self._ready_grads(slots)  # two calls: all checked before the first
+            grads = self._ready_grads(slots, grads)  # two calls: all checked before the first
             for kind in (True, False):
                 chosen = [i for i, f in enumerate(fresh) if f == kind]
                 ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
                                 overwrite=kind, found_inf=found_inf, norm_sq=norm_sq, **self._rounding())
-        if fresh is not None:
-            for s, was_fresh in zip(slots, fresh, strict=True):
-                if was_fresh:
-                    s.written = True
-                    setattr(s.param, OVERWRITE, False)
-                    self._written_count += 1
+        if fresh is not False:
+            first_written = (slots if fresh is True
+                             else [s for s, was_fresh in zip(slots, fresh, strict=True) if was_fresh])
+            for s in first_written:
+                s.written = True
+            _set_attribute(self._params if first_written is self.slots else [s.param for s in first_written],
+                           OVERWRITE, False)
+            self._written_count += len(first_written)
         if last:
             # Gradients that reach step() in the last micro-batch were alive until now
             # anyway: they are kept as the storage the window's gradient is written into
             # for parameters of another dtype than the buffers (no allocation at the end
             # of the window). Those taken by backward hooks are freed at once.
-            for s, grad in zip(slots, grads, strict=True):
-                s.last_pass_count += 1
-                s.last_grad = grad if not in_backward and grad.dtype == s.handoff_dtype else None
-        _clear_grads(params)
+            if slots is self.slots and not in_backward and not self._last_passes_by_slot:
+                self._last_grads = grads  # the usual case: this call took every gradient
+            else:
+                self._count_last_passes(slots, None if in_backward else grads)
+
+    def _fresh(self, slots: list[Slot]) -> bool | list[bool]:
+        """Whether the slots' buffers are still to be written in this window: True or
+        False when the same holds for all, else one flag per slot."""
+        if self._written_count == len(self.slots):
+            return False
+        if self._written_count == 0:
+            return True
+        fresh = [not s.written for s in slots]
+        return True if all(fresh) else False if not any(fresh) else fresh
+
+    def _count_last_passes(self, slots: list[Slot], grads: list[Tensor] | None) -> None:
+        """Counts a last-micro-batch accumulation of the slots, per slot, and keeps their
+        gradients `grads` (None: none kept)."""
+        self._spread_last_grads()
+        for i, s in enumerate(slots):
+            s.last_pass_count += 1
+            grad = grads[i] if grads is not None else None
+            s.last_grad = grad if grad is not None and grad.dtype == s.handoff_dtype else None
+
+    def _spread_last_grads(self) -> None:
+        """From now on the slots count their own last-micro-batch passes: a record of one
+        call that took every gradient (`_last_grads`) is written into them first."""
+        self._last_passes_by_slot = True
+        if self._last_grads is not None:
+            whole, self._last_grads = self._last_grads, None
+            self._count_last_passes(self.slots, whole)
 
     def collect(self, items: float | Tensor) -> bool:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
         the parameters, counts `items`. True when the window is complete."""
-        grads = _grads_of(self._params)
-        if not _any_none(grads):
-            self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
-        else:
-            pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
-            self.accumulate([s for s, _ in pending], [g for _, g in pending])
+        grads = _take_grads(self._params)
+        try:
+            if not _any_none(grads):
+                self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
+            else:
+                pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
+                self.accumulate([s for s, _ in pending], [g for _, g in pending])
+        except BaseException:
+            _put_back(self._params, grads)
+            raise
         if self.bucket_bytes:
             for bucket in self.buckets:
                 bucket.ready.clear()  # buckets left incomplete by this backward
@@ -578,16 +660,19 @@ class AccumulationWindow:
         self.unchecked_written = False
         # Layers of other libraries may add into main_grad whatever overwrite_main_grad
         # says (Megatron's do): their buffers start the window at zero.
-        external = [s.buffer for s in self.slots if s.external]
-        if external:
-            torch._foreach_zero_(external)
-        for s in self.slots:
-            if s.written:
-                s.written = False
-                setattr(s.param, OVERWRITE, True)
-            s.last_pass_count = 0
-            s.last_grad = None
+        if self._external_buffers:
+            torch._foreach_zero_(self._external_buffers)
+        written = self.written_slots()
+        _set_attribute(self._params if written is self.slots else [s.param for s in written], OVERWRITE, True)
+        for s in written:
+            s.written = False
+        if self._last_passes_by_slot:
+            for s in self.slots:
+                s.last_pass_count = 0
+                s.last_grad = None
         self._written_count = 0
+        self._last_grads = None
+        self._last_passes_by_slot = False
 
     # -- the window's end ---------------------------------------------------------------
 
@@ -604,9 +689,11 @@ class AccumulationWindow:
         """The squared norm summed by the last micro-batch's accumulation, when it covers
         every written buffer: each was accumulated exactly once in that micro-batch, by
         accumulate_ (a gradient added into main_grad by its layer sums no norm)."""
-        if self.unchecked_written or not all(s.last_pass_count == 1 for s in written):
+        if self.unchecked_written:
             return None
-        return self.norm_sq
+        if self._last_grads is None and not all(s.last_pass_count == 1 for s in written):
+            return None
+        return self.norm_sq  # (with _last_grads, one call accumulated every slot, nothing else)
 
     def mark_written(self, slots: list[Slot]) -> None:
         """Counts `slots` as holding this window's gradient (a data-parallel reduction
@@ -620,7 +707,7 @@ class AccumulationWindow:
         """Where the window's gradient is written for parameters of another dtype than
         the buffers: the last micro-batch's gradient of that parameter when kept (each
         storage once), else a new tensor."""
-        kept = [s.last_grad for s in written]
+        kept = self._kept_grads(written)
         if not _any_none(kept) and len(set(map(id, kept))) == len(kept):
             return kept  # the usual case, checked at C speed: every one kept, none shared
         outputs, used = [], set()
@@ -631,6 +718,18 @@ class AccumulationWindow:
             else:
                 outputs.append(torch.empty_like(_local(s.param), memory_format=torch.contiguous_format))
         return outputs
+
+    def _kept_grads(self, written: list[Slot]) -> list[Tensor | None]:
+        """The last micro-batch's gradient of each of `written` where it was kept (taken
+        by step(), of the parameter's dtype), else None."""
+        if self._last_grads is None:
+            return [s.last_grad for s in written]
+        everyone = written is self.slots
+        grads = self._last_grads if everyone else [self._last_grads[s.index] for s in written]
+        wanted = self._handoff_dtypes if everyone else [s.handoff_dtype for s in written]
+        if list(map(_DTYPE, grads)) == wanted:
+            return grads  # the usual case, checked at C speed
+        return [g if g.dtype == want else None for g, want in zip(grads, wanted, strict=True)]
 
     def hand_out(self, written: list[Slot], grads: list[Tensor], *, buffers: bool) -> None:
         """Gives the window's gradient to the optimizer as the parameters' .grad: the

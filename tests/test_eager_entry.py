@@ -250,3 +250,40 @@ def test_the_profiler_sees_the_public_op_names():
         mbfused.finalize_(acc, 0.5)
     names = {event.name for event in prof.events()}
     assert {"mbfused::accumulate_", "mbfused::finalize_"} <= names
+
+
+def test_take_grads_hands_each_grad_over_and_leaves_none_behind():
+    take_grads = _native.eager_entry("_take_grads")
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(3)]
+    grads = [torch.ones(3), None, torch.full((3,), 2.0)]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    before = [(sys.getrefcount(g), g._use_count()) for g in grads if g is not None]
+    taken = take_grads(params)
+    assert all(t is g for t, g in zip(taken, grads, strict=True))
+    assert all(p.grad is None for p in params)
+    for p, g in zip(params, taken, strict=True):  # what the window does when it must put them back
+        p.grad = g
+    del taken
+    assert [(sys.getrefcount(g), g._use_count()) for g in grads if g is not None] == before
+
+
+@pytest.mark.parametrize("params", [
+    lambda: (torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))),  # a tuple
+    lambda: [torch.nn.Parameter(torch.zeros(2)), torch.zeros(2).as_subclass(_Subclass).requires_grad_()],
+], ids=["tuple", "subclass"])
+def test_take_grads_declines_anything_but_a_list_of_plain_tensors(params):
+    params = params()
+    for p in params:
+        p.grad = torch.ones(2).as_subclass(type(p.data))
+    assert _native.eager_entry("_take_grads")(params) is None
+    assert all(p.grad is not None for p in params)
+
+
+def test_set_attribute_sets_each_objects_attribute_as_setattr_does():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    _native.eager_entry("_set_attribute")(params, "overwrite_main_grad", True)
+    assert all(p.overwrite_main_grad is True for p in params)
+    with pytest.raises(AttributeError):
+        _native.eager_entry("_set_attribute")([params[0], object()], "overwrite_main_grad", False)
+    assert params[0].overwrite_main_grad is False  # set before the object that refused it

@@ -372,6 +372,26 @@ def test_a_forgotten_zero_grad_is_caught_for_sixteen_bit_parameters_too(mode, dt
         opt.step()
 
 
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_a_refused_micro_batch_leaves_every_grad_in_place(mode):
+    """The window takes a micro-batch's gradients off the parameters before accumulating
+    them: when that is refused (here in step() in param mode, in backward() in bucket
+    mode), each .grad is put back as it was."""
+    model = Net()
+    params = list(model.parameters())
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](params), 1, mode=mode)
+    _loss(model, _batches()[0], "mean").backward()
+    assert opt.step()
+    with pytest.raises(RuntimeError, match=r"still the gradient of the last window"):
+        _loss(model, _batches()[1], "mean").backward()  # no zero_grad: adds into the last window's
+        before = [p.grad for p in params]
+        opt.step()
+    if mode == "param":
+        assert all(p.grad is g for p, g in zip(params, before, strict=True))
+    else:
+        assert all(p.grad is not None for p in model.body.parameters())  # the head is unused
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
