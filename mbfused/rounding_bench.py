@@ -1,6 +1,7 @@
 """Which accumulation buffers: fp32, bf16 rounded to nearest, or bf16 rounded stochastically.
 
-``python -m mbfused bench --rounding`` measures, in one run:
+``python -m mbfused bench --rounding`` measures, in one run (with ``--device cuda``: the
+speed on the GPU only; the accuracy and the training do not depend on the device):
 
 - memory: bytes per parameter of ``MicroBatchOptimizer``'s buffers for each choice;
 - speed: ``accumulate_`` of bf16 gradients into each kind of buffer, the three calls
@@ -115,17 +116,22 @@ def _speed_list(elements: int) -> list[tuple[int, ...]]:
     return layer * max(1, elements // per_layer)
 
 
-def measure_speed(elements: int, repeats: int, progress: Callable[[str], None]) -> list[SpeedRow]:
+def measure_speed(elements: int, repeats: int, progress: Callable[[str], None],
+                  device: torch.device | str = "cpu") -> list[SpeedRow]:
+    device = torch.device(device)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shapes = _speed_list(elements)
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
-    buffers = {name: [torch.zeros(s, dtype=BUFFERS[name][0]) for s in shapes] for name in BUFFERS}
+    grads = [torch.randn(s, generator=gen).to(device=device, dtype=torch.bfloat16) for s in shapes]
+    buffers = {name: [torch.zeros(s, dtype=BUFFERS[name][0], device=device) for s in shapes] for name in BUFFERS}
     numel = sum(g.numel() for g in grads)
     times: dict[str, list[float]] = {name: [] for name in BUFFERS}
     for call in range(repeats + 1):  # the first round warms up, untimed
         for name in BUFFERS:
+            synchronize()
             start = time.perf_counter()
             ops.accumulate_(buffers[name], grads, 0.125, **_accumulate_kwargs(name, call))
+            synchronize()
             if call:
                 times[name].append(time.perf_counter() - start)
         progress(f"speed: round {call} of {repeats}")
@@ -263,11 +269,17 @@ def run(*, quick: bool = True, progress: Callable[[str], None] = lambda _: None)
     return Report(speed, errors, losses, sum(math.prod(s) for s in _speed_list(elements)), parameters)
 
 
+def format_speed(speed: list[SpeedRow], elements: int, device: str = "cpu") -> list[str]:
+    rows = {r.buffers: r for r in speed}
+    ratio = rows["bf16-stochastic"].median_ms / rows["bf16-nearest"].median_ms
+    return [f"accumulate_ of bf16 gradients on {device}, {elements / 1e6:.1f}M elements, interleaved, median:",
+            f"{'buffers':<18}{'bytes/param':>12}{'ms':>10}{'GB/s':>8}",
+            *(f"{r.buffers:<18}{r.bytes_per_parameter:>12.2f}{r.median_ms:>10.2f}{r.gb_per_s:>8.2f}" for r in speed),
+            f"stochastic / nearest: {ratio:.2f}x"]
+
+
 def format_report(report: Report) -> str:
-    lines = [f"accumulate_ of bf16 gradients, {report.elements / 1e6:.1f}M elements, interleaved, median:",
-             f"{'buffers':<18}{'bytes/param':>12}{'ms':>10}{'GB/s':>8}"]
-    lines += [f"{r.buffers:<18}{r.bytes_per_parameter:>12.2f}{r.median_ms:>10.2f}{r.gb_per_s:>8.2f}"
-              for r in report.speed]
+    lines = format_speed(report.speed, report.elements)
     lines += ["", f"window gradient vs fp64, tiny Llama ({report.parameters / 1e6:.2f}M parameters), "
               "relative L2 error (stochastic: mean of 3 seeds, spread in brackets):",
               f"{'window':<14}{'N':>6}" + "".join(f"{name:>24}" for name in BUFFERS) + f"{'nearest/SR':>12}"]

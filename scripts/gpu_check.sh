@@ -2,7 +2,8 @@
 # `make gpu-check`: proves the CUDA and Triton paths on a machine with a CUDA GPU where
 # torch (>= 2.11), triton, pytest and pytest-benchmark are already installed and nothing
 # can be downloaded. Builds the extension in place against that torch, runs every
-# `gpu`-marked test, the GPU benchmark and the end-to-end training window, each step
+# `gpu`-marked test, the GPU benchmarks (the ops, stochastic rounding's cost, the
+# end-to-end training window, the micro-batch planner on a 1B model), each step
 # under its own deadline, and writes one log per step to $OUT (else gpu-check/).
 #
 # GPU_CHECK_DRY=1: no GPU needed; runs the same offline build, the SASS check and the CPU
@@ -11,7 +12,7 @@
 #
 # Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0; the dry run keeps an
 # existing build's list when unset), MAX_JOBS (all cores), GPU_CHECK_E2E=0 skips the
-# end-to-end window.
+# end-to-end window, GPU_CHECK_PLAN=0 the planner's run (which needs transformers).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -108,9 +109,18 @@ else
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_CHECK_WORKERS:-8}")
     step gpu-tests 240 run_pytest -q -rfEs -m gpu tests -p no:cacheprovider "${parallel[@]}"
     step bench 180 "$PYTHON" -m mbfused bench --device cuda --json "$LOGS/bench.json"
+    # Stochastic rounding's cost against round-to-nearest bf16 buffers, on the GPU.
+    step rounding-speed 90 "$PYTHON" -m mbfused bench --rounding --device cuda --json "$LOGS/rounding.json"
     if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
         step end-to-end 150 "$PYTHON" -m mbfused bench --end-to-end --device cuda \
             --json "$LOGS/end-to-end.json"
+    fi
+    if [ "${GPU_CHECK_PLAN:-1}" = 1 ] && "$PYTHON" -c "import transformers" 2>/dev/null; then
+        # The micro-batch planner on a 1B-parameter Llama in bf16: the table (throughput and
+        # peak memory per micro-batch size, one step either side of the choice included).
+        step plan 240 "$PYTHON" -m mbfused plan --model llama-1b --device cuda --dtype bfloat16 \
+            --global-batch 64 --seq-len 1024 --repeats 2 --warmup 1 \
+            --json "$LOGS/plan.json" --plot "$LOGS/plan.png"
     fi
 fi
 

@@ -649,3 +649,14 @@ def test_gpu_graph_replays_with_the_seed_tensor_of_the_replay(backend):
     expected = clone_all(start)
     reference.accumulate_(expected, grads, stochastic_rounding=True, seed=12345)
     assert_same(acc, expected)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_rounding_speed_is_measured_on_the_device():
+    from mbfused import rounding_bench
+
+    rows = rounding_bench.measure_speed(1 << 16, 1, lambda _: None, "cuda")
+    assert [r.buffers for r in rows] == list(rounding_bench.BUFFERS)
+    assert all(r.median_ms > 0 for r in rows)
+    assert "stochastic / nearest" in rounding_bench.format_speed(rows, 1 << 16, "cuda")[-1]
