@@ -72,18 +72,22 @@ class FSDPSync:
         # The first dimension's group (an HSDP mesh's replicate group): the window's
         # reduction takes all of process_groups.
         self.process_group = self.process_groups[0]
-        coordinate = mesh.get_coordinate()
-        # Parameters whose squares this rank adds to the window's norm (see above).
-        self._first_replica = {
-            id(p) for p in params
-            if all(coordinate[d] == 0 for d, placement in enumerate(p.placements) if type(placement) is Replicate)}
-        self.first_replica_of_all = len(self._first_replica) == len(params)
+        self._coordinate = mesh.get_coordinate()
+        # At coordinate 0 along every dimension, this rank is the first replica of every
+        # parameter (parameters added later with add_param_group included).
+        self._at_origin = all(c == 0 for c in self._coordinate)
+
+    def _first_replica(self, param: torch.Tensor) -> bool:
+        return all(self._coordinate[d] == 0 for d, placement in enumerate(param.placements)
+                   if type(placement) is Replicate)
 
     def norm_slots(self, written: list) -> list:
-        """The written slots whose squares this rank adds to the window's norm."""
-        if self.first_replica_of_all:
+        """The written slots whose squares this rank adds to the window's norm (see above):
+        `written` itself when that is all of them."""
+        if self._at_origin:
             return written
-        return [s for s in written if id(s.param) in self._first_replica]
+        counted = [s for s in written if self._first_replica(s.param)]
+        return written if len(counted) == len(written) else counted
 
     def check(self) -> None:
         return None
