@@ -35,9 +35,10 @@ A slot's state in the current window:
   gradient for parameters of another dtype than the buffers.
 
 (``last_pass_count`` and ``last_grad`` are left unwritten in the usual last micro-batch,
-one ``accumulate`` call over every slot: the window keeps its gradients in one list then.
-Every per-parameter pass costs on a list of a thousand small tensors: after a kernel has
-streamed the gradients through the cache, each misses it.)
+one ``accumulate`` call over every slot: the window notes that, and keeps the gradients
+in one list when every one of them is to be reused. Every per-parameter pass costs on a
+list of a thousand small tensors: after a kernel has streamed the gradients through
+the cache, each misses it.)
 
 The window's ``unchecked_written`` says a gradient came in without an inf/nan check (from
 ``main_grad`` writes): the window's norm decides then.
@@ -304,9 +305,13 @@ class AccumulationWindow:
         self._serial = 0  # micro-batches collected since construction
         self._written_count = 0  # slots written in this window
         self._external_buffers: list[Tensor] = []  # of the slots whose main_grad a layer wrote
-        # The last micro-batch's gradients, one per slot, when a single accumulate() call
-        # took them all (the usual case): the slots' last_pass_count and last_grad are
-        # not written then. Otherwise (_last_passes_by_slot) each slot counts its own.
+        # Whether a single accumulate() call took every gradient of the last micro-batch
+        # (the usual case): the slots' last_pass_count and last_grad are not written then,
+        # and _last_grads holds those gradients, one per slot, when all are to be reused
+        # (every parameter of another dtype than the buffers; else none is kept, nor is a
+        # gradient kept alive through the wrapped optimizer's step). Otherwise
+        # (_last_passes_by_slot) each slot counts its own.
+        self._one_full_pass = False
         self._last_grads: list[Tensor] | None = None
         self._last_passes_by_slot = False
         self.buckets: list[Bucket] = []
@@ -339,6 +344,7 @@ class AccumulationWindow:
         # handed out in the buffers themselves).
         self.buffers_in_param_dtype = all(s.handoff_dtype is None for s in self.slots)
         self._handoff_dtypes = [s.handoff_dtype for s in self.slots]
+        self._every_param_of_another_dtype = all(d is not None for d in self._handoff_dtypes)
         this = weakref.ref(self)  # hooks must not keep a dropped window alive
         for slot in new:
             self._slot_of[id(slot.param)] = slot
@@ -581,8 +587,10 @@ class AccumulationWindow:
             # anyway: they are kept as the storage the window's gradient is written into
             # for parameters of another dtype than the buffers (no allocation at the end
             # of the window). Those taken by backward hooks are freed at once.
-            if slots is self.slots and not in_backward and not self._last_passes_by_slot:
-                self._last_grads = grads  # the usual case: this call took every gradient
+            if (slots is self.slots and not in_backward and not self._last_passes_by_slot
+                    and (self.buffers_in_param_dtype or self._every_param_of_another_dtype)):
+                self._one_full_pass = True  # the usual case: this call took every gradient
+                self._last_grads = grads if self._every_param_of_another_dtype else None
             else:
                 self._count_last_passes(slots, None if in_backward else grads)
 
@@ -609,8 +617,8 @@ class AccumulationWindow:
         """From now on the slots count their own last-micro-batch passes: a record of one
         call that took every gradient (`_last_grads`) is written into them first."""
         self._last_passes_by_slot = True
-        if self._last_grads is not None:
-            whole, self._last_grads = self._last_grads, None
+        if self._one_full_pass:
+            whole, self._last_grads, self._one_full_pass = self._last_grads, None, False
             self._count_last_passes(self.slots, whole)
 
     def collect(self, items: float | Tensor) -> bool:
@@ -671,6 +679,7 @@ class AccumulationWindow:
                 s.last_pass_count = 0
                 s.last_grad = None
         self._written_count = 0
+        self._one_full_pass = False
         self._last_grads = None
         self._last_passes_by_slot = False
 
@@ -691,9 +700,9 @@ class AccumulationWindow:
         accumulate_ (a gradient added into main_grad by its layer sums no norm)."""
         if self.unchecked_written:
             return None
-        if self._last_grads is None and not all(s.last_pass_count == 1 for s in written):
+        if not self._one_full_pass and not all(s.last_pass_count == 1 for s in written):
             return None
-        return self.norm_sq  # (with _last_grads, one call accumulated every slot, nothing else)
+        return self.norm_sq  # (after one full pass, one call accumulated every slot, nothing else)
 
     def mark_written(self, slots: list[Slot]) -> None:
         """Counts `slots` as holding this window's gradient (a data-parallel reduction

@@ -392,6 +392,26 @@ def test_a_refused_micro_batch_leaves_every_grad_in_place(mode):
         assert all(p.grad is not None for p in model.body.parameters())  # the head is unused
 
 
+def test_the_last_micro_batch_gradients_are_freed_before_the_wrapped_step():
+    """Buffers of the parameters' dtype are handed out themselves: the last micro-batch's
+    gradients are not needed at the window's end and must not be alive through the
+    wrapped optimizer's step (where it may allocate its state): one gradient set of
+    memory."""
+    import weakref
+
+    model = torch.nn.Linear(8, 4)  # every parameter gets a gradient in every micro-batch
+    params = list(model.parameters())
+    inner = OPTIMIZERS["sgd"](params)
+    opt = MicroBatchOptimizer(inner, 2, mode="param")
+    alive_in_step = []
+    inner.register_step_pre_hook(lambda *_: alive_in_step.append([r() is not None for r in last]))
+    for x in (torch.randn(5, 8), torch.randn(3, 8)):
+        model(x).square().mean().backward()
+        last = [weakref.ref(p.grad) for p in params]
+        opt.step()
+    assert alive_in_step == [[False, False]]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
