@@ -80,8 +80,13 @@ def _rounding(args: argparse.Namespace) -> int:
 
     if args.device == "cuda":
         # The speed on the GPU; the accuracy and training figures are the CPU run's.
+        if args.plot:
+            print("--rounding --device cuda measures the speed only: --plot draws the CPU run's "
+                  "error and loss curves; leave --device out for those", file=sys.stderr)
+            return 2
         elements = 1 << 25
-        speed = rounding_bench.measure_speed(elements, 5 if args.quick else 20, progress, "cuda")
+        repeats = args.repeats or (5 if args.quick else 20)
+        speed = rounding_bench.measure_speed(elements, repeats, progress, "cuda")
         print("\n".join(rounding_bench.format_speed(speed, elements, torch.cuda.get_device_name())))
         if args.json:
             with open(args.json, "w") as f:

@@ -75,8 +75,9 @@ def _refuse_direct_step(wrapper_ref: weakref.ref, optimizer, args, kwargs) -> No
 # Adapters that take over the gradient synchronisation of a model given as model= (a
 # DistributedDataParallel one, ...): classes with matches(model), a constructor taking
 # (model, params), process_group, process_groups (those the window's reduction sums
-# over, in turn), check(), after_window(), release() and holds_window_gradients() (the
-# model keeps gradients of this window that no state dict has).
+# over, in turn), check_params(params) (for add_param_group), check(), after_window(),
+# release() and holds_window_gradients() (the model keeps gradients of this window that
+# no state dict has).
 # mbfused.distributed registers them, so that this module never imports an engine's code.
 _MODEL_SYNCS: list[type] = []
 
@@ -468,6 +469,8 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             raise ValueError(f"param_group's parameters are on {trainable[0].device} but this "
                              f"optimizer's are on {self._window.device}")
         self._check_no_foreign_main_grad(trainable)
+        if self._model_sync is not None:
+            self._model_sync.check_params(trainable)
         self.optimizer.add_param_group(dict(param_group, params=params))
         self._take_over(trainable)
         self._untracked.extend(p for p in params if not p.requires_grad)

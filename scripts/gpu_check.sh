@@ -115,12 +115,17 @@ else
         step end-to-end 150 "$PYTHON" -m mbfused bench --end-to-end --device cuda \
             --json "$LOGS/end-to-end.json"
     fi
-    if [ "${GPU_CHECK_PLAN:-1}" = 1 ] && "$PYTHON" -c "import transformers" 2>/dev/null; then
+    if [ "${GPU_CHECK_PLAN:-1}" = 1 ]; then
         # The micro-batch planner on a 1B-parameter Llama in bf16: the table (throughput and
         # peak memory per micro-batch size, one step either side of the choice included).
-        step plan 240 "$PYTHON" -m mbfused plan --model llama-1b --device cuda --dtype bfloat16 \
-            --global-batch 64 --seq-len 1024 --repeats 2 --warmup 1 \
-            --json "$LOGS/plan.json" --plot "$LOGS/plan.png"
+        if "$PYTHON" -c "import transformers" 2>/dev/null; then
+            plot=()
+            "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=(--plot "$LOGS/plan.png")
+            step plan 240 "$PYTHON" -m mbfused plan --model llama-1b --device cuda --dtype bfloat16 \
+                --global-batch 64 --seq-len 1024 --repeats 2 --warmup 1 --json "$LOGS/plan.json" "${plot[@]}"
+        else
+            echo "== plan: skipped (the 1B Llama needs transformers, which is not installed) =="
+        fi
     fi
 fi
 

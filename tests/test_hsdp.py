@@ -120,3 +120,34 @@ def test_a_nan_on_one_replica_skips_the_hsdp_window_on_both(tmp_path):
         assert results[rank]["stepped"] == [False] * N
         for name, value in initial.items():
             assert torch.equal(results[rank]["params"][name], value.detach())
+
+
+def _add_param_group_worker(rank, path, results):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    try:
+        model = _net()
+        fully_shard(model)
+        opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, model=model)
+        errors = []
+        for foreign in (torch.nn.Parameter(torch.zeros(3)), torch.nn.Linear(2, 2).weight):
+            try:
+                opt.add_param_group({"params": [foreign]})
+                errors.append(None)
+            except (ValueError, NotImplementedError) as error:
+                errors.append(str(error))
+        results[rank] = {"errors": errors, "groups": len(opt.param_groups)}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_parameter_the_fsdp2_model_does_not_own_is_refused_on_every_rank(tmp_path):
+    """add_param_group under model=: a parameter not of the model (whose shard the window
+    could not place in the norm or the checkpoint) raises on every rank alike, before any
+    collective could leave one rank waiting."""
+    results = run_ranks(_add_param_group_worker, 2, tmp_path / "store")
+    for rank in range(2):
+        assert results[rank]["groups"] == 1
+        assert all(e is not None and "must be the fully_shard model's own" in e for e in results[rank]["errors"])

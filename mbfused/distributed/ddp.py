@@ -31,14 +31,18 @@ class DDPSync:
         return isinstance(model, DistributedDataParallel)
 
     def __init__(self, ddp: DistributedDataParallel, params: list[torch.Tensor]) -> None:
-        own = {id(p) for p in ddp.module.parameters()}
-        if not all(id(p) in own for p in params):
-            raise ValueError("model: the optimizer's parameters must be the DistributedDataParallel "
-                             "model's own (model.parameters())")
         self.ddp = ddp
+        self.check_params(params)
         self.process_group = ddp.process_group
         self.process_groups = [ddp.process_group]
         ddp.require_backward_grad_sync = False
+
+    def check_params(self, params: list[torch.Tensor]) -> None:
+        """Raises unless `params` are the model's own (at construction, add_param_group)."""
+        own = {id(p) for p in self.ddp.module.parameters()}
+        if not all(id(p) in own for p in params):
+            raise ValueError("model: the optimizer's parameters must be the DistributedDataParallel "
+                             "model's own (model.parameters())")
 
     def check(self) -> None:
         """Called by every step(), before the micro-batch's gradients are taken."""

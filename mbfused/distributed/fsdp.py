@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 __all__ = ["FSDPSync"]
 
@@ -52,22 +52,13 @@ class FSDPSync:
         return isinstance(model, FSDPModule)
 
     def __init__(self, model: FSDPModule, params: list[torch.Tensor]) -> None:
-        own = {id(p) for p in model.parameters()}
-        if not all(id(p) in own for p in params):
-            raise ValueError("model: the optimizer's parameters must be the fully_shard model's own "
-                             "(model.parameters())")
-        meshes = {p.device_mesh for p in params}
+        self.model = model
+        meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
         if len(meshes) != 1:
             raise NotImplementedError(f"model: the parameters must share one device mesh, got {len(meshes)} meshes")
         mesh = meshes.pop()
-        for p in params:
-            if not all(type(placement) in (Shard, Replicate) for placement in p.placements):
-                raise NotImplementedError(
-                    f"model: a parameter of shape {list(p.shape)} is placed {p.placements} on its mesh; "
-                    "the window takes parameters sharded (Shard) or replicated (Replicate) along each "
-                    "dimension")
-        self.model = model
         self.mesh = mesh  # the layout of the window's per-rank checkpoint entries
+        self.check_params(params)
         self.process_groups = [mesh.get_group(d) for d in range(mesh.ndim)]
         # The first dimension's group (an HSDP mesh's replicate group): the window's
         # reduction takes all of process_groups.
@@ -76,10 +67,33 @@ class FSDPSync:
         # At coordinate 0 along every dimension, this rank is the first replica of every
         # parameter (parameters added later with add_param_group included).
         self._at_origin = all(c == 0 for c in self._coordinate)
+        self._first_replica_of: dict[int, bool] = {}  # id(param) -> whether it is (see above)
+
+    def check_params(self, params: list[torch.Tensor]) -> None:
+        """Raises unless `params` are the model's own, on its one mesh, sharded or
+        replicated along each dimension (at construction, add_param_group): every rank
+        raises alike, before any collective."""
+        own = {id(p) for p in self.model.parameters()}
+        if not all(id(p) in own for p in params):
+            raise ValueError("model: the optimizer's parameters must be the fully_shard model's own "
+                             "(model.parameters())")
+        for p in params:
+            if not isinstance(p, DTensor) or p.device_mesh != self.mesh:
+                raise NotImplementedError(f"model: a parameter of shape {list(p.shape)} is not sharded over "
+                                          "the device mesh of the others; they must share one mesh")
+            if not all(type(placement) in (Shard, Replicate) for placement in p.placements):
+                raise NotImplementedError(
+                    f"model: a parameter of shape {list(p.shape)} is placed {p.placements} on its mesh; "
+                    "the window takes parameters sharded (Shard) or replicated (Replicate) along each "
+                    "dimension")
 
     def _first_replica(self, param: torch.Tensor) -> bool:
-        return all(self._coordinate[d] == 0 for d, placement in enumerate(param.placements)
-                   if type(placement) is Replicate)
+        known = self._first_replica_of.get(id(param))
+        if known is None:
+            known = all(self._coordinate[d] == 0 for d, placement in enumerate(param.placements)
+                        if type(placement) is Replicate)
+            self._first_replica_of[id(param)] = known
+        return known
 
     def norm_slots(self, written: list) -> list:
         """The written slots whose squares this rank adds to the window's norm (see above):
