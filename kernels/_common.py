@@ -183,6 +183,15 @@ def seed_arguments(seed: int | Tensor | None) -> tuple[Tensor | None, int, int]:
     return None, signed32(bits & 0xFFFFFFFF), signed32(bits >> 32)
 
 
+def scratch_seed(stochastic_rounding: bool, seed: int | Tensor | None, device: torch.device) -> int | Tensor | None:
+    """A seed of the same kind as `seed` (None, int or int64 tensor) for a tuning run on
+    scratch tensors: Triton keys its tuning cache by the tensor arguments' dtypes too, so
+    the scratch call must pass a tensor exactly where the real one does."""
+    if not stochastic_rounding:
+        return None
+    return torch.zeros(1, dtype=torch.int64, device=device) if isinstance(seed, Tensor) else 0
+
+
 @triton.jit
 def seed_value(seed_ptr, seed_low, seed_high):
     """The uint64 seed of a stochastic kernel: ``seed_ptr``'s int64 or, when it is None,

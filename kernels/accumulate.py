@@ -37,6 +37,7 @@ from ._common import (
     from_fp32,
     on_tensors_device,
     plan,
+    scratch_seed,
     seed_arguments,
     seed_value,
     stochastic_from_fp32,
@@ -178,8 +179,7 @@ def _tune_on_scratch(group: Group, scale: float | Tensor, overwrite: bool,
             overwrite=overwrite,
             found_inf=None if found_inf is None else torch.zeros(1, device=device),
             stochastic_rounding=stochastic_rounding,
-            seed=(torch.zeros(1, dtype=torch.int64, device=device) if isinstance(seed, Tensor) else 0)
-            if stochastic_rounding else None,
+            seed=scratch_seed(stochastic_rounding, seed, device),
         )
 
 

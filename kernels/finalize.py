@@ -46,6 +46,7 @@ from ._common import (
     from_fp32,
     on_tensors_device,
     plan,
+    scratch_seed,
     seed_arguments,
     seed_value,
     stochastic_from_fp32,
@@ -218,9 +219,7 @@ def _tune_on_scratch(group: Group, in_place: bool, stochastic_rounding: bool, se
         if not in_place:
             out = [torch.empty(TUNING_NUMEL + offset, dtype=group.dst_dtype, device=device)[offset:]]
         finalize_([acc], 0.5, norm_sq=torch.zeros(1, device=device), out=out,
-                  stochastic_rounding=stochastic_rounding,
-                  seed=(torch.zeros(1, dtype=torch.int64, device=device) if isinstance(seed, Tensor) else 0)
-                  if stochastic_rounding else None)
+                  stochastic_rounding=stochastic_rounding, seed=scratch_seed(stochastic_rounding, seed, device))
 
 
 def _sum_squares(launches: LaunchPlan, device: torch.device) -> Tensor:
