@@ -163,33 +163,66 @@ void mark_written(const std::optional<at::Tensor>& t) {
   }
 }
 
-// _accumulate_eager(acc: list | tuple, grads: list | tuple, scale: float, scale_tensor, overwrite: bool,
-//                   found_inf, norm_sq[, stochastic_rounding: bool, seed: int, seed_tensor])
-//                   -> bool: True when it ran the op, False when not taken.
-PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
-  HANDLE_TH_ERRORS
-  PyObject *acc_obj, *grads_obj, *scale_tensor_obj, *overwrite_obj, *found_inf_obj, *norm_sq_obj;
-  PyObject* stochastic_obj = Py_False;
-  PyObject* seed_tensor_obj = Py_None;
-  double scale;
-  long long seed = 0;
-  if (!PyArg_ParseTuple(args, "OOdOOOO|OLO", &acc_obj, &grads_obj, &scale, &scale_tensor_obj, &overwrite_obj,
-                        &found_inf_obj, &norm_sq_obj, &stochastic_obj, &seed, &seed_tensor_obj)) {
-    return nullptr;
+// The .grad of each parameter of a Python list, when every parameter is a plain tensor
+// (torch.Tensor or nn.Parameter: a subclass's .grad may be a property) with a plain
+// gradient; not plain when any has no gradient.
+class ParamGrads {
+ public:
+  explicit ParamGrads(PyObject* params) {
+    if (!PyList_CheckExact(params)) {
+      return;
+    }
+    const Py_ssize_t n = PyList_GET_SIZE(params);
+    grads_.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      PyObject* param = PyList_GET_ITEM(params, i);
+      if (!THPVariable_CheckExact(param)) {
+        return;
+      }
+      const at::Tensor& grad = THPVariable_Unpack(param).grad();
+      if (!grad.defined() || !kPlainTensorKeys.isSupersetOf(grad.key_set())) {
+        return;
+      }
+      grads_.push_back(grad);
+    }
+    plain_ = true;
   }
+
+  bool plain() const { return plain_; }
+  at::TensorList tensors() const { return grads_; }
+
+ private:
+  std::vector<at::Tensor> grads_;
+  bool plain_ = false;
+};
+
+// The arguments of accumulate_ after its two lists, as the eager entries take them:
+// (scale: float, scale_tensor, overwrite: bool, found_inf, norm_sq[, stochastic_rounding: bool,
+// seed: int, seed_tensor]).
+struct AccumulateArgs {
+  PyObject *scale_tensor, *overwrite, *found_inf, *norm_sq;
+  PyObject* stochastic = Py_False;
+  PyObject* seed_tensor = Py_None;
+  double scale = 1.0;
+  long long seed = 0;
+};
+
+// Runs accumulate_'s compiled kernel on `acc` and `grads`; false (nothing run) when the
+// call is not the eager entry's to take: a mode is active, a kernel was registered for
+// the public op, or an argument is not a plain tensor (or a bool where one is due).
+// Raises as the op does, before anything is written.
+bool accumulate_plain(const ListTensors& acc, bool grads_plain, at::TensorList grads, const AccumulateArgs& args) {
   static const c10::OperatorHandle public_op = c10::Dispatcher::singleton().findSchemaOrThrow("mbfused::accumulate_", "");
   // A non-bool overwrite is the dispatcher's to reject, as the schema says bool.
-  if (!no_mode_active() || !PyBool_Check(overwrite_obj) || !PyBool_Check(stochastic_obj) ||
+  if (!no_mode_active() || !PyBool_Check(args.overwrite) || !PyBool_Check(args.stochastic) ||
       has_device_override(public_op)) {
-    Py_RETURN_FALSE;
+    return false;
   }
-  const ListTensors acc(acc_obj);
-  const ListTensors grads(grads_obj);
-  const StateTensors state(scale_tensor_obj, found_inf_obj, norm_sq_obj);
+  const StateTensors state(args.scale_tensor, args.found_inf, args.norm_sq);
   bool seed_plain = true;
-  const std::optional<at::Tensor> seed_tensor = optional_plain_tensor(seed_tensor_obj, &seed_plain);
-  if (!acc.plain() || !grads.plain() || !state.plain || !seed_plain || acc.tensors().empty()) {
-    Py_RETURN_FALSE;
+  const std::optional<at::Tensor> seed_tensor = optional_plain_tensor(args.seed_tensor, &seed_plain);
+  if (!acc.plain() || !grads_plain || !state.plain || !seed_plain || acc.tensors().empty()) {
+    return false;
   }
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("mbfused::_accumulate_native_", "")
@@ -199,13 +232,57 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* args) {
                                          const std::optional<at::Tensor>&)>();
   RECORD_FUNCTION("mbfused::accumulate_", std::vector<c10::IValue>());
   run_kernel([&] {
-    op.call(acc.tensors(), grads.tensors(), scale, state.scale, overwrite_obj == Py_True, state.found_inf,
-            state.norm_sq, stochastic_obj == Py_True, static_cast<int64_t>(seed), seed_tensor);
+    op.call(acc.tensors(), grads, args.scale, state.scale, args.overwrite == Py_True, state.found_inf,
+            state.norm_sq, args.stochastic == Py_True, static_cast<int64_t>(args.seed), seed_tensor);
   });
   mark_written(acc.tensors());
   mark_written(state.found_inf);
   mark_written(state.norm_sq);
-  // The list tensors are dropped here, with the GIL held.
+  return true;
+}
+
+// _accumulate_eager(acc: list | tuple, grads: list | tuple, <AccumulateArgs>)
+//                   -> bool: True when it ran the op, False when not taken.
+PyObject* accumulate_eager(PyObject* /*module*/, PyObject* py_args) {
+  HANDLE_TH_ERRORS
+  PyObject *acc_obj, *grads_obj;
+  AccumulateArgs args;
+  if (!PyArg_ParseTuple(py_args, "OOdOOOO|OLO", &acc_obj, &grads_obj, &args.scale, &args.scale_tensor,
+                        &args.overwrite, &args.found_inf, &args.norm_sq, &args.stochastic, &args.seed,
+                        &args.seed_tensor)) {
+    return nullptr;
+  }
+  const ListTensors acc(acc_obj);
+  const ListTensors grads(grads_obj);
+  // The list tensors are dropped on return, with the GIL held.
+  return PyBool_FromLong(accumulate_plain(acc, grads.plain(), grads.tensors(), args));
+  END_HANDLE_TH_ERRORS
+}
+
+// _accumulate_grads_of_eager(acc: list | tuple, params: list, <AccumulateArgs>) -> bool:
+// accumulate_(acc, [p.grad for p in params], ...), then p.grad = None for each, when it
+// ran the op: True. False, with nothing changed, when not taken (as _accumulate_eager
+// says, or a parameter has no gradient). Raises as the op does, with nothing changed.
+// A window's micro-batch in one pass over the parameters, where reading the gradients
+// into a Python list and clearing them would take two.
+PyObject* accumulate_grads_of_eager(PyObject* /*module*/, PyObject* py_args) {
+  HANDLE_TH_ERRORS
+  PyObject *acc_obj, *params_obj;
+  AccumulateArgs args;
+  if (!PyArg_ParseTuple(py_args, "OOdOOOO|OLO", &acc_obj, &params_obj, &args.scale,
+                        &args.scale_tensor, &args.overwrite, &args.found_inf, &args.norm_sq, &args.stochastic,
+                        &args.seed, &args.seed_tensor)) {
+    return nullptr;
+  }
+  const ListTensors acc(acc_obj);
+  const ParamGrads grads(params_obj);
+  if (!accumulate_plain(acc, grads.plain(), grads.tensors(), args)) {
+    Py_RETURN_FALSE;
+  }
+  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params_obj); ++i) {
+    THPVariable_Unpack(PyList_GET_ITEM(params_obj, i)).mutable_grad() = at::Tensor();
+  }
+  // The gradients are dropped on return, with the GIL held (the last reference frees them).
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS
 }
@@ -388,6 +465,8 @@ PyObject* set_grads(PyObject* /*self*/, PyObject* args) {
 PyMethodDef methods[] = {
     {"_accumulate_eager", accumulate_eager, METH_VARARGS,
      "accumulate_ on plain CPU/CUDA tensors without the dispatcher's list copies; False when not taken."},
+    {"_accumulate_grads_of_eager", accumulate_grads_of_eager, METH_VARARGS,
+     "_accumulate_eager on the .grad of a list of parameters, each then set to None; False when not taken."},
     {"_finalize_eager", finalize_eager, METH_VARARGS,
      "finalize_ on plain CPU/CUDA tensors without the dispatcher's list copies; None when not taken."},
     {"_grads_of", grads_of, METH_O, "[p.grad for p in params] for a list of plain tensors; None when not taken."},

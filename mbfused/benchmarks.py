@@ -105,7 +105,10 @@ class Case:
     bytes_moved: int
     roofline_bytes: int
     roofline: Callable[[], None]
-    paths: dict[str, Callable[[], None]]
+    # Each path runs the operation once; one may return the seconds it spent standing in
+    # for the training loop around the operation (setting .grad, autograd's work whatever
+    # the path), which time_call leaves out on CPU.
+    paths: dict[str, Callable[[], object]]
     baselines: tuple[str, ...]  # the pure-PyTorch paths among `paths`
     roofline_name: str = "roofline: fp32 foreach"
     # Paths through torch.compile: their compile time (seconds), known after a first call.
@@ -145,12 +148,12 @@ def _fused_backends(device: torch.device) -> list[str]:
     return usable or [backend_for(device)]
 
 
-def _on_backends(acc: list[Tensor], label: str, fn: Callable[[], object]) -> dict[str, Callable[[], None]]:
+def _on_backends(acc: list[Tensor], label: str, fn: Callable[[], object]) -> dict[str, Callable[[], object]]:
     """`fn` once per fused backend, as paths named mbfused[backend] (+ label)."""
     def pinned(backend):
         def run():
             with use_backend(backend):
-                fn()
+                return fn()
         return run
 
     return {f"mbfused[{b}]{label}": pinned(b) for b in _fused_backends(acc[0].device)}
@@ -268,19 +271,24 @@ def _wrapper_window(t: Tensors, n: int) -> Callable[[], None]:
     """The window of window_case through MicroBatchOptimizer: bf16 parameters whose
     .grad is set to copies of the list's gradients before every step(), fp32 buffers,
     clipping. Copies: the wrapper writes the window's bf16 gradient into the last
-    micro-batch's gradients, which the other paths must not see. The .grad are set in
-    C++, as autograd's engine sets them in a training loop: a Python loop of 1,200
-    assignments would add about a tenth to many-small's window, a cost of this harness
-    that neither the wrapper nor a training loop has."""
+    micro-batch's gradients, which the other paths must not see. Setting the .grad
+    stands in for autograd's engine, which sets them in a training loop whatever the
+    path: the other paths are handed their gradients as a list, so the call returns the
+    seconds it spent setting them, which time_call leaves out on CPU (several percent of
+    many-small's window, though set in C++)."""
     params = [torch.nn.Parameter(torch.empty_like(g)) for g in t.grads]
     grads = [g.clone() for g in t.grads]
     opt = MicroBatchOptimizer(_NoStep(params), n, max_grad_norm=1.0)
 
-    def run():
+    def run() -> float:
+        loop_s = 0.0
         for _ in range(n):
+            start = time.perf_counter()
             set_grads(params, grads)
+            loop_s += time.perf_counter() - start
             opt.step()
         opt.zero_grad()
+        return loop_s
 
     run()  # first touch of the wrapper's buffers, untimed (windows run with no warm-up)
     return run
@@ -438,9 +446,11 @@ def flush_caches(device: str) -> None:
     _CACHE_FLUSH[0].sum()
 
 
-def time_call(fn: Callable[[], None], device: str, repeats: int, warmup: int = 1) -> list[float]:
+def time_call(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> list[float]:
     """Seconds per call, `repeats` samples; CUDA work is timed with events, CPU calls
-    start from cold caches (flush_caches)."""
+    start from cold caches (flush_caches). A call that returns a number of seconds spent
+    standing in for the training loop (see Case.paths) has them left out on CPU; on CUDA
+    that host work overlaps the queued kernels, and counts."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -457,8 +467,8 @@ def time_call(fn: Callable[[], None], device: str, repeats: int, warmup: int = 1
         for _ in range(repeats):
             flush_caches(device)
             t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+            loop_s = fn()
+            samples.append(time.perf_counter() - t0 - (loop_s if isinstance(loop_s, float) else 0.0))
     return samples
 
 

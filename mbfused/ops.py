@@ -181,6 +181,31 @@ def accumulate_(
         stochastic_rounding=stochastic_rounding, seed=seed_value, seed_tensor=seed_tensor)
 
 
+def accumulate_grads_of_(
+    acc: list[Tensor],
+    params: list[Tensor],
+    scale: float | Tensor,
+    *,
+    overwrite: bool,
+    found_inf: Tensor | None,
+    stochastic_rounding: bool = False,
+    seed: int | Tensor | None = None,
+) -> bool:
+    """``accumulate_(acc, [p.grad for p in params], scale, ...)``, then ``p.grad = None``
+    for each parameter, in one pass over the parameters, when the compiled eager entry
+    takes the call: True then. False, with nothing changed, when it does not (no build,
+    another backend, a parameter without a gradient, a tensor subclass, an active mode):
+    the caller goes the long way then. Raises as accumulate_ does, with nothing changed.
+    For callers that pass well-formed arguments (the window): they are not checked here."""
+    entry = _eager_entry("_accumulate_grads_of_eager", acc)
+    if entry is None:
+        return False
+    scale_value, scale_tensor = _split_scale(scale)
+    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed)
+    return entry(acc, params, scale_value, scale_tensor, overwrite, found_inf, None,
+                 stochastic_rounding, seed_value, seed_tensor)
+
+
 def finalize_(
     acc: Sequence[Tensor],
     inv_scale: float | Tensor = 1.0,

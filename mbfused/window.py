@@ -574,14 +574,7 @@ class AccumulationWindow:
                 chosen = [i for i, f in enumerate(fresh) if f == kind]
                 ops.accumulate_([slots[i].buffer for i in chosen], [grads[i] for i in chosen], scale,
                                 overwrite=kind, found_inf=found_inf, norm_sq=norm_sq, **self._rounding())
-        if fresh is not False:
-            first_written = (slots if fresh is True
-                             else [s for s, was_fresh in zip(slots, fresh, strict=True) if was_fresh])
-            for s in first_written:
-                s.written = True
-            _set_attribute(self._params if first_written is self.slots else [s.param for s in first_written],
-                           OVERWRITE, False)
-            self._written_count += len(first_written)
+        self._note_written(slots, fresh)
         if last:
             # Gradients that reach step() in the last micro-batch were alive until now
             # anyway: they are kept as the storage the window's gradient is written into
@@ -594,6 +587,32 @@ class AccumulationWindow:
             else:
                 self._count_last_passes(slots, None if in_backward else grads)
 
+    def _accumulate_all_in_one_pass(self) -> bool:
+        """The usual micro-batch before the last: every parameter has a gradient, all
+        buffers are of one kind (first write or add), nothing was handed out. Their
+        gradients are accumulated and taken off the parameters in one pass over them (in
+        C++; through `_take_grads` and `accumulate` that takes two, and a Python list).
+        False, with nothing changed, when that does not apply or a gradient is bad: the
+        caller goes the long way, which names the parameter."""
+        if self.last_micro_batch or self.handed_out or self.sharded or not self.slots:
+            return False
+        fresh = self._fresh(self.slots)
+        if not isinstance(fresh, bool):
+            return False
+        found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
+        seed = self.rounding_seed
+        try:
+            taken = ops.accumulate_grads_of_(self._buffers, self._params, self.micro_scale(), overwrite=fresh,
+                                             found_inf=found_inf, stochastic_rounding=seed is not None, seed=seed)
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        if not taken:
+            return False
+        if seed is not None:
+            self._rounding()  # the seed this call used is spent
+        self._note_written(self.slots, fresh)
+        return True
+
     def _fresh(self, slots: list[Slot]) -> bool | list[bool]:
         """Whether the slots' buffers are still to be written in this window: True or
         False when the same holds for all, else one flag per slot."""
@@ -603,6 +622,17 @@ class AccumulationWindow:
             return True
         fresh = [not s.written for s in slots]
         return True if all(fresh) else False if not any(fresh) else fresh
+
+    def _note_written(self, slots: list[Slot], fresh: bool | list[bool]) -> None:
+        """Counts the slots accumulated while `fresh` (see _fresh) as written in this window."""
+        if fresh is False:
+            return
+        first_written = slots if fresh is True else [s for s, was_fresh in zip(slots, fresh, strict=True) if was_fresh]
+        for s in first_written:
+            s.written = True
+        _set_attribute(self._params if first_written is self.slots else [s.param for s in first_written],
+                       OVERWRITE, False)
+        self._written_count += len(first_written)
 
     def _count_last_passes(self, slots: list[Slot], grads: list[Tensor] | None) -> None:
         """Counts a last-micro-batch accumulation of the slots, per slot, and keeps their
@@ -624,16 +654,17 @@ class AccumulationWindow:
     def collect(self, items: float | Tensor) -> bool:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
         the parameters, counts `items`. True when the window is complete."""
-        grads = _take_grads(self._params)
-        try:
-            if not _any_none(grads):
-                self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
-            else:
-                pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
-                self.accumulate([s for s, _ in pending], [g for _, g in pending])
-        except BaseException:
-            _put_back(self._params, grads)
-            raise
+        if not self._accumulate_all_in_one_pass():
+            grads = _take_grads(self._params)
+            try:
+                if not _any_none(grads):
+                    self.accumulate(self.slots, grads)  # raises before anything is written if a gradient is bad
+                else:
+                    pending = [(s, g) for s, g in zip(self.slots, grads, strict=True) if g is not None]
+                    self.accumulate([s for s, _ in pending], [g for _, g in pending])
+            except BaseException:
+                _put_back(self._params, grads)
+                raise
         if self.bucket_bytes:
             for bucket in self.buckets:
                 bucket.ready.clear()  # buckets left incomplete by this backward

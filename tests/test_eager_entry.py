@@ -287,3 +287,64 @@ def test_set_attribute_sets_each_objects_attribute_as_setattr_does():
     with pytest.raises(AttributeError):
         _native.eager_entry("_set_attribute")([params[0], object()], "overwrite_main_grad", False)
     assert params[0].overwrite_main_grad is False  # set before the object that refused it
+
+
+# -- the window's one-pass micro-batch: accumulate_ from the parameters' .grad --------------
+
+accumulate_grads_of_eager = _native.eager_entry("_accumulate_grads_of_eager")
+
+
+def _params_with_grads(grads):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    return params
+
+
+def test_grads_of_same_bits_as_the_public_op_then_clears_them():
+    acc, grads = _lists()
+    acc_op = clone_all(acc)
+    found_inf, found_op = torch.zeros(1), torch.zeros(1)
+    grads[3][1] = float("nan")
+    params = _params_with_grads(grads)
+    versions = [a._version for a in acc]
+    assert accumulate_grads_of_eager(acc, params, 0.25, None, False, found_inf, None) is True
+    torch.ops.mbfused.accumulate_.default(acc_op, grads, 0.25, None, overwrite=False, found_inf=found_op)
+    for now, expected in zip(acc, acc_op, strict=True):
+        torch.testing.assert_close(now, expected, rtol=0, atol=0, equal_nan=True)
+    assert found_inf.item() == found_op.item() == 1.0
+    assert all(p.grad is None for p in params)
+    assert all(a._version > v for a, v in zip(acc, versions, strict=True))
+
+
+def test_grads_of_declines_a_missing_gradient_and_changes_nothing():
+    acc, grads = _lists(n=5)
+    params = _params_with_grads(grads)
+    params[2].grad = None
+    snapshot = clone_all(acc)
+    assert accumulate_grads_of_eager(acc, params, 0.25, None, False, None, None) is False
+    assert [p.grad is None for p in params] == [False, False, True, False, False]
+    for now, before in zip(acc, snapshot, strict=True):
+        torch.testing.assert_close(now, before, rtol=0, atol=0)
+
+
+def test_grads_of_declines_a_parameter_subclass_and_a_tuple():
+    acc, grads = [torch.zeros(3)], [torch.ones(3)]
+    subclassed = torch.nn.Parameter(torch.zeros(3)).as_subclass(_Subclass)
+    subclassed.grad = torch.ones(3)
+    assert accumulate_grads_of_eager(acc, [subclassed], 0.25, None, False, None, None) is False
+    params = _params_with_grads(grads)
+    assert accumulate_grads_of_eager(acc, tuple(params), 0.25, None, False, None, None) is False
+    assert params[0].grad is not None and acc[0].tolist() == [0.0] * 3
+
+
+def test_grads_of_raises_as_the_op_and_leaves_the_gradients():
+    acc = [torch.zeros(4), torch.zeros(6)]
+    params = _params_with_grads([torch.ones(4), torch.ones(6, 1)])  # second: another shape
+    with pytest.raises(ValueError) as error:
+        accumulate_grads_of_eager(acc, params, 0.25, None, False, None, None)
+    with pytest.raises(ValueError) as op_error:
+        torch.ops.mbfused.accumulate_.default(acc, [p.grad for p in params], 0.25, None)
+    assert str(error.value) == str(op_error.value)
+    assert all(p.grad is not None for p in params)
+    assert acc[0].tolist() == [0.0] * 4

@@ -724,6 +724,47 @@ def test_non_contiguous_gradients_are_accumulated():
     torch.testing.assert_close(p.detach(), -(grads[0] + grads[1]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_micro_batches_taken_in_one_pass_match_the_long_way(monkeypatch, rounding):
+    """Before the last micro-batch, step() accumulates the gradients and takes them off
+    the parameters in one pass (ops.accumulate_grads_of_); where it declines, the long way
+    runs. Both give the same bits, and stochastic rounding spends one seed per call either
+    way. A missing gradient (a parameter unused in one micro-batch) takes the long way."""
+    from mbfused import ops
+
+    def run(one_pass: bool):
+        torch.manual_seed(1)
+        params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.bfloat16)) for n in (300, 7, 1000)]
+        opt = MicroBatchOptimizer(torch.optim.SGD(params, lr=0.5), 4, accum_dtype=torch.bfloat16,
+                                  rounding=rounding, max_grad_norm=1.0)
+        taken = []
+        real = ops.accumulate_grads_of_
+
+        def recorded(*args, **kwargs):
+            taken.append(one_pass and real(*args, **kwargs))
+            return taken[-1]
+
+        monkeypatch.setattr(ops, "accumulate_grads_of_", recorded)
+        gen = torch.Generator().manual_seed(2)
+        states = []
+        for k in range(12):
+            for i, p in enumerate(params):
+                if not (k == 5 and i == 1):
+                    p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            opt.step()
+            states.append([b.clone() for b in opt._window.buffers_of(opt._window.slots)])
+            opt.zero_grad()
+        return params, states, taken
+
+    fast, fast_states, taken = run(True)
+    slow, slow_states, declined = run(False)
+    assert taken.count(True) == 8 and taken.count(False) == 1  # micro-batch 5 lacks a gradient
+    assert not any(declined)
+    for a, b in zip(fast_states, slow_states, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(fast, slow, strict=True))
+
+
 def test_exported_from_the_package():
     assert mbfused.MicroBatchOptimizer is MicroBatchOptimizer
     assert "MicroBatchOptimizer" in mbfused.__all__
