@@ -87,6 +87,19 @@ def test_fused_window_checks_for_inf_and_leaves_the_buffers_unclipped(tiny):
         torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
 
 
+def test_the_wrapper_path_reports_its_grad_setting_and_time_call_leaves_it_out(tiny, monkeypatch):
+    """The wrapper's window sets .grad before each step() (autograd's work in a loop, which
+    the other paths are spared): the call returns those seconds and time_call subtracts
+    them on CPU."""
+    case = benchmarks.window_case(tiny, n=4, compiled=False)
+    wrapper = case.paths["mbfused[cpu] MicroBatchOptimizer"]
+    loop_s = wrapper()
+    assert isinstance(loop_s, float) and loop_s > 0
+    monkeypatch.setattr(benchmarks, "flush_caches", lambda device: None)
+    assert benchmarks.time_call(lambda: 1e3, "cpu", repeats=2, warmup=0)[0] < 0  # 1000 s left out
+    assert benchmarks.time_call(lambda: None, "cpu", repeats=2, warmup=0)[0] >= 0
+
+
 def test_no_compile_leaves_the_compiled_paths_out(tiny):
     for op in benchmarks.COMPILED_CASES:
         case = benchmarks.make_case(op, tiny, compiled=False)
