@@ -433,3 +433,27 @@ def test_torch_compile_fullgraph(backend):
 def test_import_does_not_initialise_cuda():
     code = "import torch, mbfused; mbfused.available_backends(); assert not torch.cuda.is_initialized()"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@requires_native()
+@pytest.mark.parametrize("shapes", [[(5,), (3,), (7,)], [(40_000,), (3,), (70_000,), (1,)], [(33_000,)] * 9],
+                         ids=["few-small", "mixed", "many-chunks"])
+def test_same_bits_and_norm_on_one_thread_and_two(shapes):
+    """A call too small to share runs on the calling thread, a larger one on both: the
+    buffers and the norm (summed in chunk order) are the same either way."""
+    grads = make_grads(shapes, [torch.bfloat16] * len(shapes), seed=3)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            acc = make_grads(shapes, [torch.float32] * len(shapes), seed=4)
+            norm_sq = torch.zeros(1)
+            mbfused.accumulate_(acc, grads, 0.375, norm_sq=norm_sq)
+            total = mbfused.finalize_(acc, 0.5, max_norm=1.0)
+            results.append((acc, norm_sq, total))
+    finally:
+        torch.set_num_threads(threads)
+    (one, norm_one, total_one), (two, norm_two, total_two) = results
+    assert_same(one, two)
+    assert torch.equal(norm_one, norm_two) and torch.equal(total_one, total_two)

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -24,10 +25,27 @@ inline std::vector<Chunk> chunks_of(at::TensorList tensors) {
   return split_into_chunks(numels, kChunkElements);
 }
 
-// Calls fn(index, chunk) for every chunk, in parallel.
+// How many chunks a thread takes at least: about kChunkElements elements' worth (torch's
+// own grain, at::internal::GRAIN_SIZE), so that a call of fewer elements runs on the
+// calling thread alone. A list of a few small tensors is a few microseconds of work;
+// waking a second thread for it costs more, and a scheduler slice (milliseconds) when
+// that thread's core is busy with other work (a data loader's, another process's).
+inline int64_t chunks_per_thread(const std::vector<Chunk>& chunks) {
+  int64_t elements = 0;
+  for (const Chunk& chunk : chunks) {
+    elements += chunk.length;
+  }
+  const auto count = static_cast<int64_t>(chunks.size());
+  if (elements <= kChunkElements) {
+    return count;  // at::parallel_for runs a range no longer than its grain serially
+  }
+  return std::max<int64_t>(1, count * kChunkElements / elements);
+}
+
+// Calls fn(index, chunk) for every chunk, in parallel when there is enough work.
 template <typename Fn>
 void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), chunks_per_thread(chunks), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       fn(c, chunks[c]);
     }
