@@ -15,12 +15,33 @@
 namespace mbfused::cpu {
 namespace {
 
+// Word indices for Avx512::random_halves: vector v's element j (block 2v + j / 8,
+// element u = j % 8 of it) is 16-bit unit 4 * block + u % 4 of words01 (u < 4) or of
+// words23 (u >= 4, indices 32 on); odd units are zeroed by the mask.
+struct RandomPick {
+  alignas(64) uint16_t index[4][32];
+};
+
+constexpr RandomPick random_pick() {
+  RandomPick pick{};
+  for (int v = 0; v < 4; ++v) {
+    for (int j = 0; j < 16; ++j) {
+      const int block = 2 * v + j / 8;
+      const int u = j % 8;
+      pick.index[v][2 * j] = static_cast<uint16_t>((u < 4 ? 0 : 32) + 4 * block + u % 4);
+      pick.index[v][2 * j + 1] = 0;
+    }
+  }
+  return pick;
+}
+
+constexpr RandomPick kRandomPick = random_pick();
+
 struct Avx512 {
   using Vec = __m512;
   using Mask = __mmask16;
-  using IVec = __m512i;  // 32-bit integer lanes (Philox, stochastic rounding)
+  using IVec = __m512i;  // integer lanes (Philox, stochastic rounding)
   static constexpr int64_t kWidth = 16;
-  static constexpr int kPhiloxPasses = 2;  // interleaved Philox passes (4 measured no faster)
 
   static Vec zero() { return _mm512_setzero_ps(); }
   static Vec set1(float x) { return _mm512_set1_ps(x); }
@@ -58,55 +79,44 @@ struct Avx512 {
     return _mm512_cvtph_ps(half);
   }
 
-  // Stochastic rounding to bf16 (mbfused.reference.stochastic_round): the high 16 bits
-  // of the random word added to the fp32 bits, truncated; NaN becomes 0x7FC0.
+  // Stochastic rounding to bf16 (mbfused.reference.stochastic_round): the 16 random
+  // bits (low halves of `random`) added to the fp32 bits, truncated; NaN becomes 0x7FC0.
   static Vec store_stochastic(c10::BFloat16* p, Vec v, IVec random) {
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(v), _mm512_srli_epi32(random, 16)), 16);
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(v), random), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
     return _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16));
   }
 
-  // 32-bit integer lanes for Philox.
+  // Philox (philox_random): one block per 64-bit lane, each word in a lane's low half.
+  static constexpr int64_t kPhiloxBlocks = 8;
+  // Interleaved Philox sets: a round is a 7-cycle chain (multiply 5, shift, ternlog) of
+  // 3 cycles of p0/p5 work per set, so three sets keep both ports busy; four keep a
+  // group a whole number of norm blocks.
+  static constexpr int kPhiloxSets = 4;
   static IVec iset1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
-  static IVec iload(const uint32_t* p) { return _mm512_loadu_si512(p); }
-  static IVec iload_high_halves(const uint16_t* p) {  // 16-bit values into the lanes' high halves
-    return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
-  }
+  static IVec iset1_64(uint64_t x) { return _mm512_set1_epi64(static_cast<long long>(x)); }
   static void istore(uint32_t* p, IVec v) { _mm512_storeu_si512(p, v); }
+  static IVec block_counters(uint64_t first) {
+    return _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(first)), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static IVec mul_wide(IVec x, IVec m) { return _mm512_mul_epu32(x, m); }  // 64-bit products of the low halves
+  static IVec high_words(IVec x) { return _mm512_srli_epi64(x, 32); }
   static IVec ixor3(IVec a, IVec b, IVec c) { return _mm512_ternarylogic_epi32(a, b, c, 0x96); }  // a ^ b ^ c
-  static IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
-  static IVec iota() { return _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-  // words[4 * j + w] = c_w[j]: a 4x4 transpose within each 128-bit lane (r_i: block
-  // 4L + i in lane L), then a 4x4 transpose of the lanes across r_0..r_3.
-  static void store_transposed(uint32_t* words, IVec c0, IVec c1, IVec c2, IVec c3) {
-    const IVec t0 = _mm512_unpacklo_epi32(c0, c1);
-    const IVec t1 = _mm512_unpackhi_epi32(c0, c1);
-    const IVec t2 = _mm512_unpacklo_epi32(c2, c3);
-    const IVec t3 = _mm512_unpackhi_epi32(c2, c3);
-    const IVec r0 = _mm512_unpacklo_epi64(t0, t2);
-    const IVec r1 = _mm512_unpackhi_epi64(t0, t2);
-    const IVec r2 = _mm512_unpacklo_epi64(t1, t3);
-    const IVec r3 = _mm512_unpackhi_epi64(t1, t3);
-    const IVec u0 = _mm512_shuffle_i32x4(r0, r1, _MM_SHUFFLE(1, 0, 1, 0));
-    const IVec u1 = _mm512_shuffle_i32x4(r2, r3, _MM_SHUFFLE(1, 0, 1, 0));
-    const IVec u2 = _mm512_shuffle_i32x4(r0, r1, _MM_SHUFFLE(3, 2, 3, 2));
-    const IVec u3 = _mm512_shuffle_i32x4(r2, r3, _MM_SHUFFLE(3, 2, 3, 2));
-    istore(words, _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)));
-    istore(words + 16, _mm512_shuffle_i32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-    istore(words + 32, _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(2, 0, 2, 0)));
-    istore(words + 48, _mm512_shuffle_i32x4(u2, u3, _MM_SHUFFLE(3, 1, 3, 1)));
+  // The 64 elements' random bits of the 8 blocks: element 8b + u takes 16-bit half u % 2
+  // of word u / 2 of block b. Words 0, 1 (elements 0-3) and words 2, 3 (elements 4-7)
+  // are paired into the 64-bit lanes, so the 16-bit units of each pair are in element
+  // order; one zero-masked word permute per 16 elements then picks them into the low
+  // halves of the 32-bit lanes.
+  static void random_halves(IVec c0, IVec c1, IVec c2, IVec c3, IVec* random) {
+    const IVec words01 = _mm512_mask_shuffle_epi32(c0, 0xAAAA, c1, _MM_PERM_CDAB);
+    const IVec words23 = _mm512_mask_shuffle_epi32(c2, 0xAAAA, c3, _MM_PERM_CDAB);
+    for (int v = 0; v < 4; ++v) {
+      const IVec pick = _mm512_load_si512(kRandomPick.index[v]);
+      random[v] = _mm512_maskz_permutex2var_epi16(0x55555555u, words01, pick, words23);
+    }
   }
-  // hi:lo = x * m per lane (mul_epu32 multiplies the even lanes; odd lanes shifted down).
-  static void mulhilo(IVec x, uint32_t m, IVec& hi, IVec& lo) {
-    const IVec vm = iset1(m);
-    const IVec even = _mm512_mul_epu32(x, vm);
-    const IVec odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), vm);
-    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  }
-
   static Mask empty_mask() { return 0; }
   static Mask mark_nonfinite(Mask seen, Vec g) {
     // !(|g| <= FLT_MAX) is true exactly for inf and nan.
