@@ -71,10 +71,12 @@ struct Avx2 {
     return _mm256_castsi256_ps(_mm256_slli_epi32(rounded, 16));
   }
 
-  // Philox (philox_random): one block per 64-bit lane, each word in a lane's low half.
+  // Philox (philox_sets): one block per 64-bit lane, each word in a lane's low half.
   static constexpr int64_t kPhiloxBlocks = 4;
-  // Interleaved Philox sets: two sets' state and temporaries fit the 16 ymm registers.
-  static constexpr int kPhiloxSets = 2;
+  // Interleaved Philox sets: four measured faster than two (1.44x against 1.65x the
+  // time of round-to-nearest), some spills to the stack notwithstanding, and keep the
+  // vector part of a chunk (whole groups of 128 elements) where it was.
+  static constexpr int kPhiloxSets = 4;
   static IVec iset1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static IVec iset1_64(uint64_t x) { return _mm256_set1_epi64x(static_cast<long long>(x)); }
   static void istore(uint32_t* p, IVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
@@ -99,6 +101,47 @@ struct Avx2 {
     random[1] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(blocks13));
     random[2] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(blocks02, 1));
     random[3] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(blocks13, 1));
+  }
+
+  // The 16 Philox words of 4 blocks in element order (block b's words 0-3 are lanes
+  // 4b .. 4b + 3, blocks 0-1 in random[0], 2-3 in random[1]): lane j rounds the pair of
+  // elements 2j, 2j + 1 (stochastic_pairs_body).
+  static void random_words(IVec c0, IVec c1, IVec c2, IVec c3, IVec* random) {
+    const IVec words01 = _mm256_blend_epi32(c0, _mm256_slli_epi64(c1, 32), 0xAA);
+    const IVec words23 = _mm256_blend_epi32(c2, _mm256_slli_epi64(c3, 32), 0xAA);
+    const IVec blocks02 = _mm256_unpacklo_epi64(words01, words23);
+    const IVec blocks13 = _mm256_unpackhi_epi64(words01, words23);
+    random[0] = _mm256_permute2x128_si256(blocks02, blocks13, 0x20);
+    random[1] = _mm256_permute2x128_si256(blocks02, blocks13, 0x31);
+  }
+
+  // bf16 pairs (stochastic_pairs_body): 16 bf16 values as 8 32-bit lanes, element 2j
+  // in the low half of lane j, element 2j + 1 in the high half.
+  static IVec load_pairs(const c10::BFloat16* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void store_pairs(c10::BFloat16* p, IVec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static Vec even_of_pairs(IVec v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+  static Vec odd_of_pairs(IVec v) {
+    return _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static IVec imax_i16(IVec a, IVec b) { return _mm256_max_epi16(a, b); }
+  static IVec imax_u16(IVec a, IVec b) { return _mm256_max_epu16(a, b); }
+  static bool any_nonfinite_bf16(IVec signed_max, IVec unsigned_max) {
+    const IVec positive = _mm256_cmpgt_epi16(signed_max, _mm256_set1_epi16(0x7F7F));
+    const IVec negative_floor = _mm256_set1_epi16(static_cast<short>(0xFF80));
+    const IVec negative = _mm256_cmpeq_epi16(_mm256_max_epu16(unsigned_max, negative_floor), unsigned_max);
+    return _mm256_movemask_epi8(_mm256_or_si256(positive, negative)) != 0;
+  }
+  // Stochastic rounding of the pairs' fp32 sums with their Philox words (even elements
+  // take the low halves, odd elements the high halves), packed back into pairs. NaN
+  // becomes 0x7FC00000 before the random bits are added, hence 0x7FC0.
+  static IVec round_pairs_stochastic(Vec even, Vec odd, IVec words) {
+    const IVec even_bits = _mm256_add_epi32(canonical_nan(even), _mm256_and_si256(words, _mm256_set1_epi32(0xFFFF)));
+    const IVec odd_bits = _mm256_add_epi32(canonical_nan(odd), _mm256_srli_epi32(words, 16));
+    return _mm256_blend_epi16(odd_bits, _mm256_srli_epi32(even_bits, 16), 0x55);
+  }
+  static IVec canonical_nan(Vec v) {
+    const Vec nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_castps_si256(_mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
   }
 
   static Mask empty_mask() { return _mm256_setzero_ps(); }

@@ -89,11 +89,12 @@ struct Avx512 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16));
   }
 
-  // Philox (philox_random): one block per 64-bit lane, each word in a lane's low half.
+  // Philox (philox_sets): one block per 64-bit lane, each word in a lane's low half.
   static constexpr int64_t kPhiloxBlocks = 8;
   // Interleaved Philox sets: a round is a 7-cycle chain (multiply 5, shift, ternlog) of
   // 3 cycles of p0/p5 work per set, so three sets keep both ports busy; four keep a
-  // group a whole number of norm blocks.
+  // group a whole number of norm blocks (and the vector part of a chunk, whole groups
+  // of 256 elements, where it was).
   static constexpr int kPhiloxSets = 4;
   static IVec iset1(uint32_t x) { return _mm512_set1_epi32(static_cast<int>(x)); }
   static IVec iset1_64(uint64_t x) { return _mm512_set1_epi64(static_cast<long long>(x)); }
@@ -117,6 +118,43 @@ struct Avx512 {
       random[v] = _mm512_maskz_permutex2var_epi16(0x55555555u, words01, pick, words23);
     }
   }
+  // The 32 Philox words of 8 blocks in element order (block b's words 0-3 are lanes
+  // 4b .. 4b + 3, blocks 0-3 in random[0], 4-7 in random[1]): lane j rounds the pair of
+  // elements 2j, 2j + 1 (stochastic_pairs_body).
+  static void random_words(IVec c0, IVec c1, IVec c2, IVec c3, IVec* random) {
+    const IVec words01 = _mm512_mask_shuffle_epi32(c0, 0xAAAA, c1, _MM_PERM_CDAB);
+    const IVec words23 = _mm512_mask_shuffle_epi32(c2, 0xAAAA, c3, _MM_PERM_CDAB);
+    random[0] = _mm512_permutex2var_epi64(words01, _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11), words23);
+    random[1] = _mm512_permutex2var_epi64(words01, _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15), words23);
+  }
+
+  // bf16 pairs (stochastic_pairs_body): 32 bf16 values as 16 32-bit lanes, element 2j
+  // in the low half of lane j, element 2j + 1 in the high half.
+  static IVec load_pairs(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }
+  static void store_pairs(c10::BFloat16* p, IVec v) { _mm512_storeu_si512(p, v); }
+  static Vec even_of_pairs(IVec v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+  static Vec odd_of_pairs(IVec v) {
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  static IVec imax_i16(IVec a, IVec b) { return _mm512_max_epi16(a, b); }
+  static IVec imax_u16(IVec a, IVec b) { return _mm512_max_epu16(a, b); }
+  static bool any_nonfinite_bf16(IVec signed_max, IVec unsigned_max) {
+    return _mm512_cmpge_epi16_mask(signed_max, _mm512_set1_epi16(0x7F80)) != 0 ||
+           _mm512_cmpge_epu16_mask(unsigned_max, _mm512_set1_epi16(static_cast<short>(0xFF80))) != 0;
+  }
+  // Stochastic rounding of the pairs' fp32 sums with their Philox words (even elements
+  // take the low halves, odd elements the high halves), packed back into pairs. NaN
+  // becomes 0x7FC00000 before the random bits are added, hence 0x7FC0.
+  static IVec round_pairs_stochastic(Vec even, Vec odd, IVec words) {
+    const IVec even_bits = _mm512_add_epi32(canonical_nan(even), _mm512_and_si512(words, _mm512_set1_epi32(0xFFFF)));
+    const IVec odd_bits = _mm512_add_epi32(canonical_nan(odd), _mm512_srli_epi32(words, 16));
+    return _mm512_mask_blend_epi16(0x55555555u, odd_bits, _mm512_srli_epi32(even_bits, 16));
+  }
+  static IVec canonical_nan(Vec v) {
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(_mm512_castps_si512(v), nan, _mm512_set1_epi32(0x7FC00000));
+  }
+
   static Mask empty_mask() { return 0; }
   static Mask mark_nonfinite(Mask seen, Vec g) {
     // !(|g| <= FLT_MAX) is true exactly for inf and nan.

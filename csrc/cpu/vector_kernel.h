@@ -6,6 +6,8 @@
 
 #include "cpu/chunk_kernels.h"
 
+#include <type_traits>
+
 namespace mbfused::cpu {
 
 // Philox4x32-10 on V's 64-bit lanes, one block per lane, each of the four words in the
@@ -15,14 +17,17 @@ namespace mbfused::cpu {
 // round for V::kPhiloxBlocks blocks, against 16 for twice as many blocks with one block
 // per 32-bit lane (where the odd lanes' products need shifts and blends).
 //
-// Writes the random bits of kSets * V::kPhiloxBlocks consecutive blocks from
-// first_block of tensor `tensor` as 4 * kSets vectors: random[v] holds, for the kWidth
-// elements from 8 * first_block + kWidth * v on, each element's 16 random bits (see
-// stochastic_word) in the low half of its 32-bit lane, the high half zero. The sets are
-// independent chains of multiplies, interleaved round by round: one set alone waits on
-// each round's multiply latency.
+// word[w][s] holds word w of the V::kPhiloxBlocks blocks from first_block +
+// s * V::kPhiloxBlocks of tensor `tensor`. The sets s are independent chains of
+// multiplies, interleaved round by round: one set alone waits on each round's
+// multiply latency.
 template <class V, int kSets>
-inline void philox_random(PhiloxKey key, uint64_t tensor, uint64_t first_block, typename V::IVec* random) {
+struct PhiloxSets {
+  typename V::IVec word[4][kSets];
+};
+
+template <class V, int kSets>
+inline PhiloxSets<V, kSets> philox_sets(PhiloxKey key, uint64_t tensor, uint64_t first_block) {
   using IVec = typename V::IVec;
   IVec c0[kSets], c1[kSets], c2[kSets], c3[kSets];
   for (int s = 0; s < kSets; ++s) {
@@ -53,13 +58,18 @@ inline void philox_random(PhiloxKey key, uint64_t tensor, uint64_t first_block, 
       c3[s] = product0;
     }
   }
+  PhiloxSets<V, kSets> sets;
   for (int s = 0; s < kSets; ++s) {
-    V::random_halves(c0[s], c1[s], c2[s], c3[s], random + 4 * s);
+    sets.word[0][s] = c0[s];
+    sets.word[1][s] = c1[s];
+    sets.word[2][s] = c2[s];
+    sets.word[3][s] = c3[s];
   }
+  return sets;
 }
 
 // Stochastic stores of a vector of fp32 sums with their elements' random bits (16 per
-// lane, in the low half, as philox_random gives them); each returns the value as
+// lane, in the low half, as V::random_halves gives them); each returns the value as
 // stored, widened back to fp32. fp32 is stored as is; fp16 rounds lane by lane with the
 // shared scalar definition (its subnormal range has no short vector form).
 template <class V>
@@ -137,8 +147,12 @@ struct VectorAccumulate {
       const int64_t block_end = group_end - i < kNormBlock ? group_end : i + kNormBlock;
       typename V::Vec block = V::zero();
       for (; i < block_end; i += kGroup) {
+        const PhiloxSets<V, kSets> sets =
+            philox_sets<V, kSets>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8);
         typename V::IVec bits[4 * kSets];
-        philox_random<V, kSets>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8, bits);
+        for (int s = 0; s < kSets; ++s) {
+          V::random_halves(sets.word[0][s], sets.word[1][s], sets.word[2][s], sets.word[3][s], bits + 4 * s);
+        }
         for (int v = 0; v < 4 * kSets; ++v) {
           const int64_t k = i + v * V::kWidth;
           const typename V::Vec g = V::load(grad + k);
@@ -161,17 +175,94 @@ struct VectorAccumulate {
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
   }
 
+  // bf16 gradients into bf16 buffers (the common case) as pairs: 32-bit lane j holds
+  // elements 2j (low half) and 2j + 1 (high half) of grad, of acc and of the Philox word
+  // that rounds both (its low and its high half, see stochastic_word). Philox words
+  // are used in the order they come, grad and acc widen with one shift or mask per
+  // vector, and the two rounded halves merge into one store: about half the vector
+  // uops of stochastic_body, whose Philox work then hides behind the memory traffic.
+  // Same bits and the same norm (summed in stochastic_body's order); acc may be grad.
+  template <bool kOverwrite, bool kNorm>
+  static ChunkResult stochastic_pairs_body(c10::BFloat16* acc, const c10::BFloat16* grad, int64_t n, float scale,
+                                           const RandomStream& random) {
+    using IVec = typename V::IVec;
+    constexpr int kSets = V::kPhiloxSets;
+    constexpr int64_t kPairVector = 2 * V::kWidth;  // elements in one vector of pairs
+    constexpr int64_t kGroup = 8 * V::kPhiloxBlocks * kSets;
+    static_assert(V::kPhiloxBlocks * 8 == 2 * kPairVector, "a Philox set fills two vectors of pairs");
+    static_assert(kNormBlock % kGroup == 0, "norm blocks hold whole Philox groups");
+    if (random.first_element % 8 != 0) {
+      return accumulate_range_stochastic(acc, grad, n, scale, kOverwrite, random);
+    }
+    const typename V::Vec vscale = V::set1(scale);
+    // Largest gradient bits seen, as signed and as unsigned 16-bit integers: a gradient
+    // is inf or nan iff its bits are at least 0x7F80 (positive) or 0xFF80 (negative).
+    IVec signed_max = V::iset1(0);
+    IVec unsigned_max = V::iset1(0);
+    double norm_sq = 0.0;
+    const int64_t group_end = n - n % kGroup;
+    int64_t i = 0;
+    while (i < group_end) {
+      const int64_t block_end = group_end - i < kNormBlock ? group_end : i + kNormBlock;
+      typename V::Vec block = V::zero();
+      for (; i < block_end; i += kGroup) {
+        const PhiloxSets<V, kSets> sets =
+            philox_sets<V, kSets>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8);
+        for (int s = 0; s < kSets; ++s) {
+          IVec words[2];
+          V::random_words(sets.word[0][s], sets.word[1][s], sets.word[2][s], sets.word[3][s], words);
+          for (int h = 0; h < 2; ++h) {
+            const int64_t k = i + (2 * s + h) * kPairVector;
+            const IVec g = V::load_pairs(grad + k);
+            signed_max = V::imax_i16(signed_max, g);
+            unsigned_max = V::imax_u16(unsigned_max, g);
+            typename V::Vec even = V::mul(V::even_of_pairs(g), vscale);
+            typename V::Vec odd = V::mul(V::odd_of_pairs(g), vscale);
+            if (!kOverwrite) {
+              const IVec a = V::load_pairs(acc + k);  // before the store: acc may be grad
+              even = V::add(V::even_of_pairs(a), even);
+              odd = V::add(V::odd_of_pairs(a), odd);
+            }
+            V::store_pairs(acc + k, V::round_pairs_stochastic(even, odd, words[h]));
+            if (kNorm) {
+              for (int64_t half = 0; half < kPairVector; half += V::kWidth) {
+                const typename V::Vec stored = V::load(acc + k + half);
+                block = V::add(block, V::mul(stored, stored));
+              }
+            }
+          }
+        }
+      }
+      if (kNorm) {
+        norm_sq += V::reduce_add(block);
+      }
+    }
+    const RandomStream tail_random{random.key, random.tensor, random.first_element + group_end};
+    ChunkResult tail = accumulate_range_stochastic(acc + group_end, grad + group_end, n - group_end, scale,
+                                                   kOverwrite, tail_random);
+    return {V::any_nonfinite_bf16(signed_max, unsigned_max) || tail.nonfinite, norm_sq + tail.norm_sq};
+  }
+
+  template <bool kOverwrite, bool kNorm>
+  static ChunkResult stochastic(Acc* acc, const Grad* grad, int64_t n, float scale, const RandomStream& random) {
+    if constexpr (std::is_same_v<Acc, c10::BFloat16> && std::is_same_v<Grad, c10::BFloat16>) {
+      return stochastic_pairs_body<kOverwrite, kNorm>(acc, grad, n, scale, random);
+    } else {
+      return stochastic_body<kOverwrite, kNorm>(acc, grad, n, scale, random);
+    }
+  }
+
   static ChunkResult run(void* acc_ptr, const void* grad_ptr, int64_t n, float scale, bool overwrite,
                          bool want_norm, const RandomStream* random) {
     auto* acc = static_cast<Acc*>(acc_ptr);
     const auto* grad = static_cast<const Grad*>(grad_ptr);
     if (random != nullptr) {
       if (overwrite) {
-        return want_norm ? stochastic_body<true, true>(acc, grad, n, scale, *random)
-                         : stochastic_body<true, false>(acc, grad, n, scale, *random);
+        return want_norm ? stochastic<true, true>(acc, grad, n, scale, *random)
+                         : stochastic<true, false>(acc, grad, n, scale, *random);
       }
-      return want_norm ? stochastic_body<false, true>(acc, grad, n, scale, *random)
-                       : stochastic_body<false, false>(acc, grad, n, scale, *random);
+      return want_norm ? stochastic<false, true>(acc, grad, n, scale, *random)
+                       : stochastic<false, false>(acc, grad, n, scale, *random);
     }
     if (overwrite) {
       return want_norm ? body<true, true>(acc, grad, n, scale) : body<true, false>(acc, grad, n, scale);
