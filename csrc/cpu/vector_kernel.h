@@ -4,6 +4,7 @@
 // compiled for that instruction set and its symbols stay local to the unit.
 #pragma once
 
+
 #include "cpu/chunk_kernels.h"
 
 #include <type_traits>
@@ -66,6 +67,29 @@ inline PhiloxSets<V, kSets> philox_sets(PhiloxKey key, uint64_t tensor, uint64_t
     sets.word[3][s] = c3[s];
   }
   return sets;
+}
+
+// The stochastic kernels ask for the grad and acc of the group kPrefetchAhead elements
+// on before each group's Philox work: left to the hardware prefetchers, the loads
+// after the Philox work wait on memory (bf16 into bf16, one thread: 1.02x the time of
+// round-to-nearest without, 0.87x with; 512 to 4096 elements ahead measure alike).
+// Prefetches past the end of the data are harmless: they never fault.
+constexpr int64_t kPrefetchAhead = 2048;
+
+// Integer addresses: the lines ahead may lie past the end of the array.
+template <int64_t kBytes, int kWrite>
+inline void prefetch_lines(uintptr_t first) {
+  for (int64_t byte = 0; byte < kBytes; byte += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(first + byte), kWrite, /*locality=*/3);
+  }
+}
+
+template <int64_t kGroup, bool kOverwrite, typename Acc, typename Grad>
+inline void prefetch_group(const Acc* acc, const Grad* grad) {
+  prefetch_lines<kGroup * sizeof(Grad), 0>(reinterpret_cast<uintptr_t>(grad) + kPrefetchAhead * sizeof(Grad));
+  if (!kOverwrite) {  // overwrite never reads acc
+    prefetch_lines<kGroup * sizeof(Acc), 1>(reinterpret_cast<uintptr_t>(acc) + kPrefetchAhead * sizeof(Acc));
+  }
 }
 
 // Stochastic stores of a vector of fp32 sums with their elements' random bits (16 per
@@ -147,6 +171,7 @@ struct VectorAccumulate {
       const int64_t block_end = group_end - i < kNormBlock ? group_end : i + kNormBlock;
       typename V::Vec block = V::zero();
       for (; i < block_end; i += kGroup) {
+        prefetch_group<kGroup, kOverwrite>(acc + i, grad + i);
         const PhiloxSets<V, kSets> sets =
             philox_sets<V, kSets>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8);
         typename V::IVec bits[4 * kSets];
@@ -206,6 +231,7 @@ struct VectorAccumulate {
       const int64_t block_end = group_end - i < kNormBlock ? group_end : i + kNormBlock;
       typename V::Vec block = V::zero();
       for (; i < block_end; i += kGroup) {
+        prefetch_group<kGroup, kOverwrite>(acc + i, grad + i);
         const PhiloxSets<V, kSets> sets =
             philox_sets<V, kSets>(random.key, random.tensor, static_cast<uint64_t>(random.first_element + i) / 8);
         for (int s = 0; s < kSets; ++s) {
