@@ -143,16 +143,19 @@ struct Avx512 {
            _mm512_cmpge_epu16_mask(unsigned_max, _mm512_set1_epi16(static_cast<short>(0xFF80))) != 0;
   }
   // Stochastic rounding of the pairs' fp32 sums with their Philox words (even elements
-  // take the low halves, odd elements the high halves), packed back into pairs. NaN
-  // becomes 0x7FC00000 before the random bits are added, hence 0x7FC0.
+  // take the low halves, odd elements the high halves), packed back into pairs. Each
+  // costs p0/p5 uops in the port-bound loop, hence: a NaN lane takes 0x7FC00000 (so
+  // 0x7FC0) in place of sum plus random bits in one masked add, and the even results'
+  // high halves move into the odd results' low halves in one masked byte shuffle.
   static IVec round_pairs_stochastic(Vec even, Vec odd, IVec words) {
-    const IVec even_bits = _mm512_add_epi32(canonical_nan(even), _mm512_and_si512(words, _mm512_set1_epi32(0xFFFF)));
-    const IVec odd_bits = _mm512_add_epi32(canonical_nan(odd), _mm512_srli_epi32(words, 16));
-    return _mm512_mask_blend_epi16(0x55555555u, odd_bits, _mm512_srli_epi32(even_bits, 16));
-  }
-  static IVec canonical_nan(Vec v) {
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    return _mm512_mask_mov_epi32(_mm512_castps_si512(v), nan, _mm512_set1_epi32(0x7FC00000));
+    const IVec nan = _mm512_set1_epi32(0x7FC00000);
+    const IVec even_bits = _mm512_mask_add_epi32(nan, _mm512_cmp_ps_mask(even, even, _CMP_ORD_Q),
+                                                 _mm512_castps_si512(even),
+                                                 _mm512_and_si512(words, _mm512_set1_epi32(0xFFFF)));
+    const IVec odd_bits = _mm512_mask_add_epi32(nan, _mm512_cmp_ps_mask(odd, odd, _CMP_ORD_Q),
+                                                _mm512_castps_si512(odd), _mm512_srli_epi32(words, 16));
+    const IVec high_half_down = _mm512_set4_epi32(0x0F0E, 0x0B0A, 0x0706, 0x0302);  // bytes 2, 3 of each lane
+    return _mm512_mask_shuffle_epi8(odd_bits, 0x3333333333333333ull, even_bits, high_half_down);
   }
 
   static Mask empty_mask() { return 0; }
