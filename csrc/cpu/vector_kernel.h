@@ -69,12 +69,14 @@ inline PhiloxSets<V, kSets> philox_sets(PhiloxKey key, uint64_t tensor, uint64_t
   return sets;
 }
 
-// The stochastic kernels ask for the grad and acc of the group kPrefetchAhead elements
-// on before each group's Philox work: left to the hardware prefetchers, the loads
-// after the Philox work wait on memory (bf16 into bf16, one thread: 1.02x the time of
-// round-to-nearest without, 0.87x with; 512 to 4096 elements ahead measure alike).
-// Prefetches past the end of the data are harmless: they never fault.
+// The accumulate kernels ask for the grad and acc kPrefetchAhead elements on: left to
+// the hardware prefetchers, the loads wait on memory. The stochastic kernels ask for a
+// group's before its Philox work (bf16 into bf16, one thread: 1.02x the time of
+// round-to-nearest without, 0.87x with; 512 to 4096 elements ahead measure alike);
+// round-to-nearest every kPrefetchStride elements (bf16 into bf16: about 17% faster
+// on one thread, 20% on two). Prefetches past the end of the data never fault.
 constexpr int64_t kPrefetchAhead = 2048;
+constexpr int64_t kPrefetchStride = 64;
 
 // Integer addresses: the lines ahead may lie past the end of the array.
 template <int64_t kBytes, int kWrite>
@@ -131,6 +133,9 @@ struct VectorAccumulate {
       const int64_t block_end = vector_end - i < kNormBlock ? vector_end : i + kNormBlock;
       typename V::Vec block = V::zero();
       for (; i < block_end; i += V::kWidth) {
+        if (i % kPrefetchStride == 0) {
+          prefetch_group<kPrefetchStride, kOverwrite>(acc + i, grad + i);
+        }
         const typename V::Vec g = V::load(grad + i);
         nonfinite = V::mark_nonfinite(nonfinite, g);
         const typename V::Vec scaled = V::mul(g, vscale);
