@@ -43,6 +43,9 @@ inline PhiloxSets<V, kSets> philox_sets(PhiloxKey key, uint64_t tensor, uint64_t
   const IVec m1 = V::iset1(0xCD9E8D57u);
   uint32_t k0 = key.lo;
   uint32_t k1 = key.hi;
+  // Unrolled: GCC keeps the AVX2 rounds a loop otherwise (in cache: 0.65 ns per element
+  // against 0.56 unrolled); AVX-512's it unrolls by itself.
+#pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
     if (round > 0) {
       k0 += 0x9E3779B9u;
