@@ -73,9 +73,9 @@ struct Avx2 {
 
   // Philox (philox_sets): one block per 64-bit lane, each word in a lane's low half.
   static constexpr int64_t kPhiloxBlocks = 4;
-  // Interleaved Philox sets: four measured faster than two (1.44x against 1.65x the
-  // time of round-to-nearest), some spills to the stack notwithstanding, and keep the
-  // vector part of a chunk (whole groups of 128 elements) where it was.
+  // Interleaved Philox sets: four measured faster than two (bf16 into bf16, in cache:
+  // 0.56 against 0.78 ns per element), some spills to the stack notwithstanding, and
+  // keep the vector part of a chunk (whole groups of 128 elements) where it was.
   static constexpr int kPhiloxSets = 4;
   static IVec iset1(uint32_t x) { return _mm256_set1_epi32(static_cast<int>(x)); }
   static IVec iset1_64(uint64_t x) { return _mm256_set1_epi64x(static_cast<long long>(x)); }
