@@ -113,6 +113,43 @@ def test_non_finite_values_stay(backend, dtype):
     assert acc[0][0] == float("inf") and acc[0][1] == -float("inf") and acc[0][2].isnan() and acc[0][3] == 1
 
 
+def _with_non_finite(values, gen, every):
+    """`values` with inf, -inf and nan (either sign) at random positions, about one in `every`."""
+    values = values.clone()
+    positions = torch.randperm(values.numel(), generator=gen)[: values.numel() // every]
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan"), -float("nan")])
+    values[positions] = specials[torch.arange(positions.numel()) % 4]
+    return values
+
+
+@pytest.mark.parametrize(("acc_dtype", "grad_dtype"),
+                         [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                          (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize("where", ["grad", "acc"])
+def test_vector_paths_round_non_finite_values_like_the_reference(acc_dtype, grad_dtype, where, cpu_isa):
+    """inf and nan inside the vectorised part of a chunk (whole Philox groups), not only in
+    its scalar tail: the same bits as the reference (nan as the canonical quiet nan, 0x7FC0
+    in bf16), found_inf raised exactly when a gradient is inf or nan."""
+    gen = torch.Generator().manual_seed(11)
+    size = 4096 + 19
+    acc_values, grad_values = _spread_values(size, gen), _spread_values(size, gen) * 1e-3
+    if where == "grad":
+        grad_values = _with_non_finite(grad_values, gen, every=97)
+    else:
+        acc_values = _with_non_finite(acc_values, gen, every=97)
+    acc, grads = [acc_values.to(acc_dtype)], [grad_values.to(grad_dtype)]
+    ours, theirs = clone_all(acc), clone_all(acc)
+    ours_inf, theirs_inf = torch.zeros(1), torch.zeros(1)
+    mbfused.accumulate_(ours, grads, 0.75, found_inf=ours_inf, stochastic_rounding=True, seed=99)
+    reference.accumulate_(theirs, grads, 0.75, found_inf=theirs_inf, stochastic_rounding=True, seed=99)
+    assert_same(ours, theirs)
+    assert ours_inf.item() == theirs_inf.item() == (1.0 if where == "grad" else 0.0)
+    nan = ours[0].isnan()
+    assert nan.any()
+    if acc_dtype == torch.bfloat16:
+        assert bool((bits(ours[0])[nan] == 0x7FC0).all()), "nan is stored as 0x7FC0"
+
+
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize(("dtype", "increment"), [(torch.bfloat16, 1e-3), (torch.float16, 1e-4)])
 def test_unbiased_where_round_to_nearest_stalls(backend, dtype, increment):
