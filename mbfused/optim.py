@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from mbfused import _amp, dcp_layout, ops
+from mbfused._step_hooks import hooks_when_registered
 from mbfused._backend import requested_backend
 from mbfused.checkpoint import WindowCheckpoints
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
@@ -479,6 +480,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
 
     # -- the step -----------------------------------------------------------------------
 
+    @hooks_when_registered
     def step(self, closure=None, *, num_items: int | float | Tensor | None = None) -> bool:
         """Ends a micro-batch: accumulates its gradients; every ``accumulation_steps``-th
         call also ends the window. Returns True when the wrapped optimizer updated the
