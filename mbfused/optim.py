@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from mbfused import _amp, dcp_layout, ops
-from mbfused._step_hooks import hooks_when_registered
 from mbfused._backend import requested_backend
+from mbfused._step_hooks import hooks_when_registered
 from mbfused.checkpoint import WindowCheckpoints
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
 from mbfused.reduction import WindowReduction

@@ -7,7 +7,10 @@ rest of the Optimizer protocol (tests/test_optimizer_protocol.py)."""
 from __future__ import annotations
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from mbfused.optim import MicroBatchOptimizer
 

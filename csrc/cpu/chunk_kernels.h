@@ -30,8 +30,10 @@ struct RandomStream {
 using AccumulateKernel = ChunkResult (*)(
     void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool want_norm,
     const RandomStream* random);
-// finalize_'s scaling pass: dst[0:n] <- src * coef (dst may be src).
-using ScaleKernel = void (*)(const void* src, void* dst, int64_t n, float coef);
+// finalize_'s scaling pass: dst[0:n] <- src * coef (dst may be src). `streaming`: dst is
+// another tensor than src, written with non-temporal stores (the vector kernels; the
+// scalar ones store as usual).
+using ScaleKernel = void (*)(const void* src, void* dst, int64_t n, float coef, bool streaming);
 // finalize_'s norm pass: sum of src[0:n]^2.
 using SumSquaresKernel = double (*)(const void* src, int64_t n);
 

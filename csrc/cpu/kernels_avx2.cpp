@@ -36,10 +36,27 @@ struct Avx2 {
   }
 
   // Each store returns the value as stored, widened back to fp32 (for norm_sq).
+  // kStreaming: a non-temporal store (finalize_'s out=, see VectorScale), to an address
+  // aligned to the vector's bytes.
+  template <bool kStreaming = false>
   static Vec store(float* p, Vec v) {
-    _mm256_storeu_ps(p, v);
+    if constexpr (kStreaming) {
+      _mm256_stream_ps(p, v);
+    } else {
+      _mm256_storeu_ps(p, v);
+    }
     return v;
   }
+  template <bool kStreaming = false>
+  static void write(void* p, __m128i bits) {
+    if constexpr (kStreaming) {
+      _mm_stream_si128(static_cast<__m128i*>(p), bits);
+    } else {
+      _mm_storeu_si128(static_cast<__m128i*>(p), bits);
+    }
+  }
+  static void end_streaming() { _mm_sfence(); }
+  template <bool kStreaming = false>
   static Vec store(c10::BFloat16* p, Vec v) {
     // Round to nearest even like c10::BFloat16; NaN becomes 0x7FC0.
     const __m256i bits = _mm256_castps_si256(v);
@@ -50,12 +67,13 @@ struct Avx2 {
     rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
     const __m128i packed =
         _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    write<kStreaming>(p, packed);
     return _mm256_castsi256_ps(_mm256_slli_epi32(rounded, 16));
   }
+  template <bool kStreaming = false>
   static Vec store(c10::Half* p, Vec v) {
     const __m128i half = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), half);
+    write<kStreaming>(p, half);
     return _mm256_cvtph_ps(half);
   }
 

@@ -36,10 +36,27 @@ struct Avx512 {
   }
 
   // Each store returns the value as stored, widened back to fp32 (for norm_sq).
+  // kStreaming: a non-temporal store (finalize_'s out=, see VectorScale), to an address
+  // aligned to the vector's bytes.
+  template <bool kStreaming = false>
   static Vec store(float* p, Vec v) {
-    _mm512_storeu_ps(p, v);
+    if constexpr (kStreaming) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_storeu_ps(p, v);
+    }
     return v;
   }
+  template <bool kStreaming = false>
+  static void write(void* p, __m256i bits) {
+    if constexpr (kStreaming) {
+      _mm256_stream_si256(static_cast<__m256i*>(p), bits);
+    } else {
+      _mm256_storeu_si256(static_cast<__m256i*>(p), bits);
+    }
+  }
+  static void end_streaming() { _mm_sfence(); }
+  template <bool kStreaming = false>
   static Vec store(c10::BFloat16* p, Vec v) {
     // Round to nearest even like c10::BFloat16; NaN becomes 0x7FC0.
     const __m512i bits = _mm512_castps_si512(v);
@@ -48,12 +65,13 @@ struct Avx512 {
         _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+    write<kStreaming>(p, _mm512_cvtepi32_epi16(rounded));
     return _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16));
   }
+  template <bool kStreaming = false>
   static Vec store(c10::Half* p, Vec v) {
     const __m256i half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), half);
+    write<kStreaming>(p, half);
     return _mm512_cvtph_ps(half);
   }
 

@@ -18,7 +18,7 @@ struct ScalarAccumulate {
 
 template <typename Src, typename Dst>
 struct ScalarScale {
-  static void run(const void* src, void* dst, int64_t n, float coef) {
+  static void run(const void* src, void* dst, int64_t n, float coef, bool /*streaming*/) {
     scale_range(static_cast<const Src*>(src), static_cast<Dst*>(dst), 0, n, coef);
   }
 };
