@@ -457,3 +457,33 @@ def test_same_bits_and_norm_on_one_thread_and_two(shapes):
     (one, norm_one, total_one), (two, norm_two, total_two) = results
     assert_same(one, two)
     assert torch.equal(norm_one, norm_two) and torch.equal(total_one, total_two)
+
+
+@requires_native()
+@pytest.mark.parametrize("acc_dtype", DTYPES, ids=str)
+def test_large_overwrite_streams_and_matches_the_reference(cpu_isa, acc_dtype):
+    """An overwrite of 4 MiB of buffers or more stores them with non-temporal stores where
+    a buffer's vectors are aligned (a tensor of its own), ordinary ones elsewhere (a view
+    at an odd offset): the same bits either way, nan and inf included, and the norm."""
+    sizes = [1_100_001, 5, 1_300_007]
+    storage = torch.full((sum(sizes) + 8,), 7.0, dtype=acc_dtype)
+    acc = [torch.full((sizes[0],), 7.0, dtype=acc_dtype),  # aligned: streamed
+           storage[1:1 + sizes[1]], storage[9:9 + sizes[2]]]  # misaligned view: not
+    assert sum(a.numel() * a.element_size() for a in acc) >= 4 << 20
+    grads = make_grads([(n,) for n in sizes], [torch.bfloat16] * len(sizes), seed=7)
+    grads[0][4321] = float("nan")
+    grads[2][77] = float("inf")
+    theirs = clone_all(acc)
+    found_inf, norm_sq = torch.zeros(1), torch.zeros(1)
+    their_found, their_norm = torch.zeros(1), torch.zeros(1)
+    mbfused.accumulate_(acc, grads, 0.375, overwrite=True, found_inf=found_inf, norm_sq=norm_sq)
+    reference.accumulate_(theirs, grads, 0.375, overwrite=True, found_inf=their_found, norm_sq=their_norm)
+    assert_same(acc, theirs)
+    assert found_inf.item() == their_found.item() == 1.0
+    assert storage[0].item() == 7.0 and bool((storage[1 + sizes[1]:9] == 7.0).all())
+    finite = [torch.nan_to_num(g, nan=0.0, posinf=0.0) for g in grads]
+    norm_sq.zero_(), their_norm.zero_()
+    mbfused.accumulate_(acc, finite, 0.375, overwrite=True, norm_sq=norm_sq)
+    reference.accumulate_(theirs, finite, 0.375, overwrite=True, norm_sq=their_norm)
+    assert_same(acc, theirs)
+    torch.testing.assert_close(norm_sq, their_norm, rtol=1e-5, atol=0)  # fp32 blocks of 2.4M squares

@@ -30,6 +30,7 @@ void accumulate_cpu(
   }
   const std::vector<Chunk> chunks = chunks_of(acc);
   const bool want_norm = norm_sq.has_value();
+  const bool streaming = overwrite && worth_streaming(acc);
   // Per-chunk results, combined below in chunk order: the norm does not depend on the
   // number of threads.
   std::vector<ChunkResult> results(chunks.size());
@@ -39,7 +40,7 @@ void accumulate_cpu(
     const RandomStream random{key, static_cast<uint64_t>(chunk.tensor), chunk.start};
     results[c] = kernel[chunk.tensor](
         element_ptr(acc[chunk.tensor], chunk.start), const_element_ptr(grads[chunk.tensor], chunk.start),
-        chunk.length, s, overwrite, want_norm, stochastic ? &random : nullptr);
+        chunk.length, s, overwrite, streaming, want_norm, stochastic ? &random : nullptr);
   });
 
   bool nonfinite = false;

@@ -26,9 +26,11 @@ struct RandomStream {
 };
 
 // accumulate_: acc[0:n] <- (overwrite ? 0 : acc) + grad * scale, rounded to nearest, or
-// stochastically when `random` is given.
+// stochastically when `random` is given. `streaming` (with overwrite, rounded to
+// nearest): the vector kernels store acc with non-temporal stores where its vectors are
+// aligned; the values are the same.
 using AccumulateKernel = ChunkResult (*)(
-    void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool want_norm,
+    void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool streaming, bool want_norm,
     const RandomStream* random);
 // finalize_'s scaling pass: dst[0:n] <- src * coef (dst may be src). `streaming`: dst is
 // another tensor than src, written with non-temporal stores (the vector kernels; the

@@ -26,28 +26,12 @@ double sum_of_squares(at::TensorList acc, const KernelTable& table) {
   return total;
 }
 
-// From this many bytes of out= on, a call writes them with non-temporal stores: more than
-// a core's L2 holds, so most would have left the cache before the optimizer reads them,
-// and an ordinary store reads each line from memory before writing it.
-constexpr int64_t kStreamingBytes = 4 << 20;
-
-bool worth_streaming(at::TensorList acc, at::TensorList dst) {
-  if (dst.data() == acc.data()) {
-    return false;  // in place: each line was just read, and is written back from the cache
-  }
-  int64_t bytes = 0;
-  for (const at::Tensor& t : dst) {
-    bytes += t.numel() * static_cast<int64_t>(t.element_size());
-  }
-  return bytes >= kStreamingBytes;
-}
-
 // dst <- src * coef, rounded to nearest, or stochastically into 16-bit dst when `key` is
 // given. A stochastic product is accumulate_'s overwrite with coef as the scale (the
 // same fp32 product, the same random bits per tensor and element): its kernel runs.
 void scale_into(at::TensorList acc, at::TensorList dst, float coef, const KernelTable& table,
                 const PhiloxKey* key) {
-  const bool streaming = worth_streaming(acc, dst);
+  const bool streaming = dst.data() != acc.data() && worth_streaming(dst);  // in place: each line was just read
   for_each_chunk(chunks_of(acc), [&](int64_t, const Chunk& chunk) {
     const at::Tensor& src = acc[chunk.tensor];
     const at::Tensor& out = dst[chunk.tensor];
@@ -56,7 +40,7 @@ void scale_into(at::TensorList acc, at::TensorList dst, float coef, const Kernel
     if (key != nullptr && out.scalar_type() != at::kFloat) {
       const RandomStream random{*key, static_cast<uint64_t>(chunk.tensor), chunk.start};
       table.accumulate[d][s](element_ptr(out, chunk.start), const_element_ptr(src, chunk.start), chunk.length,
-                             coef, /*overwrite=*/true, /*want_norm=*/false, &random);
+                             coef, /*overwrite=*/true, /*streaming=*/false, /*want_norm=*/false, &random);
     } else {
       table.scale[s][d](const_element_ptr(src, chunk.start), element_ptr(out, chunk.start), chunk.length, coef,
                         streaming);

@@ -6,8 +6,8 @@ namespace {
 
 template <typename Acc, typename Grad>
 struct ScalarAccumulate {
-  static ChunkResult run(void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool,
-                         const RandomStream* random) {
+  static ChunkResult run(void* acc, const void* grad, int64_t n, float scale, bool overwrite, bool /*streaming*/,
+                         bool /*want_norm*/, const RandomStream* random) {
     if (random != nullptr) {
       return accumulate_range_stochastic(static_cast<Acc*>(acc), static_cast<const Grad*>(grad), n, scale,
                                          overwrite, *random);

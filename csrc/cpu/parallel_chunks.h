@@ -52,6 +52,20 @@ void for_each_chunk(const std::vector<Chunk>& chunks, const Fn& fn) {
   });
 }
 
+// Whether a call that writes `written` without reading them first (accumulate_'s
+// overwrite, finalize_'s out=) stores them with non-temporal stores: from 4 MiB on, more
+// than a core's L2 holds, so most would have left the cache before they are read again,
+// and an ordinary store reads each line from memory before writing it (10 bytes per
+// element of a bf16 gradient into fp32 instead of 6).
+inline bool worth_streaming(at::TensorList written) {
+  constexpr int64_t kStreamingBytes = 4 << 20;
+  int64_t bytes = 0;
+  for (const at::Tensor& t : written) {
+    bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  }
+  return bytes >= kStreamingBytes;
+}
+
 // Address of element `offset` of a contiguous tensor.
 inline void* element_ptr(const at::Tensor& t, int64_t offset) {
   return static_cast<char*>(t.data_ptr()) + offset * t.element_size();

@@ -126,8 +126,11 @@ inline typename V::Vec store_stochastic(c10::Half* p, typename V::Vec v, typenam
 
 template <class V, typename Acc, typename Grad>
 struct VectorAccumulate {
-  template <bool kOverwrite, bool kNorm>
+  // kStreaming: acc is stored with non-temporal stores (an overwrite, which never reads
+  // acc, to an aligned acc): a line is written without being read first.
+  template <bool kOverwrite, bool kNorm, bool kStreaming = false>
   static ChunkResult body(Acc* acc, const Grad* grad, int64_t n, float scale) {
+    static_assert(kOverwrite || !kStreaming, "an add reads acc: its lines are in the cache already");
     const typename V::Vec vscale = V::set1(scale);
     typename V::Mask nonfinite = V::empty_mask();
     double norm_sq = 0.0;
@@ -144,7 +147,7 @@ struct VectorAccumulate {
         nonfinite = V::mark_nonfinite(nonfinite, g);
         const typename V::Vec scaled = V::mul(g, vscale);
         const typename V::Vec sum = kOverwrite ? scaled : V::add(V::load(acc + i), scaled);
-        const typename V::Vec stored = V::store(acc + i, sum);
+        const typename V::Vec stored = V::template store<kStreaming>(acc + i, sum);
         if (kNorm) {
           block = V::add(block, V::mul(stored, stored));
         }
@@ -152,6 +155,9 @@ struct VectorAccumulate {
       if (kNorm) {
         norm_sq += V::reduce_add(block);
       }
+    }
+    if (kStreaming) {
+      V::end_streaming();  // the streamed lines are ordered before anything written after
     }
     ChunkResult tail = accumulate_range(acc, grad, vector_end, n, scale, kOverwrite);
     return {V::any(nonfinite) || tail.nonfinite, norm_sq + tail.norm_sq};
@@ -288,7 +294,7 @@ struct VectorAccumulate {
   }
 
   static ChunkResult run(void* acc_ptr, const void* grad_ptr, int64_t n, float scale, bool overwrite,
-                         bool want_norm, const RandomStream* random) {
+                         bool streaming, bool want_norm, const RandomStream* random) {
     auto* acc = static_cast<Acc*>(acc_ptr);
     const auto* grad = static_cast<const Grad*>(grad_ptr);
     if (random != nullptr) {
@@ -298,6 +304,10 @@ struct VectorAccumulate {
       }
       return want_norm ? stochastic<false, true>(acc, grad, n, scale, *random)
                        : stochastic<false, false>(acc, grad, n, scale, *random);
+    }
+    if (overwrite && streaming && reinterpret_cast<uintptr_t>(acc) % (V::kWidth * sizeof(Acc)) == 0) {
+      // (A chunk of a tensor that torch allocated is aligned; others take ordinary stores.)
+      return want_norm ? body<true, true, true>(acc, grad, n, scale) : body<true, false, true>(acc, grad, n, scale);
     }
     if (overwrite) {
       return want_norm ? body<true, true>(acc, grad, n, scale) : body<true, false>(acc, grad, n, scale);
