@@ -164,8 +164,10 @@ void mark_written(const std::optional<at::Tensor>& t) {
 }
 
 // The .grad of each parameter of a Python list, when every parameter is a plain tensor
-// (torch.Tensor or nn.Parameter: a subclass's .grad may be a property) with a plain
-// gradient; not plain when any has no gradient.
+// (torch.Tensor or nn.Parameter: a subclass's .grad may be a property) with a plain,
+// contiguous gradient; not plain when any has no gradient, a non-contiguous one (the
+// caller's long way copies those), or one whose Python object is a tensor subclass (its
+// __torch_function__ must see the public op).
 class ParamGrads {
  public:
   explicit ParamGrads(PyObject* params) {
@@ -180,7 +182,15 @@ class ParamGrads {
         return;
       }
       const at::Tensor& grad = THPVariable_Unpack(param).grad();
-      if (!grad.defined() || !kPlainTensorKeys.isSupersetOf(grad.key_set())) {
+      if (!grad.defined() || !kPlainTensorKeys.isSupersetOf(grad.key_set()) || !grad.is_contiguous()) {
+        return;
+      }
+      // Its Python object (made here if it has none yet, as reading p.grad would).
+      PyObject* grad_obj = THPVariable_Wrap(grad);
+      const bool exact = grad_obj != nullptr && THPVariable_CheckExact(grad_obj);
+      Py_XDECREF(grad_obj);
+      if (!exact) {
+        PyErr_Clear();
         return;
       }
       grads_.push_back(grad);
@@ -190,6 +200,17 @@ class ParamGrads {
 
   bool plain() const { return plain_; }
   at::TensorList tensors() const { return grads_; }
+
+  // Sets .grad to None on each parameter whose gradient is still the one read here (a
+  // gradient another thread set meanwhile was not accumulated, and stays).
+  void clear(PyObject* params) const {
+    for (size_t i = 0; i < grads_.size(); ++i) {
+      at::Tensor& grad = THPVariable_Unpack(PyList_GET_ITEM(params, static_cast<Py_ssize_t>(i))).mutable_grad();
+      if (grad.unsafeGetTensorImpl() == grads_[i].unsafeGetTensorImpl()) {
+        grad = at::Tensor();
+      }
+    }
+  }
 
  private:
   std::vector<at::Tensor> grads_;
@@ -279,9 +300,7 @@ PyObject* accumulate_grads_of_eager(PyObject* /*module*/, PyObject* py_args) {
   if (!accumulate_plain(acc, grads.plain(), grads.tensors(), args)) {
     Py_RETURN_FALSE;
   }
-  for (Py_ssize_t i = 0; i < PyList_GET_SIZE(params_obj); ++i) {
-    THPVariable_Unpack(PyList_GET_ITEM(params_obj, i)).mutable_grad() = at::Tensor();
-  }
+  grads.clear(params_obj);
   // The gradients are dropped on return, with the GIL held (the last reference frees them).
   Py_RETURN_TRUE;
   END_HANDLE_TH_ERRORS

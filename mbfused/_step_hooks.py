@@ -7,7 +7,9 @@ pre/post hooks. A micro-batch's ``step()`` is mostly bookkeeping, and the runner
 costs as much again (on many small parameters about a tenth of a window, measured with
 caches cold from the kernels). So the wrapper's step goes through torch's runner only when
 it has something to do: a step hook is registered (on the optimizer or globally) or the
-autograd profiler is recording. Two private pieces of torch are read for that, here only,
+autograd profiler is recording (a RecordFunction observer of its own, without the
+profiler, sees no ``Optimizer.step#`` record). Two private pieces of torch are read for
+that, here only,
 and tests/test_step_hooks.py fails when torch changes them: the ``hooked`` mark that keeps
 torch from wrapping a step, and the module-level dicts of global step hooks.
 """
@@ -34,7 +36,9 @@ def hooks_when_registered(step: Callable) -> Callable:
 
     @functools.wraps(step)
     def run(self, *args, **kwargs):
-        if _runner_has_work(self):
+        # A subclass's own step() was wrapped by torch, which ran the hooks before its
+        # super().step() came here.
+        if type(self).step is run and _runner_has_work(self):
             return through_runner(self, *args, **kwargs)
         return step(self, *args, **kwargs)
 

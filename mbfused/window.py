@@ -519,11 +519,20 @@ class AccumulationWindow:
     def _rounding(self) -> dict:
         """accumulate_'s rounding arguments for one call; a stochastic call takes the
         next seed."""
+        rounding = self._rounding_unspent()
+        self._spend_seed()
+        return rounding
+
+    def _rounding_unspent(self) -> dict:
+        """`_rounding()` for a call that may not run: its seed is spent by `_spend_seed()`
+        once it has (no two calls may share random numbers; a declined call used none)."""
         if self.rounding_seed is None:
             return {}
-        seed = self.rounding_seed
-        self.rounding_seed = (seed + 1) % (1 << 64)
-        return {"stochastic_rounding": True, "seed": seed}
+        return {"stochastic_rounding": True, "seed": self.rounding_seed}
+
+    def _spend_seed(self) -> None:
+        if self.rounding_seed is not None:
+            self.rounding_seed = (self.rounding_seed + 1) % (1 << 64)
 
     def rounding_for(self, targets: list[Tensor]) -> dict:
         """finalize_'s rounding arguments for a window end writing `targets`: stochastic
@@ -600,16 +609,14 @@ class AccumulationWindow:
         if not isinstance(fresh, bool):
             return False
         found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
-        seed = self.rounding_seed
         try:
             taken = ops.accumulate_grads_of_(self._buffers, self._params, self.micro_scale(), overwrite=fresh,
-                                             found_inf=found_inf, stochastic_rounding=seed is not None, seed=seed)
+                                             found_inf=found_inf, **self._rounding_unspent())
         except (TypeError, ValueError, RuntimeError):
             return False
         if not taken:
             return False
-        if seed is not None:
-            self._rounding()  # the seed this call used is spent
+        self._spend_seed()
         self._note_written(self.slots, fresh)
         return True
 

@@ -348,3 +348,19 @@ def test_grads_of_raises_as_the_op_and_leaves_the_gradients():
     assert str(error.value) == str(op_error.value)
     assert all(p.grad is not None for p in params)
     assert acc[0].tolist() == [0.0] * 4
+
+
+def test_grads_of_declines_a_gradient_subclass_and_a_non_contiguous_gradient():
+    """A gradient whose Python object is a tensor subclass goes to the public op (its
+    __torch_function__ must see it); a non-contiguous one to the caller's long way, which
+    copies it: declined, not raised."""
+    acc = [torch.zeros(4, 5)]
+    params = [torch.nn.Parameter(torch.zeros(4, 5))]
+    params[0].grad = torch.ones(4, 5).as_subclass(_Subclass)
+    assert accumulate_grads_of_eager(acc, params, 0.25, None, False, None, None) is False
+    params[0].grad = torch.ones(5, 4).t()
+    assert accumulate_grads_of_eager(acc, params, 0.25, None, False, None, None) is False
+    assert params[0].grad is not None and acc[0].tolist() == [[0.0] * 5] * 4
+    params[0].grad = torch.ones(4, 5)
+    assert accumulate_grads_of_eager(acc, params, 0.25, None, False, None, None) is True
+    assert params[0].grad is None and acc[0].tolist() == [[0.25] * 5] * 4

@@ -108,6 +108,22 @@ def test_large_out_streams_into_misaligned_views_as_the_reference(cpu_isa, out_d
     assert bool((storage[untouched] == 7.0).all())  # nothing written between the views
 
 
+@requires_native()
+def test_large_out_off_its_element_alignment_is_written_without_streaming(cpu_isa):
+    """An out= tensor whose address is not a multiple of its element size (memory from
+    numpy at an odd byte offset) can never be aligned for non-temporal stores: ordinary
+    stores write it."""
+    np = pytest.importorskip("numpy")
+    n = 2 << 20
+    out = torch.from_numpy(np.frombuffer(bytearray(n * 4 + 8), np.float32, count=n, offset=1))
+    assert out.data_ptr() % 4 == 1
+    acc = make_grads([(n,)], [torch.float32], seed=9)
+    theirs = [torch.zeros(n)]
+    mbfused.finalize_(acc, 0.5, out=[out])
+    reference.finalize_(clone_all(acc), 0.5, out=theirs)
+    assert_same([out], theirs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("max_norm", [3.0, 0.7, 1e-3, 1e9])
 def test_coefficient_rounds_exactly_as_the_reference(backend, max_norm):

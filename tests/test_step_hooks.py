@@ -63,3 +63,20 @@ def test_the_profiler_records_each_step():
             opt.step()
     names = [e.name for e in prof.events()]
     assert names.count("Optimizer.step#MicroBatchOptimizer.step") == 2
+
+
+def test_a_subclass_step_calling_super_runs_each_hook_once():
+    class Counting(MicroBatchOptimizer):
+        def step(self, closure=None, **kwargs):
+            return super().step(closure, **kwargs)
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = Counting(torch.optim.SGD(params, lr=1.0), 2, normalize="sum")
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    for _ in range(2):
+        params[0].grad = torch.ones(3)
+        opt.step()
+    assert calls == ["pre", "post", "pre", "post"]
+    assert torch.equal(params[0].detach(), torch.full((3,), -2.0))

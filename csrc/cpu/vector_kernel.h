@@ -321,8 +321,8 @@ struct VectorScale {
   static void run(const void* src_ptr, void* dst_ptr, int64_t n, float coef, bool streaming) {
     const auto* src = static_cast<const Src*>(src_ptr);
     auto* dst = static_cast<Dst*>(dst_ptr);
-    if (streaming) {
-      return run_streaming(src, dst, n, coef);
+    if (streaming && reinterpret_cast<uintptr_t>(dst) % sizeof(Dst) == 0) {
+      return run_streaming(src, dst, n, coef);  // (a dst off its elements' alignment never aligns)
     }
     const typename V::Vec vcoef = V::set1(coef);
     const int64_t vector_end = n - n % V::kWidth;
