@@ -194,8 +194,8 @@ def accumulate_grads_of_(
     """``accumulate_(acc, [p.grad for p in params], scale, ...)``, then ``p.grad = None``
     for each parameter, in one pass over the parameters, when the compiled eager entry
     takes the call: True then. False, with nothing changed, when it does not (no build,
-    another backend, a parameter without a gradient, a tensor subclass, an active mode):
-    the caller goes the long way then. Raises as accumulate_ does, with nothing changed.
+    another backend, a parameter without a gradient, a non-contiguous gradient, a tensor
+    subclass, an active mode): the caller goes the long way then. Raises as accumulate_ does, with nothing changed.
     For callers that pass well-formed arguments (the window): they are not checked here."""
     entry = _eager_entry("_accumulate_grads_of_eager", acc)
     if entry is None:
