@@ -228,6 +228,14 @@ struct AccumulateArgs {
   long long seed = 0;
 };
 
+// Parses (first, second, <AccumulateArgs>): the two eager accumulate entries differ only
+// in what their second list holds (gradients, or parameters whose .grad are read).
+bool parse_accumulate_call(PyObject* py_args, PyObject** first, PyObject** second, AccumulateArgs* args) {
+  return PyArg_ParseTuple(py_args, "OOdOOOO|OLO", first, second, &args->scale, &args->scale_tensor,
+                          &args->overwrite, &args->found_inf, &args->norm_sq, &args->stochastic, &args->seed,
+                          &args->seed_tensor) != 0;
+}
+
 // Runs accumulate_'s compiled kernel on `acc` and `grads`; false (nothing run) when the
 // call is not the eager entry's to take: a mode is active, a kernel was registered for
 // the public op, or an argument is not a plain tensor (or a bool where one is due).
@@ -268,9 +276,7 @@ PyObject* accumulate_eager(PyObject* /*module*/, PyObject* py_args) {
   HANDLE_TH_ERRORS
   PyObject *acc_obj, *grads_obj;
   AccumulateArgs args;
-  if (!PyArg_ParseTuple(py_args, "OOdOOOO|OLO", &acc_obj, &grads_obj, &args.scale, &args.scale_tensor,
-                        &args.overwrite, &args.found_inf, &args.norm_sq, &args.stochastic, &args.seed,
-                        &args.seed_tensor)) {
+  if (!parse_accumulate_call(py_args, &acc_obj, &grads_obj, &args)) {
     return nullptr;
   }
   const ListTensors acc(acc_obj);
@@ -290,9 +296,7 @@ PyObject* accumulate_grads_of_eager(PyObject* /*module*/, PyObject* py_args) {
   HANDLE_TH_ERRORS
   PyObject *acc_obj, *params_obj;
   AccumulateArgs args;
-  if (!PyArg_ParseTuple(py_args, "OOdOOOO|OLO", &acc_obj, &params_obj, &args.scale,
-                        &args.scale_tensor, &args.overwrite, &args.found_inf, &args.norm_sq, &args.stochastic,
-                        &args.seed, &args.seed_tensor)) {
+  if (!parse_accumulate_call(py_args, &acc_obj, &params_obj, &args)) {
     return nullptr;
   }
   const ListTensors acc(acc_obj);

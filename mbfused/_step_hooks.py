@@ -9,9 +9,9 @@ caches cold from the kernels). So the wrapper's step goes through torch's runner
 it has something to do: a step hook is registered (on the optimizer or globally) or the
 autograd profiler is recording (a RecordFunction observer of its own, without the
 profiler, sees no ``Optimizer.step#`` record). Two private pieces of torch are read for
-that, here only,
-and tests/test_step_hooks.py fails when torch changes them: the ``hooked`` mark that keeps
-torch from wrapping a step, and the module-level dicts of global step hooks.
+that, here only, and tests/test_step_hooks.py fails when torch changes them: the
+``hooked`` mark that keeps torch from wrapping a step, and the module-level dicts of
+global step hooks.
 """
 
 from __future__ import annotations

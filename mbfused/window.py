@@ -557,7 +557,7 @@ class AccumulationWindow:
             grads = [_local(g) for g in grads]
         last = self.last_micro_batch
         norm_sq = self.norm_sq if last else None
-        found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
+        found_inf = self._found_inf_of_micro_batch()
         scale = self.micro_scale()
         # Buffers not yet written in this window are overwritten: one call when all
         # slots are of one kind (the usual case), two otherwise. (Per slot only while
@@ -596,6 +596,11 @@ class AccumulationWindow:
             else:
                 self._count_last_passes(slots, None if in_backward else grads)
 
+    def _found_inf_of_micro_batch(self) -> Tensor:
+        """Where this micro-batch's accumulation records inf/nan: its own flag when a
+        GradScaler judges every micro-batch, else the window's."""
+        return self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
+
     def _accumulate_all_in_one_pass(self) -> bool:
         """The usual micro-batch before the last: every parameter has a gradient, all
         buffers are of one kind (first write or add), nothing was handed out. Their
@@ -608,7 +613,7 @@ class AccumulationWindow:
         fresh = self._fresh(self.slots)
         if not isinstance(fresh, bool):
             return False
-        found_inf = self.micro_found_inf if self.micro_found_inf is not None else self.found_inf
+        found_inf = self._found_inf_of_micro_batch()
         try:
             taken = ops.accumulate_grads_of_(self._buffers, self._params, self.micro_scale(), overwrite=fresh,
                                              found_inf=found_inf, **self._rounding_unspent())
