@@ -12,7 +12,11 @@
 #
 # Environment: PYTHON (python3), TORCH_CUDA_ARCH_LIST (9.0; the dry run keeps an
 # existing build's list when unset), MAX_JOBS (all cores), GPU_CHECK_E2E=0 skips the
-# end-to-end window, GPU_CHECK_PLAN=0 the planner's run (which needs transformers).
+# end-to-end window, GPU_CHECK_PLAN=0 the planner's run (which needs transformers),
+# GPU_CHECK_BUDGET: seconds for the whole check (480 with a GPU, none in the dry run).
+# A step's deadline is cut to what is left of the budget, and a step that cannot get
+# GPU_CHECK_MIN_STEP_S (30) is not started: the check then fails as incomplete, with the
+# logs of the steps that ran. So the check ends in time on a machine lent for minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +30,11 @@ export PYTHONUNBUFFERED=1
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 START=$SECONDS
 FAILED=()
+if [ "$DRY" = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-0}; else BUDGET=${GPU_CHECK_BUDGET:-480}; fi
+MIN_STEP=${GPU_CHECK_MIN_STEP_S:-30}
+case "$BUDGET$MIN_STEP" in
+    *[!0-9]*) echo "gpu-check: GPU_CHECK_BUDGET and GPU_CHECK_MIN_STEP_S must be whole seconds" >&2; exit 2 ;;
+esac
 
 has_gpu() {
     timeout 60 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -41,6 +50,15 @@ fi
 step() {
     local name=$1 deadline=$2
     shift 2
+    if [ "$BUDGET" -gt 0 ]; then
+        local left=$((BUDGET - (SECONDS - START)))
+        if [ "$left" -lt "$MIN_STEP" ]; then
+            echo "== $name: not started, ${left} s left of the ${BUDGET} s budget =="
+            FAILED+=("$name: not started (budget spent)")
+            return 124
+        fi
+        [ "$left" -lt "$deadline" ] && deadline=$left
+    fi
     local t0=$SECONDS
     echo "== $name (deadline ${deadline}s) =="
     # bash -c: the command may be one of this script's functions (exported below).
@@ -96,7 +114,16 @@ export PYTHON DRY LOGS
 export -f environment build run_pytest
 
 step environment 120 environment
-step build 300 build || { echo "gpu-check: the build failed; see $LOGS/build.log" >&2; exit 1; }
+finish() {
+    echo "gpu-check: $((SECONDS - START)) s in total; logs in $LOGS"
+    if [ ${#FAILED[@]} -gt 0 ]; then
+        printf 'gpu-check failed: %s\n' "${FAILED[@]}" >&2
+        exit 1
+    fi
+    echo "gpu-check: all steps passed"
+}
+
+step build 300 build || { echo "gpu-check: no build, so nothing else runs; see $LOGS/build.log" >&2; finish; }
 
 # The vector paths of the CUDA kernels move 128-bit words (cuobjdump on the build).
 step sass 120 run_pytest -q -p no:cacheprovider tests/test_cuda_sass.py
@@ -129,9 +156,4 @@ else
     fi
 fi
 
-echo "gpu-check: $((SECONDS - START)) s in total; logs in $LOGS"
-if [ ${#FAILED[@]} -gt 0 ]; then
-    printf 'gpu-check failed: %s\n' "${FAILED[@]}" >&2
-    exit 1
-fi
-echo "gpu-check: all steps passed"
+finish

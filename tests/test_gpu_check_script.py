@@ -1,0 +1,59 @@
+"""scripts/gpu_check.sh's own behaviour, where it needs neither a GPU nor a build: the
+one-line refusal without a GPU and the total budget that keeps the check within the
+minutes a GPU machine is lent for. (The dry run's build and tests run in CI: .ci/run.)"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+
+
+def run_check(tmp_path, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
+    environ.update(PYTHON=sys.executable, OUT=str(tmp_path / "logs"), **env)
+    return subprocess.run(["bash", str(SCRIPT)], env=environ, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_it_refuses_in_one_line(tmp_path):
+    result = run_check(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "no CUDA GPU" in result.stderr
+    assert not (tmp_path / "logs" / "build.log").exists()
+
+
+def test_a_step_that_cannot_get_its_minimum_is_not_started_and_fails_the_check(tmp_path):
+    # A budget below the minimum a step needs: not even the environment step starts, so
+    # nothing is built, and the check fails as incomplete rather than passing.
+    result = run_check(tmp_path, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET="5", GPU_CHECK_MIN_STEP_S="30")
+    assert result.returncode == 1
+    assert "environment: not started" in result.stdout
+    assert "build: not started" in result.stdout
+    assert "gpu-check failed: environment: not started (budget spent)" in result.stderr
+    assert not (tmp_path / "logs" / "build.log").exists()
+
+
+def test_a_step_gets_what_is_left_of_the_budget_as_its_deadline(tmp_path):
+    # 31 s: the environment step (deadline 120 s) runs under a cut deadline; the build,
+    # which would need 30 s of what is left, is not started.
+    result = run_check(tmp_path, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET="31", GPU_CHECK_MIN_STEP_S="30")
+    assert "== environment (deadline 31s) ==" in result.stdout
+    assert "-- environment: ok" in result.stdout
+    assert "build: not started" in result.stdout
+    assert result.returncode == 1
+    assert not (tmp_path / "logs" / "build.log").exists()
+
+
+@pytest.mark.parametrize("name", ["GPU_CHECK_BUDGET", "GPU_CHECK_MIN_STEP_S"])
+def test_a_budget_that_is_not_whole_seconds_is_refused_by_name(tmp_path, name):
+    result = run_check(tmp_path, GPU_CHECK_DRY="1", **{name: "8m"})
+    assert result.returncode == 2
+    assert name in result.stderr
+    assert not (tmp_path / "logs" / "environment.log").exists()
