@@ -144,10 +144,13 @@ def _bench(args: argparse.Namespace) -> int:
             if case is None:  # e.g. wgrad on a list without matrices
                 continue
             if op == "window":  # a window is already N calls: fewer repeats, no warm-up call
-                results += benchmarks.run_case(case, device, max(2, repeats // 2), progress, warmup=0,
+                measured = benchmarks.run_case(case, device, max(2, repeats // 2), progress, warmup=0,
                                                bandwidth=bandwidth)
             else:
-                results += benchmarks.run_case(case, device, repeats, progress, bandwidth=bandwidth)
+                measured = benchmarks.run_case(case, device, repeats, progress, bandwidth=bandwidth)
+            # Each case's rows as soon as they are measured: a run cut short keeps them.
+            print(benchmarks.format_table(measured), file=sys.stderr, flush=True)
+            results += measured
         del tensors
     print(f"\nmbfused bench on {device}: fp32 buffers, bf16 gradients, median of {repeats} calls "
           f"({max(2, repeats // 2)} for windows)")

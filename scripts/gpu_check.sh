@@ -2,9 +2,10 @@
 # `make gpu-check`: proves the CUDA and Triton paths on a machine with a CUDA GPU where
 # torch (>= 2.11), triton, pytest and pytest-benchmark are already installed and nothing
 # can be downloaded. Builds the extension in place against that torch, runs every
-# `gpu`-marked test, the GPU benchmarks (the ops, stochastic rounding's cost, the
-# end-to-end training window, the micro-batch planner on a 1B model), each step
-# under its own deadline, and writes one log per step to $OUT (else gpu-check/).
+# `gpu`-marked test, the GPU benchmarks (the ops, the end-to-end training window,
+# stochastic rounding's cost, the micro-batch planner on a 1B model, then the ops against
+# torch.compile's loops), each step under its own deadline, and writes one log per step
+# to $OUT (else gpu-check/).
 #
 # GPU_CHECK_DRY=1: no GPU needed; runs the same offline build, the SASS check and the CPU
 # tests (GPU_CHECK_DRY_TESTS, default: the whole CPU suite) instead of the GPU steps, so
@@ -16,7 +17,7 @@
 # GPU_CHECK_BUDGET: seconds for the whole check (480 with a GPU, none in the dry run).
 # A step's deadline is cut to what is left of the budget, and a step that cannot get
 # GPU_CHECK_MIN_STEP_S (30) is not started: the check then fails as incomplete, with the
-# logs of the steps that ran. So the check ends in time on a machine lent for minutes.
+# logs of the steps that ran. So the check ends in time on a machine held for minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -135,13 +136,15 @@ else
     parallel=()
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_CHECK_WORKERS:-8}")
     step gpu-tests 240 run_pytest -q -rfEs -m gpu tests -p no:cacheprovider "${parallel[@]}"
-    step bench 180 "$PYTHON" -m mbfused bench --device cuda --json "$LOGS/bench.json"
-    # Stochastic rounding's cost against round-to-nearest bf16 buffers, on the GPU.
-    step rounding-speed 90 "$PYTHON" -m mbfused bench --rounding --device cuda --json "$LOGS/rounding.json"
+    # Every op, list and path but the torch.compile ones (their compiling takes minutes on
+    # the many-small list): the kernels' GB/s and % of HBM.
+    step bench 150 "$PYTHON" -m mbfused bench --device cuda --no-compile --json "$LOGS/bench.json"
     if [ "${GPU_CHECK_E2E:-1}" = 1 ]; then
         step end-to-end 150 "$PYTHON" -m mbfused bench --end-to-end --device cuda \
             --json "$LOGS/end-to-end.json"
     fi
+    # Stochastic rounding's cost against round-to-nearest bf16 buffers, on the GPU.
+    step rounding-speed 90 "$PYTHON" -m mbfused bench --rounding --device cuda --json "$LOGS/rounding.json"
     if [ "${GPU_CHECK_PLAN:-1}" = 1 ]; then
         # The micro-batch planner on a 1B-parameter Llama in bf16: the table (throughput and
         # peak memory per micro-batch size, one step either side of the choice included).
@@ -154,6 +157,10 @@ else
             echo "== plan: skipped (the 1B Llama needs transformers, which is not installed) =="
         fi
     fi
+    # Last, as the one whose length is least known: the compiled peers (Inductor's loops,
+    # their compile time included) and autograd's fp32 accumulation, on the two model lists.
+    step bench-compiled 180 "$PYTHON" -m mbfused bench --device cuda --lists llama gpt2-small \
+        --ops accumulate_ window --json "$LOGS/bench-compiled.json"
 fi
 
 finish
