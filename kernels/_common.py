@@ -298,13 +298,30 @@ class LaunchPlan(NamedTuple):
 
 
 # Device tables by pointer set: built once, read by every later launch on the same
-# tensors. A table holds nothing but what its key holds (addresses, sizes, dtypes), so a
-# hit is always right, also for new tensors at reused addresses. Keeping them (a few KB
+# tensors. A table holds nothing but what its key holds (positions in the lists,
+# addresses, sizes, dtypes), so a hit is always right, also for new tensors at reused
+# addresses, and for the same tensors behind zero-size ones at other positions (a
+# tensor's position keys its stochastic rounding). Keeping them (a few KB
 # each) means no host-to-device copy per call, which CUDA-graph capture needs: a copy
 # captured from a per-call host buffer would be replayed from memory since reused.
 _DEVICE_PLANS: collections.OrderedDict[tuple, tuple[LaunchPlan, torch.cuda.Stream, torch.cuda.Event]] = (
     collections.OrderedDict())
 DEVICE_PLAN_CACHE_SIZE = 256
+
+
+def group_members(dst: Sequence[Tensor], src: Sequence[Tensor]
+                  ) -> tuple[dict[tuple[torch.dtype, torch.dtype, bool], list[int]], tuple]:
+    """The positions of the non-empty pairs per (dst dtype, src dtype, 16-byte alignment
+    of both), and the key of their device table: everything the table holds."""
+    members: dict[tuple[torch.dtype, torch.dtype, bool], list[int]] = {}
+    key: list = []
+    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+        if d.numel() > 0:
+            d_ptr, s_ptr = d.data_ptr(), s.data_ptr()
+            aligned = d_ptr % 16 == 0 and s_ptr % 16 == 0
+            members.setdefault((d.dtype, s.dtype, aligned), []).append(i)
+            key += (i, d_ptr, s_ptr, d.numel(), d.dtype, s.dtype)
+    return members, tuple(key)
 
 
 def plan(dst: Sequence[Tensor], src: Sequence[Tensor]) -> LaunchPlan | None:
@@ -314,14 +331,7 @@ def plan(dst: Sequence[Tensor], src: Sequence[Tensor]) -> LaunchPlan | None:
     On CUDA the tables are cached per pointer set. Under CUDA-graph capture they must
     exist already: run the op once on the same tensors before capturing (the warm-up
     that capture needs anyway, for compilation and tuning)."""
-    members: dict[tuple[torch.dtype, torch.dtype, bool], list[int]] = {}
-    key: list = []
-    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
-        if d.numel() > 0:
-            d_ptr, s_ptr = d.data_ptr(), s.data_ptr()
-            aligned = d_ptr % 16 == 0 and s_ptr % 16 == 0
-            members.setdefault((d.dtype, s.dtype, aligned), []).append(i)
-            key += (d_ptr, s_ptr, d.numel(), d.dtype, s.dtype)
+    members, key = group_members(dst, src)
     if not members:
         return None
     device = dst[0].device

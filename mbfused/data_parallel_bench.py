@@ -161,11 +161,17 @@ def _count_collectives(sent: list[int]) -> None:
             return collective(*args, **kwargs)
         return call
 
+    def second(*args, **kwargs):  # the input of a reduce-scatter, by position or by name
+        return kwargs["input"] if "input" in kwargs else args[1]
+
     dist.all_reduce = counting(dist.all_reduce, lambda tensor, *a, **k: tensor)
-    if hasattr(dist, "all_gather_single"):  # what FSDP2 calls (torch >= 2.14)
+    # What FSDP2 calls: the *_single collectives from torch 2.14 on, the tensor ones before.
+    if hasattr(dist, "all_gather_single"):
         dist.all_gather_single = counting(dist.all_gather_single, lambda output, *a, **k: output)
-        dist.reduce_scatter_single = counting(
-            dist.reduce_scatter_single, lambda *a, **k: k["input"] if "input" in k else a[1])
+        dist.reduce_scatter_single = counting(dist.reduce_scatter_single, second)
+    else:
+        dist.all_gather_into_tensor = counting(dist.all_gather_into_tensor, lambda output, *a, **k: output)
+        dist.reduce_scatter_tensor = counting(dist.reduce_scatter_tensor, second)
 
 
 def format_table(results: list[DataParallelResult]) -> str:

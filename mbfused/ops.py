@@ -57,9 +57,18 @@ def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Ten
     return _as_float(scale, name, "a Python number or a 1-element torch.float32 tensor"), None
 
 
-def _split_seed(stochastic_rounding: bool, seed: int | Tensor | None) -> tuple[int, Tensor | None]:
+def _capturing_cuda_graph(tensors: Sequence[Tensor]) -> bool:
+    """Whether the current stream captures a CUDA graph, asked only for CUDA tensors (on
+    CPU no CUDA call is made)."""
+    first = tensors[0] if len(tensors) else None
+    return isinstance(first, Tensor) and first.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _split_seed(stochastic_rounding: bool, seed: int | Tensor | None,
+                acc: Sequence[Tensor]) -> tuple[int, Tensor | None]:
     """accumulate_'s or finalize_'s seed as the op's (int64, tensor) pair. An int is taken mod 2^64 and
-    passed as the int64 with those bits; a tensor is checked with the other tensors."""
+    passed as the int64 with those bits; a tensor is checked with the other tensors. An int
+    is refused while a CUDA graph is captured: every replay would draw the same numbers."""
     if seed is None:
         if stochastic_rounding:
             raise ValueError("stochastic_rounding=True needs a seed: pass seed=<int> or a 1-element "
@@ -74,6 +83,11 @@ def _split_seed(stochastic_rounding: bool, seed: int | Tensor | None) -> tuple[i
         raise TypeError(f"seed must be an int or a 1-element torch.int64 tensor, got {type(seed).__name__}")
     if not -(1 << 63) <= seed < (1 << 64):
         raise ValueError(f"seed must be in [-2**63, 2**64) (64 bits), got {seed}")
+    if _capturing_cuda_graph(acc):
+        raise ValueError(
+            "seed: an int seed would be fixed into the CUDA graph being captured, so every replay "
+            "would round with the same random numbers: pass seed as a 1-element torch.int64 CUDA "
+            "tensor and give it a new value before each replay")
     seed = int(seed) % (1 << 64)
     return seed - (1 << 64) if seed >= (1 << 63) else seed, None
 
@@ -157,7 +171,8 @@ def accumulate_(
         seed: with ``stochastic_rounding``, an int (64 bits) or a 1-element
             torch.int64 tensor on the tensors' device (no host synchronisation, and
             under torch.compile no recompilation when it changes). A call with the same
-            seed draws the same random numbers: advance it per call.
+            seed draws the same random numbers: advance it per call. Under CUDA-graph
+            capture only a tensor seed is taken (an int would be replayed as it is).
 
     Raises:
         ValueError / TypeError naming the offending argument; nothing is written then.
@@ -168,7 +183,7 @@ def accumulate_(
     _check_optional_tensor(found_inf, "found_inf")
     _check_optional_tensor(norm_sq, "norm_sq")
     _check_flag(stochastic_rounding, "stochastic_rounding")
-    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed)
+    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed, acc)
     eager = _eager_entry("_accumulate_eager", acc)
     if eager is not None and eager(acc, grads, scale_value, scale_tensor, overwrite, found_inf, norm_sq,
                                    stochastic_rounding, seed_value, seed_tensor):
@@ -201,7 +216,7 @@ def accumulate_grads_of_(
     if entry is None:
         return False
     scale_value, scale_tensor = _split_scale(scale)
-    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed)
+    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed, acc)
     return entry(acc, params, scale_value, scale_tensor, overwrite, found_inf, None,
                  stochastic_rounding, seed_value, seed_tensor)
 
@@ -239,8 +254,9 @@ def finalize_(
             stochastically, as :func:`accumulate_` does: unbiased, the bits fixed by
             (seed, tensor index, element index). fp32 results are unaffected.
         seed: with ``stochastic_rounding``, an int (64 bits) or a 1-element int64
-            tensor on the device (no host synchronisation, CUDA-graph safe); use a seed
-            that no ``accumulate_`` call of the window used.
+            tensor on the device (no host synchronisation, CUDA-graph safe; under
+            capture only a tensor is taken); use a seed that no ``accumulate_`` call of
+            the window used.
 
     Returns:
         The total norm of ``acc * inv_scale`` as a 0-d fp32 tensor on the device.
@@ -248,7 +264,7 @@ def finalize_(
     acc, inv_value, inv_tensor, max_norm, out = _finalize_arguments(
         acc, inv_scale, max_norm, found_inf, norm_sq, out)
     _check_flag(stochastic_rounding, "stochastic_rounding")
-    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed)
+    seed_value, seed_tensor = _split_seed(stochastic_rounding, seed, acc)
     eager = _eager_entry("_finalize_eager", acc)
     if eager is not None:
         total_norm = eager(acc, inv_value, inv_tensor, max_norm, found_inf, norm_sq, out,
@@ -312,7 +328,7 @@ def check_finalize_inputs(
     acc, _, inv_tensor, max_norm, out = _finalize_arguments(
         acc, inv_scale, max_norm, found_inf, norm_sq, out)
     _check_flag(stochastic_rounding, "stochastic_rounding")
-    _, seed_tensor = _split_seed(stochastic_rounding, seed)
+    _, seed_tensor = _split_seed(stochastic_rounding, seed, acc)
     _check_finalize_lists(acc, out)
     _checks.check_finalize_args(list(acc), inv_tensor, max_norm, found_inf, norm_sq,
                                 None if out is None else list(out), seed_tensor=seed_tensor)

@@ -570,10 +570,12 @@ class AccumulationWindow:
             try:
                 ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
                                 norm_sq=norm_sq, **rounding)
-            except (TypeError, ValueError, RuntimeError):
-                # The op checks every argument before it writes anything. Checked here per
-                # parameter only now (it costs as much as the kernel on small tensors): to
-                # name the parameter, or to retry with contiguous copies of the gradients.
+            except (TypeError, ValueError):
+                # The op checks every argument before it writes anything (TypeError,
+                # ValueError; another error, a failed launch, may come after writes and
+                # propagates). Checked here per parameter only now (it costs as much as the
+                # kernel on small tensors): to name the parameter, or to retry with
+                # contiguous copies of the gradients.
                 grads = self._ready_grads(slots, grads)
                 ops.accumulate_(buffers, grads, scale, overwrite=overwrite, found_inf=found_inf,
                                 norm_sq=norm_sq, **rounding)
@@ -617,7 +619,10 @@ class AccumulationWindow:
         try:
             taken = ops.accumulate_grads_of_(self._buffers, self._params, self.micro_scale(), overwrite=fresh,
                                              found_inf=found_inf, **self._rounding_unspent())
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError):
+            # A bad gradient, refused before anything was written. Any other error (a
+            # failed launch) may come after some buffers were written: it propagates,
+            # as the long way would add those gradients a second time.
             return False
         if not taken:
             return False

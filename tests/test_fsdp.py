@@ -174,3 +174,19 @@ def test_a_mid_window_state_dict_holds_the_buffers_as_shards_of_the_parameters(t
         got = results[rank]
         assert got["dtensors"] and got["full shapes"] and got["own shards back"], (rank, got)
     assert not torch.equal(results[0]["first shard"], results[1]["first shard"])
+
+
+def test_fsdp2_param_groups_are_read_from_either_layout_and_an_unknown_one_is_refused():
+    """FSDP2's state holds a list of parameter groups from torch 2.14 on and at most one
+    group before (2.11); a layout with neither raises: a mid-window checkpoint could
+    otherwise lose the gradients FSDP2 holds."""
+    from types import SimpleNamespace
+
+    from mbfused.distributed.fsdp import _param_groups
+
+    group = object()
+    assert _param_groups(SimpleNamespace(_fsdp_param_groups=[group, group])) == [group, group]
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=group)) == [group]
+    assert _param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
+    with pytest.raises(RuntimeError, match="not laid out as mbfused reads it"):
+        _param_groups(SimpleNamespace())

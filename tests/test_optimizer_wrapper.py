@@ -765,6 +765,33 @@ def test_micro_batches_taken_in_one_pass_match_the_long_way(monkeypatch, roundin
     assert all(torch.equal(x, y) for x, y in zip(fast, slow, strict=True))
 
 
+@pytest.mark.parametrize("entry", ["accumulate_grads_of_", "accumulate_"])
+def test_an_op_failure_after_writes_is_raised_not_retried(monkeypatch, entry):
+    """A bad gradient (TypeError, ValueError) is refused before anything is written, so
+    the window retries it the long way, which names the parameter. Any other error, a
+    failed kernel launch, may come after some buffers were written: a retry would add
+    those gradients twice, so it propagates."""
+    from mbfused import ops
+
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 4)]
+    opt = MicroBatchOptimizer(torch.optim.SGD(params, lr=1.0), 4)
+    calls = []
+
+    def fails_after_writing(acc, *args, **kwargs):
+        calls.append(entry)
+        acc[0].add_(1.0)  # as a launch that failed after its first group
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    if entry == "accumulate_":  # the long way: the one pass declines
+        monkeypatch.setattr(ops, "accumulate_grads_of_", lambda *args, **kwargs: False)
+    monkeypatch.setattr(ops, entry, fails_after_writing)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        opt.step()
+    assert calls == [entry]
+
+
 def test_exported_from_the_package():
     assert mbfused.MicroBatchOptimizer is MicroBatchOptimizer
     assert "MicroBatchOptimizer" in mbfused.__all__

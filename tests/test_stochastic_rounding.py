@@ -602,6 +602,24 @@ def test_rounding_bench_measures_what_it_reports():
     assert [speed[name].bytes_per_parameter for name in rounding_bench.BUFFERS] == [4.0, 2.0, 2.0]
 
 
+@pytest.mark.parametrize("op", ["accumulate_", "finalize_"])
+def test_an_int_seed_is_refused_while_a_cuda_graph_is_captured(monkeypatch, op):
+    """A captured int seed would be replayed as it is: every replay would round with the
+    same random numbers. (Here capture is simulated; the GPU test below captures.)"""
+    from mbfused import ops
+
+    acc = [torch.ones(10, dtype=torch.bfloat16)]
+    before = clone_all(acc)
+    monkeypatch.setattr(ops, "_capturing_cuda_graph", lambda tensors: True)
+    call = (lambda seed: mbfused.accumulate_(acc, [torch.full((10,), 1e-3)], stochastic_rounding=True, seed=seed)
+            ) if op == "accumulate_" else (
+            lambda seed: mbfused.finalize_(acc, 0.5, stochastic_rounding=True, seed=seed))
+    with pytest.raises(ValueError, match="seed: an int seed would be fixed into the CUDA graph"):
+        call(3)
+    assert_same(acc, before)
+    call(torch.tensor([3]))  # a tensor seed is read at each replay: taken
+
+
 # -- on a GPU ------------------------------------------------------------------------------
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -686,6 +704,26 @@ def test_gpu_graph_replays_with_the_seed_tensor_of_the_replay(backend):
     expected = clone_all(start)
     reference.accumulate_(expected, grads, stochastic_rounding=True, seed=12345)
     assert_same(acc, expected)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_capture_refuses_an_int_seed(backend):
+    if (reason := mbfused.available_backends()[backend]) is not None:
+        pytest.skip(f"{backend} backend not usable: {reason}")
+    acc = [torch.ones(4097, device="cuda").bfloat16()]
+    grads = [torch.randn(4097, device="cuda") * 1e-3]
+    with mbfused.use_backend(backend):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=1)  # warm-up
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with (pytest.raises(ValueError, match="int seed would be fixed into the CUDA graph"),
+              torch.cuda.graph(graph)):
+            mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=2)
 
 
 @pytest.mark.gpu

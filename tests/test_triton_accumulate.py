@@ -24,6 +24,7 @@ if (_reason := mbfused.available_backends()["triton"]) is not None:
 
 import triton
 from mbfused.kernels import accumulate as triton_accumulate
+from mbfused.kernels._common import group_members
 
 pytestmark = IGNORE_INTERPRETER_FP_WARNINGS
 
@@ -250,6 +251,34 @@ def test_zero_size_tensors_and_empty_lists(device):
     (ours, state), (theirs, ref_state) = run_both("triton", acc, grads, norm_sq=_zeros(device))
     assert_same(ours, theirs)
     _assert_norm_close(state["norm_sq"], ref_state["norm_sq"])
+
+
+def test_the_same_tensors_at_other_positions_round_as_at_those_positions(device):
+    """A tensor's position in the lists keys its stochastic rounding. The same tensors
+    behind a zero-size one, then without it, round as the reference does at each
+    position: on CUDA the second call must not reuse the first call's launch table."""
+    gen = torch.Generator().manual_seed(5)
+    start = [torch.randn(n, generator=gen).to(torch.bfloat16).to(device) for n in (5000, 70_000)]
+    grads = [(torch.randn(n, generator=gen) * 1e-3).to(device) for n in (5000, 70_000)]
+    acc = clone_all(start)
+    empty = (torch.zeros(0, dtype=torch.bfloat16, device=device), torch.zeros(0, device=device))
+    for leading in ([empty], []):
+        for a, s in zip(acc, start, strict=True):
+            a.copy_(s)  # the same tensors, at the same addresses, every time
+        expected = [e for e, _ in leading] + clone_all(start)
+        with mbfused.use_backend("triton"):
+            mbfused.accumulate_([e for e, _ in leading] + acc, [g for _, g in leading] + grads,
+                                stochastic_rounding=True, seed=77)
+        reference.accumulate_(expected, [g for _, g in leading] + grads, stochastic_rounding=True, seed=77)
+        assert_same(acc, expected[len(leading):])
+
+
+def test_launch_tables_are_keyed_by_position_too():
+    a, b, empty = torch.zeros(4), torch.zeros(8), torch.zeros(0)
+    _, behind_empty = group_members([empty, a, b], [empty, a, b])
+    _, alone = group_members([a, b], [a, b])
+    assert behind_empty != alone
+    assert group_members([a, b], [a, b])[1] == alone
 
 
 def _bad_input(label, device):

@@ -34,9 +34,20 @@ __all__ = ["FSDPSync"]
 
 _UNKNOWN_FSDP_LAYOUT = (
     "FSDP2's parameter state on torch {} is not laid out as mbfused reads it (FSDPState."
-    "_fsdp_param_groups, FSDPParam.unsharded_accumulated_grad): whether FSDP2 holds gradients "
+    "_fsdp_param_groups or _fsdp_param_group, FSDPParam.unsharded_accumulated_grad): whether "
+    "FSDP2 holds gradients "
     "of the window (set_requires_gradient_sync(False)) cannot be told, so a mid-window "
     "checkpoint is refused. Take the checkpoint at a window's end (step() returned True)")
+
+
+def _param_groups(state) -> list:
+    """The FSDPParamGroups of a module's FSDP2 state: a list on torch 2.14
+    (``_fsdp_param_groups``), at most one before (``_fsdp_param_group``, torch 2.11)."""
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups or ())
+    if hasattr(state, "_fsdp_param_group"):
+        return [] if state._fsdp_param_group is None else [state._fsdp_param_group]
+    raise RuntimeError(_UNKNOWN_FSDP_LAYOUT.format(torch.__version__))
 
 
 class FSDPSync:
@@ -112,16 +123,13 @@ class FSDPSync:
     def holds_window_gradients(self) -> bool:
         """Whether FSDP2 holds unsharded gradients it has not reduce-scattered yet
         (micro-batches run under ``set_requires_gradient_sync(False)``): they are in no
-        state dict. Read from FSDP2's private parameter state (torch 2.11 to 2.14's
-        layout); a torch without it raises rather than answer False, which would let a
-        checkpoint lose those gradients silently."""
+        state dict. Read from FSDP2's private parameter state (see `_param_groups`); a
+        torch without it raises rather than answer False, which would let a checkpoint
+        lose those gradients silently."""
         for module in self.model.modules():
             if not isinstance(module, FSDPModule):
                 continue
-            state = module._get_fsdp_state()
-            if not hasattr(state, "_fsdp_param_groups"):
-                raise RuntimeError(_UNKNOWN_FSDP_LAYOUT.format(torch.__version__))
-            for group in state._fsdp_param_groups or ():
+            for group in _param_groups(module._get_fsdp_state()):
                 for fsdp_param in group.fsdp_params:
                     if not hasattr(fsdp_param, "unsharded_accumulated_grad"):
                         raise RuntimeError(_UNKNOWN_FSDP_LAYOUT.format(torch.__version__))
