@@ -129,6 +129,9 @@ def _worker(rank: int, world: int, store: str, path: str, sizes: dict, results) 
             results["result"] = DataParallelResult(
                 path, world, sizes["micro_batches"], sum(p.numel() for p in net.parameters()),
                 statistics.median(times) * 1e3, sent[0] // sizes["windows"], memory.peak)
+        # No rank tears its connections down while another still runs collectives (a
+        # rank aborted in gloo's teardown without this, on torch 2.11 under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -161,17 +164,17 @@ def _count_collectives(sent: list[int]) -> None:
             return collective(*args, **kwargs)
         return call
 
-    def second(*args, **kwargs):  # the input of a reduce-scatter, by position or by name
+    def reduce_scatter_input(*args, **kwargs):  # by position or by name
         return kwargs["input"] if "input" in kwargs else args[1]
 
     dist.all_reduce = counting(dist.all_reduce, lambda tensor, *a, **k: tensor)
     # What FSDP2 calls: the *_single collectives from torch 2.14 on, the tensor ones before.
     if hasattr(dist, "all_gather_single"):
         dist.all_gather_single = counting(dist.all_gather_single, lambda output, *a, **k: output)
-        dist.reduce_scatter_single = counting(dist.reduce_scatter_single, second)
+        dist.reduce_scatter_single = counting(dist.reduce_scatter_single, reduce_scatter_input)
     else:
         dist.all_gather_into_tensor = counting(dist.all_gather_into_tensor, lambda output, *a, **k: output)
-        dist.reduce_scatter_tensor = counting(dist.reduce_scatter_tensor, second)
+        dist.reduce_scatter_tensor = counting(dist.reduce_scatter_tensor, reduce_scatter_input)
 
 
 def format_table(results: list[DataParallelResult]) -> str:

@@ -59,9 +59,11 @@ def _split_scale(scale: float | Tensor, name: str = "scale") -> tuple[float, Ten
 
 def _capturing_cuda_graph(tensors: Sequence[Tensor]) -> bool:
     """Whether the current stream captures a CUDA graph, asked only for CUDA tensors (on
-    CPU no CUDA call is made)."""
+    CPU no CUDA call is made) and never while torch.compile traces (which cannot trace
+    the question, and refuses to run during capture anyway)."""
     first = tensors[0] if len(tensors) else None
-    return isinstance(first, Tensor) and first.is_cuda and torch.cuda.is_current_stream_capturing()
+    return (not torch.compiler.is_compiling() and isinstance(first, Tensor) and first.is_cuda
+            and torch.cuda.is_current_stream_capturing())
 
 
 def _split_seed(stochastic_rounding: bool, seed: int | Tensor | None,
@@ -87,7 +89,8 @@ def _split_seed(stochastic_rounding: bool, seed: int | Tensor | None,
         raise ValueError(
             "seed: an int seed would be fixed into the CUDA graph being captured, so every replay "
             "would round with the same random numbers: pass seed as a 1-element torch.int64 CUDA "
-            "tensor and give it a new value before each replay")
+            "tensor and give it a new value before each replay (MicroBatchOptimizer draws int "
+            "seeds: run its step() outside the captured region)")
     seed = int(seed) % (1 << 64)
     return seed - (1 << 64) if seed >= (1 << 63) else seed, None
 

@@ -620,9 +620,10 @@ class AccumulationWindow:
             taken = ops.accumulate_grads_of_(self._buffers, self._params, self.micro_scale(), overwrite=fresh,
                                              found_inf=found_inf, **self._rounding_unspent())
         except (TypeError, ValueError):
-            # A bad gradient, refused before anything was written. Any other error (a
-            # failed launch) may come after some buffers were written: it propagates,
-            # as the long way would add those gradients a second time.
+            # Refused before anything was written (a bad gradient, say): the long way
+            # raises it again, naming the parameter. Any other error (a failed launch)
+            # may come after some buffers were written: it propagates, as the long way
+            # would add those gradients a second time.
             return False
         if not taken:
             return False

@@ -33,9 +33,14 @@ START=$SECONDS
 FAILED=()
 if [ "$DRY" = 1 ]; then BUDGET=${GPU_CHECK_BUDGET:-0}; else BUDGET=${GPU_CHECK_BUDGET:-480}; fi
 MIN_STEP=${GPU_CHECK_MIN_STEP_S:-30}
-case "$BUDGET$MIN_STEP" in
-    *[!0-9]*) echo "gpu-check: GPU_CHECK_BUDGET and GPU_CHECK_MIN_STEP_S must be whole seconds" >&2; exit 2 ;;
-esac
+whole_seconds() {  # NAME VALUE: VALUE in base 10 (a leading 0 is no octal), else exit 2
+    case "$2" in
+        '' | *[!0-9]*) echo "gpu-check: $1 must be whole seconds, got '$2'" >&2; exit 2 ;;
+    esac
+    echo $((10#$2))
+}
+BUDGET=$(whole_seconds GPU_CHECK_BUDGET "$BUDGET") || exit 2
+MIN_STEP=$(whole_seconds GPU_CHECK_MIN_STEP_S "$MIN_STEP") || exit 2
 
 has_gpu() {
     timeout 60 "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -53,8 +58,9 @@ step() {
     shift 2
     if [ "$BUDGET" -gt 0 ]; then
         local left=$((BUDGET - (SECONDS - START)))
-        if [ "$left" -lt "$MIN_STEP" ]; then
-            echo "== $name: not started, ${left} s left of the ${BUDGET} s budget =="
+        # Never a deadline of 0: to timeout, 0 is none.
+        if [ "$left" -lt "$MIN_STEP" ] || [ "$left" -lt 1 ]; then
+            echo "== $name: not started, $((left > 0 ? left : 0)) s left of the ${BUDGET} s budget =="
             FAILED+=("$name: not started (budget spent)")
             return 124
         fi
@@ -124,7 +130,10 @@ finish() {
     echo "gpu-check: all steps passed"
 }
 
-step build 300 build || { echo "gpu-check: no build, so nothing else runs; see $LOGS/build.log" >&2; finish; }
+if ! step build 300 build; then
+    [ -e "$LOGS/build.log" ] && echo "gpu-check: the build failed, so nothing else runs; see $LOGS/build.log" >&2
+    finish
+fi
 
 # The vector paths of the CUDA kernels move 128-bit words (cuobjdump on the build).
 step sass 120 run_pytest -q -p no:cacheprovider tests/test_cuda_sass.py

@@ -3,6 +3,7 @@ one-line refusal without a GPU and the total budget that keeps the check within 
 minutes a GPU machine is lent for. (The dry run's build and tests run in CI: .ci/run.)"""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def test_a_step_gets_what_is_left_of_the_budget_as_its_deadline(tmp_path):
     # 31 s: the environment step (deadline 120 s) runs under a cut deadline; the build,
     # which would need 30 s of what is left, is not started.
     result = run_check(tmp_path, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET="31", GPU_CHECK_MIN_STEP_S="30")
-    assert "== environment (deadline 31s) ==" in result.stdout
+    # 31 s, or 30 when a second of the clock ticked before the first step.
+    assert re.search(r"== environment \(deadline 3[01]s\) ==", result.stdout), result.stdout
     assert "-- environment: ok" in result.stdout
     assert "build: not started" in result.stdout
     assert result.returncode == 1
@@ -52,8 +54,24 @@ def test_a_step_gets_what_is_left_of_the_budget_as_its_deadline(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["GPU_CHECK_BUDGET", "GPU_CHECK_MIN_STEP_S"])
-def test_a_budget_that_is_not_whole_seconds_is_refused_by_name(tmp_path, name):
-    result = run_check(tmp_path, GPU_CHECK_DRY="1", **{name: "8m"})
+@pytest.mark.parametrize("value", ["8m", "-5", "1.5"])
+def test_a_budget_that_is_not_whole_seconds_is_refused_by_name(tmp_path, name, value):
+    result = run_check(tmp_path, GPU_CHECK_DRY="1", **{name: value})
     assert result.returncode == 2
-    assert name in result.stderr
+    assert f"gpu-check: {name} must be whole seconds, got '{value}'" in result.stderr
     assert not (tmp_path / "logs" / "environment.log").exists()
+
+
+def test_a_budget_with_a_leading_zero_is_read_in_base_10(tmp_path):
+    # 031 would be octal 25 to bash arithmetic, and 08 an error that skipped every step.
+    result = run_check(tmp_path, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET="031", GPU_CHECK_MIN_STEP_S="030")
+    assert re.search(r"== environment \(deadline 3[01]s\) ==", result.stdout), result.stdout
+    assert "build: not started" in result.stdout
+    assert result.returncode == 1
+
+
+def test_a_step_never_runs_without_a_deadline(tmp_path):
+    # With no minimum, a spent budget would leave a deadline of 0, which timeout reads as none.
+    result = run_check(tmp_path, GPU_CHECK_DRY="1", GPU_CHECK_BUDGET="1", GPU_CHECK_MIN_STEP_S="0")
+    assert "(deadline 0s)" not in result.stdout
+    assert result.returncode == 1

@@ -725,6 +725,24 @@ def test_gpu_capture_refuses_an_int_seed(backend):
 
 @pytest.mark.gpu
 @requires_cuda
+def test_gpu_compiles_with_an_int_seed():
+    """torch.compile traces through the op with an int seed on CUDA tensors: the question
+    whether a CUDA graph is being captured is not asked while it traces."""
+    acc = [torch.randn(4097, device="cuda").bfloat16()]
+    grads = [torch.randn(4097, device="cuda") * 1e-3]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(acc, grads):
+        mbfused.accumulate_(acc, grads, stochastic_rounding=True, seed=9)
+
+    eager = clone_all(acc)
+    step(acc, grads)
+    mbfused.accumulate_(eager, grads, stochastic_rounding=True, seed=9)
+    assert_same(acc, eager)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_gpu_rounding_speed_is_measured_on_the_device():
     from mbfused import rounding_bench
 

@@ -46,18 +46,29 @@ def test_aligned_variants_move_128_bit_words(compiled, kernel):
 
 @pytest.mark.parametrize("kernel", ["accumulate_kernel", "scale_kernel", "sum_squares_kernel"])
 def test_unaligned_variants_make_no_vector_access(compiled, kernel):
-    # A 16-byte access at an address that is not a multiple of 16 faults on the GPU.
+    # A 2- or 4-word access at an address that is not a multiple of its size faults on
+    # the GPU; an unaligned tensor is only element-aligned.
     unaligned = [v for v in variants_of(compiled, kernel) if not v["constexprs"]["ALIGNED"]]
     assert unaligned
     for variant in unaligned:
-        assert variant["v4_loads"] == 0 and variant["v4_stores"] == 0, variant
+        assert variant["vector_loads"] == 0 and variant["vector_stores"] == 0, variant
 
 
-def test_every_stochastic_and_norm_variant_is_covered(compiled):
-    flags = {(v["constexprs"]["STOCHASTIC"], v["constexprs"]["NORM"], v["constexprs"]["OVERWRITE"],
-              v["constexprs"]["CHECK_FINITE"]) for v in variants_of(compiled, "accumulate_kernel")}
-    assert {flag[0] for flag in flags} == {True, False}
-    assert {flag[1] for flag in flags} == {True, False}
+def flags_of(variant, names):
+    return tuple(variant["constexprs"][name] for name in names)
+
+
+def test_every_flag_is_compiled_aligned_and_not(compiled):
+    names = ("ALIGNED", "STOCHASTIC", "NORM", "OVERWRITE", "CHECK_FINITE")
+    accumulate = {flags_of(v, names) for v in variants_of(compiled, "accumulate_kernel")}
+    for aligned in (True, False):
+        for i in range(1, len(names)):
+            assert {f[i] for f in accumulate if f[0] == aligned} == {True, False}, (aligned, names[i])
     seeds = {v["constexprs"].get("seed_ptr", "tensor") for v in variants_of(compiled, "accumulate_kernel")
              if v["constexprs"]["STOCHASTIC"]}
     assert seeds == {None, "tensor"}  # an int seed (passed as two halves) and a tensor seed
+    names = ("ALIGNED", "STOCHASTIC", "IN_PLACE")
+    scale = {flags_of(v, names) for v in variants_of(compiled, "scale_kernel")}
+    assert {(a, s, p) for a in (True, False) for s in (True, False) for p in (True, False)} <= scale
+    squares = {flags_of(v, ("ALIGNED", "DTYPE")) for v in variants_of(compiled, "sum_squares_kernel")}
+    assert {(a, d) for a in (True, False) for d in ("fp32", "bf16", "fp16")} <= squares

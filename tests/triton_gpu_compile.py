@@ -11,8 +11,8 @@ without running (Triton's ``warmup``), for each autotuning config in turn instea
 timing them. Nothing is dereferenced: no kernel runs.
 
 Prints a JSON object: the kernels defined, and per compiled variant the kernel, its
-constexprs, its launch options and, from the PTX, the counts of global loads and stores
-and of the 128-bit (``.v4``) ones among them.
+constexprs, its launch options and, from the PTX, the counts of global loads and stores,
+of the vector ones among them and of the 128-bit (``.v4``) ones.
 """
 
 from __future__ import annotations
@@ -54,18 +54,24 @@ class CompileOnlyCudaDriver:
         return torch.device("cpu")
 
 
-# A global load or store, after its predicate if it has one: "@%p2 ld.global.v4.b32 {...}".
-GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global\.(v4\.)?")
+# A global load or store, after its predicate if it has one, and its qualifiers:
+# "@%p2 ld.global.v4.b32 {...}", "ld.global.L1::evict_last.v2.b32 {...}".
+GLOBAL_ACCESS = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld|st)\.global((?:\.[\w:]+)*)")
 
 
 def ptx_global_accesses(ptx: str) -> dict:
-    counts = {"loads": 0, "stores": 0, "v4_loads": 0, "v4_stores": 0}
+    """Counts of global loads and stores; "vector_*" those of 2 or 4 words (which need
+    an address aligned to their size), "v4_*" those of 4 (128 bits)."""
+    counts = {f"{width}{kind}": 0 for width in ("", "vector_", "v4_") for kind in ("loads", "stores")}
     for line in ptx.splitlines():
         access = GLOBAL_ACCESS.match(line)
         if access:
             kind = "loads" if access.group(1) == "ld" else "stores"
+            qualifiers = access.group(2).split(".")
             counts[kind] += 1
-            if access.group(2):
+            if "v2" in qualifiers or "v4" in qualifiers:
+                counts["vector_" + kind] += 1
+            if "v4" in qualifiers:
                 counts["v4_" + kind] += 1
     return counts
 
@@ -130,34 +136,32 @@ def launch_every_variant() -> None:
     fp32, bf16, fp16 = torch.float32, torch.bfloat16, torch.float16
     flag = torch.zeros(1)
     seed_tensor = torch.tensor([7], dtype=torch.int64)
-    for acc_dtype, grad_dtype in ((fp32, bf16), (fp32, fp16), (fp32, fp32), (bf16, bf16),
-                                  (fp16, fp16), (bf16, fp32)):
-        for aligned in (True, False):
+    for aligned in (True, False):
+        for acc_dtype, grad_dtype in ((fp32, bf16), (fp32, fp16), (fp32, fp32), (bf16, bf16),
+                                      (fp16, fp16), (bf16, fp32)):
             accumulate_kernels.accumulate_(
                 [tensors(acc_dtype, aligned)], [tensors(grad_dtype, aligned)], 0.5)
-        accumulate_kernels.accumulate_(
-            [tensors(acc_dtype)], [tensors(grad_dtype)], torch.ones(1), overwrite=True,
-            found_inf=flag, norm_sq=torch.zeros(1))
-    for seed in (11, seed_tensor):
-        for aligned in (True, False):
+            accumulate_kernels.accumulate_(
+                [tensors(acc_dtype, aligned)], [tensors(grad_dtype, aligned)], torch.ones(1),
+                overwrite=True, found_inf=flag, norm_sq=torch.zeros(1))
+        for seed in (11, seed_tensor):
             accumulate_kernels.accumulate_(
                 [tensors(bf16, aligned)], [tensors(bf16, aligned)], 0.25, found_inf=flag,
                 stochastic_rounding=True, seed=seed)
-        accumulate_kernels.accumulate_(
-            [tensors(fp16)], [tensors(fp32)], 0.25, norm_sq=torch.zeros(1),
-            stochastic_rounding=True, seed=seed)
+            accumulate_kernels.accumulate_(
+                [tensors(fp16, aligned)], [tensors(fp32, aligned)], 0.25, norm_sq=torch.zeros(1),
+                stochastic_rounding=True, seed=seed)
 
-    for acc_dtype in (fp32, bf16, fp16):
-        finalize_kernels.finalize_([tensors(acc_dtype)], 0.5, max_norm=1.0, found_inf=flag)
-        finalize_kernels.finalize_([tensors(acc_dtype, aligned=False)], torch.ones(1),
-                                   norm_sq=torch.ones(1))
-    for out_dtype in (bf16, fp16, fp32):
-        for aligned in (True, False):
+        for acc_dtype in (fp32, bf16, fp16):
+            # Without norm_sq the squares are summed first (sum_squares_kernel).
+            finalize_kernels.finalize_([tensors(acc_dtype, aligned)], 0.5, max_norm=1.0, found_inf=flag)
+            finalize_kernels.finalize_([tensors(acc_dtype, aligned)], torch.ones(1), norm_sq=torch.ones(1))
+            finalize_kernels.finalize_([tensors(acc_dtype, aligned)], 0.5, stochastic_rounding=True, seed=3)
+        for out_dtype in (bf16, fp16, fp32):
             finalize_kernels.finalize_([tensors(fp32, aligned)], 0.5, max_norm=1.0,
                                        out=[tensors(out_dtype, aligned)])
-        finalize_kernels.finalize_([tensors(fp32)], 0.5, out=[tensors(out_dtype)],
-                                   stochastic_rounding=True, seed=seed_tensor)
-    finalize_kernels.finalize_([tensors(bf16)], 0.5, stochastic_rounding=True, seed=3)
+            finalize_kernels.finalize_([tensors(fp32, aligned)], 0.5, out=[tensors(out_dtype, aligned)],
+                                       stochastic_rounding=True, seed=seed_tensor)
 
     for go_dtype, x_dtype in ((bf16, bf16), (fp16, fp16), (fp32, fp32), (bf16, fp32)):
         for scale, overwrite in ((0.5, False), (torch.ones(1), True)):
