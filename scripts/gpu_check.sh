@@ -145,7 +145,9 @@ else
     # Triton compiles on the CPU: tests in parallel processes where pytest-xdist is there.
     parallel=()
     "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_CHECK_WORKERS:-8}")
-    step gpu-tests 240 run_pytest -q -rfEs -m gpu tests -p no:cacheprovider "${parallel[@]}"
+    # One line per test as it ends (-v), so a run cut by its deadline still says what
+    # passed and failed; the slowest tests at the end, for the next check's budget.
+    step gpu-tests 240 run_pytest -v -rfEs --durations=15 -m gpu tests -p no:cacheprovider "${parallel[@]}"
     # Every op, list and path but the torch.compile ones (their compiling takes minutes on
     # the many-small list): the kernels' GB/s and % of HBM.
     step bench 150 "$PYTHON" -m mbfused bench --device cuda --no-compile --json "$LOGS/bench.json"
