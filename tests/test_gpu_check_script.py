@@ -2,8 +2,10 @@
 one-line refusal without a GPU and the total budget that keeps the check within the
 minutes a GPU machine is lent for. (The dry run's build and tests run in CI: .ci/run.)"""
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,25 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
 def run_check(tmp_path, **env):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_")}
     environ.update(PYTHON=sys.executable, OUT=str(tmp_path / "logs"), **env)
-    return subprocess.run(["bash", str(SCRIPT)], env=environ, capture_output=True, text=True,
-                          timeout=120)
+    # A session of its own: past the timeout the whole script goes, with the steps it
+    # started (each step's `timeout` makes a process group of its own, not a session).
+    check = subprocess.Popen(["bash", str(SCRIPT)], env=environ, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = check.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill_session(check.pid)
+        check.communicate()
+        raise
+    return subprocess.CompletedProcess(check.args, check.returncode, stdout, stderr)
+
+
+def kill_session(session: int) -> None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == session:
+                    os.kill(int(entry), signal.SIGKILL)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
