@@ -84,10 +84,11 @@ def _rounding(args: argparse.Namespace) -> int:
             print("--rounding --device cuda measures the speed only: --plot draws the CPU run's "
                   "error and loss curves; leave --device out for those", file=sys.stderr)
             return 2
-        elements = 1 << 25
+        elements = 1 << 28  # 2.6 GB per round: calls of a millisecond, not of their launch
         repeats = args.repeats or (5 if args.quick else 20)
         speed = rounding_bench.measure_speed(elements, repeats, progress, "cuda")
-        print("\n".join(rounding_bench.format_speed(speed, elements, torch.cuda.get_device_name())))
+        print("\n".join(rounding_bench.format_speed(speed, rounding_bench.speed_elements(elements),
+                                                     torch.cuda.get_device_name())))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump([dataclasses.asdict(r) for r in speed], f, indent=2)
@@ -143,9 +144,10 @@ def _bench(args: argparse.Namespace) -> int:
             case = benchmarks.make_case(op, tensors, compiled=args.compile)
             if case is None:  # e.g. wgrad on a list without matrices
                 continue
-            if op == "window":  # a window is already N calls: fewer repeats, no warm-up call
-                measured = benchmarks.run_case(case, device, max(2, repeats // 2), progress, warmup=0,
-                                               bandwidth=bandwidth)
+            if op == "window":  # a window is already N calls: fewer repeats; a warm-up call
+                # only on a GPU, where it is cheap and a first call compiles and tunes kernels
+                measured = benchmarks.run_case(case, device, max(2, repeats // 2), progress,
+                                               warmup=0 if device == "cpu" else 1, bandwidth=bandwidth)
             else:
                 measured = benchmarks.run_case(case, device, repeats, progress, bandwidth=bandwidth)
             # Each case's rows as soon as they are measured: a run cut short keeps them.

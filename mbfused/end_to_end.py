@@ -26,6 +26,7 @@ fp64 products of that layer's bf16 operands in the same (unclipped) window.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -243,6 +244,7 @@ def run(shape: str = "1b", device: str = "cuda", micro_batches: int = 8, batch: 
                                     statistics.median(times), times, peak, error.item(), max_error.item()))
         del path, model
         if dev.type == "cuda":
+            gc.collect()  # the model sits in reference cycles: else the next path's peak holds it
             torch.cuda.empty_cache()
     return results
 

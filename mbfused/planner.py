@@ -444,8 +444,13 @@ def _make_batch(make_batch, size: int, device: torch.device):
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
+    """torch's out-of-memory errors, and the RuntimeErrors that say so in other words: the
+    CPU allocator's, a CUDA call's ("CUDA error: out of memory") and cuBLAS's."""
+    message = str(exc)
     return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in message
+                                           or "out of memory" in message.lower()
+                                           or "CUBLAS_STATUS_ALLOC_FAILED" in message))
 
 
 def _release_memory(model, device: torch.device) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from mbfused import ops
+from mbfused.benchmarks import time_call
 from mbfused.optim import MicroBatchOptimizer
 
 __all__ = ["BUFFERS", "format_report", "run"]
@@ -116,10 +117,14 @@ def _speed_list(elements: int) -> list[tuple[int, ...]]:
     return layer * max(1, elements // per_layer)
 
 
+def speed_elements(elements: int) -> int:
+    """The elements of the speed run's list for `elements` (its shapes round them down)."""
+    return sum(math.prod(s) for s in _speed_list(elements))
+
+
 def measure_speed(elements: int, repeats: int, progress: Callable[[str], None],
                   device: torch.device | str = "cpu") -> list[SpeedRow]:
     device = torch.device(device)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     shapes = _speed_list(elements)
     gen = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=gen).to(device=device, dtype=torch.bfloat16) for s in shapes]
@@ -128,12 +133,17 @@ def measure_speed(elements: int, repeats: int, progress: Callable[[str], None],
     times: dict[str, list[float]] = {name: [] for name in BUFFERS}
     for call in range(repeats + 1):  # the first round warms up, untimed
         for name in BUFFERS:
-            synchronize()
-            start = time.perf_counter()
-            ops.accumulate_(buffers[name], grads, 0.125, **_accumulate_kwargs(name, call))
-            synchronize()
+            def accumulate(name=name, call=call):
+                ops.accumulate_(buffers[name], grads, 0.125, **_accumulate_kwargs(name, call))
+
+            if device.type == "cuda":  # events, caches flushed (see benchmarks.time_call)
+                seconds = time_call(accumulate, "cuda", repeats=1, warmup=0)[0]
+            else:
+                start = time.perf_counter()
+                accumulate()
+                seconds = time.perf_counter() - start
             if call:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
         progress(f"speed: round {call} of {repeats}")
     rows = []
     for name in BUFFERS:
@@ -266,7 +276,7 @@ def run(*, quick: bool = True, progress: Callable[[str], None] = lambda _: None)
     batches = _bigram_batches(256, 2, 32, _TINY_LLAMA[-1])
     losses = {name: train(name, steps, micro_batches, batches, progress) for name in BUFFERS}
     parameters = sum(p.numel() for p in _tiny_llama(torch.float32).parameters())
-    return Report(speed, errors, losses, sum(math.prod(s) for s in _speed_list(elements)), parameters)
+    return Report(speed, errors, losses, speed_elements(elements), parameters)
 
 
 def format_speed(speed: list[SpeedRow], elements: int, device: str = "cpu") -> list[str]:

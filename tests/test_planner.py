@@ -500,3 +500,20 @@ def test_cli_plan_reports_a_budget_too_small_and_bad_sizes(capsys):
     assert "memory_limit: memory size '2 parsecs'" in capsys.readouterr().err
     assert plan_main("--seq-len", "0") == 2
     assert "--seq-len must be positive, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, is_oom", [
+    (RuntimeError("CUDA error: out of memory"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"), True),
+    (MemoryError(), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+    (ValueError("out of memory"), False),
+])
+def test_out_of_memory_is_told_in_every_wording(error, is_oom):
+    """A candidate that runs out of memory is a row of the table; a CUDA call's or
+    cuBLAS's out-of-memory RuntimeError must not abort the plan, nor any other error
+    be taken for one."""
+    from mbfused import planner
+
+    assert planner._is_out_of_memory(error) is is_oom
