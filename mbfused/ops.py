@@ -213,8 +213,9 @@ def accumulate_grads_of_(
     for each parameter, in one pass over the parameters, when the compiled eager entry
     takes the call: True then. False, with nothing changed, when it does not (no build,
     another backend, a parameter without a gradient, a non-contiguous gradient, a tensor
-    subclass, an active mode): the caller goes the long way then. Raises as accumulate_ does, with nothing changed.
-    For callers that pass well-formed arguments (the window): they are not checked here."""
+    subclass, an active mode): the caller goes the long way then. Raises as accumulate_
+    does, with nothing changed. For callers that pass well-formed arguments (the window):
+    they are not checked here."""
     entry = _eager_entry("_accumulate_grads_of_eager", acc)
     if entry is None:
         return False
