@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Iterator
 from contextvars import ContextVar
 
@@ -62,6 +64,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _major_minor(distribution: str) -> tuple[int, int] | None:
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@functools.cache
+def _interpreter_error() -> str | None:
+    """Why the installed Triton's interpreter cannot run the kernels, or None."""
+    # NumPy 2.4 refuses int() of a 1-element array, which the interpreter of Triton
+    # before 3.7 calls for every index (triton-lang/triton#9171): every kernel would
+    # raise deep inside the interpreter instead.
+    triton_version, numpy_version = _major_minor("triton"), _major_minor("numpy")
+    if triton_version and numpy_version and triton_version < (3, 7) and numpy_version >= (2, 4):
+        return (f"the interpreter of Triton {importlib.metadata.version('triton')} cannot run "
+                f"with NumPy {importlib.metadata.version('numpy')} (triton-lang/triton#9171); "
+                "install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def _reason_unusable(name: str, device_type: str | None) -> str | None:
     """Why `name` cannot run on `device_type` (None: on any device it supports)."""
     if name == "torch":
@@ -82,7 +107,7 @@ def _reason_unusable(name: str, device_type: str | None) -> str | None:
     if device_type == "cpu" or (device_type is None and not torch.cuda.is_available()):
         if not _interpreting():
             return "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
-        return None
+        return _interpreter_error()
     if device_type not in (None, "cuda"):
         return f"the triton backend needs CUDA tensors, got {device_type} tensors"
     if _interpreting():

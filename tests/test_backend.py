@@ -154,3 +154,27 @@ def test_wrapper_backward_hooks_keep_the_backend_of_its_last_step(backends_used)
     with mbfused.use_backend("auto"):
         opt.step()
     assert opt.micro_step == 2
+
+
+@pytest.mark.parametrize(("triton_version", "numpy_version", "refused"), [
+    ("3.6.0", "2.4.1", True),
+    ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.1", False),
+    ("3.8.0+git1234", "2.5.0", False),
+])
+def test_interpreter_refused_where_triton_cannot_run_with_numpy(monkeypatch, triton_version,
+                                                                numpy_version, refused):
+    # Triton before 3.7 calls int() on 1-element arrays, which NumPy 2.4 refuses: every
+    # interpreted kernel would fail deep inside Triton instead of saying why up front.
+    import importlib.metadata
+
+    from mbfused import _backend
+
+    versions = {"triton": triton_version, "numpy": numpy_version}
+    monkeypatch.setattr(importlib.metadata, "version", versions.__getitem__)
+    reason = _backend._interpreter_error.__wrapped__()
+    if refused:
+        assert f"Triton {triton_version}" in reason and f"NumPy {numpy_version}" in reason
+        assert "numpy<2.4 or triton>=3.7" in reason
+    else:
+        assert reason is None
