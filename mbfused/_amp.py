@@ -29,3 +29,24 @@ def record_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimi
     non-finite check, as ``scaler.unscale_(optimizer)`` would have recorded it."""
     state = scaler._per_optimizer_states[id(optimizer)]
     state["found_inf_per_device"][found_inf.device] = found_inf
+
+
+class FoundInfSinceUpdate:
+    """The non-finite flags of every micro-batch since the scaler's last ``update()``,
+    ORed: what the next ``update()`` must judge the scale by, however many micro-batches
+    were stepped through ``scaler.step(opt)`` and however many through ``opt.step()``."""
+
+    def __init__(self) -> None:
+        self._flag: Tensor | None = None
+        self._states = None  # the scaler's per-optimizer record when _flag was started
+
+    def add(self, scaler: torch.amp.GradScaler, found_inf: Tensor) -> Tensor:
+        """ORs a micro-batch's flag in; returns a copy of the flags so far."""
+        # update() replaces the per-optimizer record with a fresh one: a new record means
+        # the flags so far have been judged.
+        if self._flag is None or scaler._per_optimizer_states is not self._states:
+            self._flag = found_inf.clone()
+            self._states = scaler._per_optimizer_states
+        else:
+            torch.maximum(self._flag, found_inf, out=self._flag)
+        return self._flag.clone()

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from mbfused import _amp, dcp_layout, ops
 from mbfused._backend import requested_backend
+from mbfused._lr_guard import WindowLearningRates
 from mbfused._step_hooks import hooks_when_registered
 from mbfused.checkpoint import WindowCheckpoints
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
@@ -285,6 +286,13 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MicroBatchOptimizer):
             raise TypeError("optimizer is already a MicroBatchOptimizer; wrap the optimizer it wraps")
+        accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+        if accelerated is not None and isinstance(optimizer, accelerated):
+            raise TypeError(
+                "optimizer is accelerate's AcceleratedOptimizer (from Accelerator.prepare), which steps "
+                "once per window and divides the loss itself: give the torch optimizer to "
+                "mbfused.integrations.accelerate.MicroBatchAccelerator.prepare(model, optimizer, ...), "
+                "which wraps it in a MicroBatchOptimizer")
         accumulation_steps = _as_positive_int(accumulation_steps, "accumulation_steps")
         if max_grad_norm is not None:
             if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
@@ -341,6 +349,8 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         self._ddp_checked = False
         self._framework_checked = False
         self._bad_items: Tensor | None = None  # a tensor num_items of this window was nan or < 0
+        self._learning_rates = WindowLearningRates()
+        self._found_inf_since_scaler_update = _amp.FoundInfSinceUpdate()
         self._stepping_inner = False
         # Parameters whose state in the wrapped optimizer torch.distributed.checkpoint made
         # up (see _make_up_state_for_checkpoint), to be dropped once read or replaced.
@@ -502,6 +512,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             return self._make_up_state_for_checkpoint()
         driven_by_scaler = self._check_scaler_call()
         items = self._check_num_items(num_items)
+        self._learning_rates.check(self.param_groups, self.micro_step, self.accumulation_steps)
         if closure is not None:
             with torch.enable_grad():
                 closure()
@@ -592,10 +603,13 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             self._bad_items = bad if self._bad_items is None else self._bad_items | bad
             torch.maximum(window.found_inf, bad.float(), out=window.found_inf)
         complete = window.collect(items)
-        if driven_by_scaler:
-            # The user's scaler.update() follows every scaler.step(opt): it judges this
-            # micro-batch's scale by this micro-batch's gradients.
-            _amp.record_found_inf(self.scaler, self, window.last_micro_found_inf)
+        if self.scaler is not None:
+            found_inf = self._found_inf_since_scaler_update.add(self.scaler, window.last_micro_found_inf)
+            if driven_by_scaler:
+                # The user's scaler.update() follows scaler.step(opt), after every micro-batch
+                # or only at the window's end (opt.step() on the others): it judges the scale
+                # by every micro-batch since the last update.
+                _amp.record_found_inf(self.scaler, self, found_inf)
         if not complete:
             return False
         try:

@@ -55,3 +55,18 @@ def test_grad_scaler_step_hands_grad_scale_and_found_inf_to_amp_aware_optimizers
     scaler.step(opt)
     assert float(seen["grad_scale"]) == 2.0 ** 8 and float(seen["found_inf"]) == 0.0
     assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+
+
+def test_update_starts_a_fresh_per_optimizer_record():
+    # FoundInfSinceUpdate tells an update() that happened from this replacement.
+    scaler = _scaler()
+    scaler.scale(torch.ones(()))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    since_update = _amp.FoundInfSinceUpdate()
+    assert float(since_update.add(scaler, torch.ones(1))) == 1.0
+    assert float(since_update.add(scaler, torch.zeros(1))) == 1.0  # ORed until an update
+    record = scaler._per_optimizer_states
+    _amp.record_found_inf(scaler, opt, torch.zeros(1))
+    scaler.update()
+    assert scaler._per_optimizer_states is not record
+    assert float(since_update.add(scaler, torch.zeros(1))) == 0.0

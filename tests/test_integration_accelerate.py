@@ -386,6 +386,15 @@ def test_plain_accelerator_with_a_micro_batch_optimizer_names_the_fix(steps, ste
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters(), strict=True))
 
 
+def test_wrapping_an_optimizer_prepared_by_accelerate_names_the_fix():
+    model, inner, _ = make_objects("sgd")
+    model, prepared = Accelerator(gradient_accumulation_steps=N, cpu=True).prepare(model, inner)
+    with pytest.raises(TypeError, match=r"AcceleratedOptimizer \(from Accelerator.prepare\).*"
+                                        r"MicroBatchAccelerator.prepare\(model, optimizer"):
+        mbfused.MicroBatchOptimizer(prepared, N)
+    assert not any(hasattr(p, "main_grad") for p in model.parameters())
+
+
 def test_the_readme_example_runs_and_learns(tmp_path):
     code = first_python_block("Accelerate")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))

@@ -108,7 +108,7 @@ class _RankShard(torch.utils.data.Dataset):
         return rank + world * i
 
 
-def _fit(tmp_path, module, callbacks=(), *, epochs: int = 1, ckpt_path=None, **trainer_kwargs):
+def _fit(tmp_path, module, callbacks=(), *, epochs: int = 1, ckpt_path=None, dataset=None, **trainer_kwargs):
     batches_per_epoch = len(module.batches) // 2
     if module.automatic_optimization:
         trainer_kwargs.setdefault("accumulate_grad_batches", N)
@@ -117,7 +117,8 @@ def _fit(tmp_path, module, callbacks=(), *, epochs: int = 1, ckpt_path=None, **t
                          enable_checkpointing=False, enable_model_summary=False,
                          default_root_dir=tmp_path, max_epochs=epochs, callbacks=list(callbacks),
                          **trainer_kwargs)
-    dataset = _RankShard(batches_per_epoch) if module.by_loader else range(batches_per_epoch)
+    if dataset is None:
+        dataset = _RankShard(batches_per_epoch) if module.by_loader else range(batches_per_epoch)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -255,6 +256,27 @@ def test_an_epoch_that_is_not_a_multiple_of_the_window_is_refused(tmp_path):
     module = TinyModule(_micro_batches(2 * 2 * N + 2))  # 2 windows and one batch per epoch
     with pytest.raises(ValueError, match="not a multiple of accumulate_grad_batches=3"):
         _fit(tmp_path, module, [MicroBatchAccumulation()])
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Batch indices with no __len__: Lightning learns the epoch's length at its end."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __iter__(self):
+        return iter(range(self.count))
+
+
+@pytest.mark.parametrize("extra", [1, 2])
+def test_an_epoch_of_unknown_length_ending_mid_window_is_refused(tmp_path, extra):
+    """Lightning steps on the epoch's last, shorter window, which the callback's window
+    would carry into the next epoch. One batch into a window is the case the callback
+    had not stepped yet."""
+    module = TinyModule(_micro_batches(2 * (2 * N + extra)))
+    with pytest.raises(WindowMisuse, match=f"stepped after {extra} micro-batches of a window of 3: "
+                                           "Lightning steps on a shorter window"):
+        _fit(tmp_path, module, [MicroBatchAccumulation()], dataset=_Stream(2 * N + extra))
 
 
 def test_manual_optimization_needs_the_window_length_and_steps_in_step_with_it(tmp_path):

@@ -197,3 +197,58 @@ def test_a_checkpoint_between_backward_and_step_is_refused(mode):
     opt.step()
     opt.zero_grad()
     assert opt.state_dict()["mbfused"]["micro_step"] == 1
+
+
+@pytest.mark.parametrize("scheduler", ["LambdaLR", "CosineAnnealingLR", "tensor lr"])
+def test_a_scheduler_stepped_after_every_micro_batch_is_refused(scheduler):
+    """`opt.step(); scheduler.step()` kept from a plain loop: the schedule would advance N
+    times per window. Refused at the window's second step(), before it accumulates."""
+    model = _model()
+    lr = torch.tensor(0.1) if scheduler == "tensor lr" else 0.1
+    inner = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = MicroBatchOptimizer(inner, N)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10) if scheduler == "CosineAnnealingLR"
+             else torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k)))
+    _loss(model, 0).backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    _loss(model, 1).backward()
+    with pytest.raises(WindowMisuse, match=r"param_groups\[0\]\['lr'\] changed .* after 1 of the window's 4 "
+                                           r"micro-batches.*`if opt.step\(\): scheduler.step\(\)`"):
+        opt.step()
+    assert opt.micro_step == 1
+
+
+def test_a_scheduler_stepped_when_step_returns_true_and_a_rate_set_again_are_accepted():
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
+    rates = []
+    for i in range(3 * N):
+        for group in opt.param_groups:  # nanoGPT's way: the window's rate set before every micro-batch
+            group["lr"] = sched.get_last_lr()[0]
+        _loss(model, i).backward()
+        if opt.step():
+            sched.step()
+            rates.append(opt.param_groups[0]["lr"])
+        opt.zero_grad()
+    assert rates == [0.1 / 2, 0.1 / 3, 0.1 / 4]
+
+
+def test_a_rate_changed_in_a_window_resumed_mid_way_is_refused():
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    _loss(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    resumed_model = _model()
+    resumed = MicroBatchOptimizer(torch.optim.SGD(resumed_model.parameters(), lr=0.1), N)
+    resumed.load_state_dict(opt.state_dict())
+    _loss(resumed_model, 1).backward()
+    resumed.step()  # the resumed window's rate is read here
+    resumed.zero_grad()
+    resumed.param_groups[0]["lr"] = 0.05
+    _loss(resumed_model, 2).backward()
+    with pytest.raises(WindowMisuse, match=r"changed from 0.1 to 0.05 after 2 of"):
+        resumed.step()

@@ -258,8 +258,10 @@ def test_pickling_mid_window_resumes_exactly(mode):
 
 def _scaled_run(drive, *, growth_interval, inf_at=None):
     """Loss scaling on CPU (fp32, so that only the scale's handling differs): the wrapper
-    with scaler=, driven by its own step() (`drive="wrapper"`) or by scaler.step(opt) and
-    scaler.update() every micro-batch (`drive="scaler"`)."""
+    with scaler=, driven by its own step() (`drive="wrapper"`), by scaler.step(opt) and
+    scaler.update() every micro-batch (`drive="scaler"`), or by them at the window's last
+    micro-batch only and opt.step() at the others (`drive="scaler at window end"`, a plain
+    loop's shape)."""
     model = _model()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=growth_interval)
     opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, scaler=scaler)
@@ -270,7 +272,7 @@ def _scaled_run(drive, *, growth_interval, inf_at=None):
             loss = loss * float("inf")
         scaler.scale(loss).backward()
         scales.append(scaler.get_scale())
-        if drive == "scaler":
+        if drive == "scaler" or (drive == "scaler at window end" and opt.sync_gradients):
             stepped.append(scaler.step(opt))
             scaler.update()
         else:
@@ -279,7 +281,7 @@ def _scaled_run(drive, *, growth_interval, inf_at=None):
     return model, scales, stepped
 
 
-@pytest.mark.parametrize("drive", ["wrapper", "scaler"])
+@pytest.mark.parametrize("drive", ["wrapper", "scaler", "scaler at window end"])
 def test_loss_scaling_gives_the_unscaled_result_however_the_scaler_is_driven(drive):
     """A scale that grows mid-window (growth_interval=1 with scaler.update() every
     micro-batch) still gives the same window: each micro-batch is unscaled by its own scale."""
@@ -292,7 +294,7 @@ def test_loss_scaling_gives_the_unscaled_result_however_the_scaler_is_driven(dri
     _assert_same_params(model, ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("drive", ["wrapper", "scaler"])
+@pytest.mark.parametrize("drive", ["wrapper", "scaler", "scaler at window end"])
 def test_an_overflowing_micro_batch_skips_its_window_and_backs_the_scale_off(drive):
     _, scales, stepped = _scaled_run(drive, growth_interval=1000, inf_at=N + 1)
     assert stepped == [False] * (N - 1) + [True] + [False] * N + [False] * (N - 1) + [True]

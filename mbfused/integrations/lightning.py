@@ -236,10 +236,13 @@ class MicroBatchAccumulation(pl.Callback):
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # Inside the wrapper's step(closure), after the micro-batch's backward, before the
-        # window accumulates it: a step that Lightning or the training_step takes must be
-        # the window's last micro-batch when this callback stepped the others.
+        # window accumulates it: a step that Lightning takes (automatic optimization) must
+        # end the window, even one whose first micro-batch it is (an epoch of unknown
+        # length ending one batch into a window); one the training_step takes must when
+        # this callback stepped the window's other micro-batches.
         raw = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        if raw is self.optimizer and self._window_auto_stepped and not self.optimizer.sync_gradients:
+        if (raw is self.optimizer and not self.optimizer.sync_gradients
+                and (pl_module.automatic_optimization or self._window_auto_stepped)):
             steps = self.optimizer.accumulation_steps
             raise WindowMisuse(
                 f"the optimizer was stepped after {self.optimizer.micro_step + 1} micro-batches of a window "

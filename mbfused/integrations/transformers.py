@@ -86,8 +86,11 @@ class TrainerOptimizer(WrappingOptimizer):
             if wrapper.micro_step == 0:
                 raise WindowMisuse(
                     f"the accumulation window ended after {wrapper.accumulation_steps} micro-batches "
-                    "but Trainer's did not: TrainingArguments.gradient_accumulation_steps changed "
-                    "after training started")
+                    "but Trainer's did not: an epoch of a dataset without a length (an IterableDataset) "
+                    "ended in the middle of a window, and Trainer carried its last micro-batches into "
+                    "the next epoch's first window (make each epoch a multiple of "
+                    f"gradient_accumulation_steps={wrapper.accumulation_steps} micro-batches), or "
+                    "TrainingArguments.gradient_accumulation_steps changed after training started")
             return
         wrapper.step()
         while wrapper.micro_step != 0:
