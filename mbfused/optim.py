@@ -63,6 +63,29 @@ def _as_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def _checked_max_grad_norm(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"max_grad_norm must be a positive finite number or None, got {value!r}")
+    return float(value)
+
+
+def _fixed_at_construction(name: str) -> property:
+    """A constructor argument as a read-only attribute: the window's buffers, hooks and
+    normalisation are built for it, and an assignment would be silently ignored (or, for
+    a misspelt normalize, train on the sum)."""
+
+    def get(self):
+        return self._config[name]
+
+    def refuse(self, value) -> None:
+        raise AttributeError(f"MicroBatchOptimizer.{name} is fixed at construction: build a new "
+                             "MicroBatchOptimizer (its state_dict() carries a window over)")
+
+    return property(get, refuse, doc=f"The ``{name}`` given at construction (read-only).")
+
+
 def _refuse_direct_step(wrapper_ref: weakref.ref, optimizer, args, kwargs) -> None:
     """Step pre-hook on the wrapped optimizer: only its MicroBatchOptimizer may step it."""
     wrapper = wrapper_ref()
@@ -294,11 +317,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 "mbfused.integrations.accelerate.MicroBatchAccelerator.prepare(model, optimizer, ...), "
                 "which wraps it in a MicroBatchOptimizer")
         accumulation_steps = _as_positive_int(accumulation_steps, "accumulation_steps")
-        if max_grad_norm is not None:
-            if (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real)
-                    or not math.isfinite(max_grad_norm) or max_grad_norm <= 0):
-                raise ValueError(f"max_grad_norm must be a positive finite number or None, got {max_grad_norm!r}")
-            max_grad_norm = float(max_grad_norm)
+        max_grad_norm = _checked_max_grad_norm(max_grad_norm)
         if normalize not in _NORMALIZE:
             raise ValueError(f"normalize must be one of {', '.join(map(repr, _NORMALIZE))}, got {normalize!r}")
         if accum_dtype not in ACCUM_DTYPES:
@@ -330,15 +349,11 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         self._check_no_foreign_main_grad(params)
 
         self._wrap(optimizer)
-        self.max_grad_norm = max_grad_norm
-        self.normalize = normalize
-        self.accum_dtype = accum_dtype
-        self.rounding = rounding
-        self.mode = mode
-        self.bucket_mb = bucket_mb
-        self.scaler = scaler if scaler is not None and scaler.is_enabled() else None
-        self.process_group = process_group
-        self.model = model
+        self._max_grad_norm = max_grad_norm
+        self._config = {"normalize": normalize, "accum_dtype": accum_dtype, "rounding": rounding,
+                        "mode": mode, "bucket_mb": bucket_mb,
+                        "scaler": scaler if scaler is not None and scaler.is_enabled() else None,
+                        "process_group": process_group, "model": model}
         self._model_sync = model_sync
         self.last_grad_norm: Tensor | None = None
         self.last_step_skipped = False
@@ -442,6 +457,25 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         self._window.close()
 
     # -- the Optimizer face -------------------------------------------------------------
+
+    normalize = _fixed_at_construction("normalize")
+    accum_dtype = _fixed_at_construction("accum_dtype")
+    rounding = _fixed_at_construction("rounding")
+    mode = _fixed_at_construction("mode")
+    bucket_mb = _fixed_at_construction("bucket_mb")
+    scaler = _fixed_at_construction("scaler")
+    process_group = _fixed_at_construction("process_group")
+    model = _fixed_at_construction("model")
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The total norm the window's gradient is clipped to (None: no clipping); may be
+        changed at any time: each window's end reads it."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        self._max_grad_norm = _checked_max_grad_norm(value)
 
     @property
     def accumulation_steps(self) -> int:
@@ -733,8 +767,10 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         if pending:
             raise WindowMisuse(
                 f"zero_grad() would discard the gradients of parameters {pending[:8]}"
-                f"{' ...' if len(pending) > 8 else ''}, which arrived after the last step(): "
-                "call step() after every backward() and before zero_grad(). To skip a "
+                f"{' ...' if len(pending) > 8 else ''}, which arrived after the last step()"
+                + (" (in mode='bucket' they are in the window's buffers already, and cannot be "
+                   "taken back)" if self.mode == "bucket" else "")
+                + ": call step() after every backward() and before zero_grad(). To skip a "
                 "micro-batch, do not call backward() on it")
         window = self._window
         after_window_end = bool(window.handed_out)

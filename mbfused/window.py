@@ -296,7 +296,8 @@ class AccumulationWindow:
         self.unchecked_written = False  # a buffer got a gradient that was not checked for inf/nan
         # ids of the tensors handed to the optimizer as .grad at the window's end, until
         # zero_grad(): a backward before that would add into them
-        self.handed_out: set[int] = set()
+        # (weakly: a model.zero_grad() may free them, and a new gradient take their id)
+        self.handed_out: dict[int, weakref.ref] = {}
         self._buffer_grads: list[tuple[Tensor, Tensor]] = []  # (param, its buffer as .grad) among them
         self._unscale = unscale
         self.loss_scaled = loss_scaled
@@ -548,8 +549,8 @@ class AccumulationWindow:
         written when a gradient is bad. `in_backward`: called from a backward hook."""
         if not slots:
             return
-        if self.handed_out and any(id(g) in self.handed_out for g in grads):
-            index = next(s.index for s, g in zip(slots, grads, strict=True) if id(g) in self.handed_out)
+        if self.handed_out and any(self._handed_out(g) for g in grads):
+            index = next(s.index for s, g in zip(slots, grads, strict=True) if self._handed_out(g))
             raise WindowMisuse(
                 f"parameter {index}'s .grad is still the gradient of the last window, and the last "
                 "backward added into it: call zero_grad() after every step()")
@@ -610,6 +611,8 @@ class AccumulationWindow:
         C++; through `_take_grads` and `accumulate` that takes two, and a Python list).
         False, with nothing changed, when that does not apply or a gradient is bad: the
         caller goes the long way, which names the parameter."""
+        if self.handed_out and all(ref() is None for ref in self.handed_out.values()):
+            self.handed_out = {}  # freed by a zero_grad() of the model's
         if self.last_micro_batch or self.handed_out or self.sharded or not self.slots:
             return False
         fresh = self._fresh(self.slots)
@@ -672,6 +675,8 @@ class AccumulationWindow:
     def collect(self, items: float | Tensor) -> bool:
         """Ends a micro-batch (the optimizer's step()): accumulates the gradients still on
         the parameters, counts `items`. True when the window is complete."""
+        if self.bucket_bytes:
+            self.check_nothing_removed()
         if not self._accumulate_all_in_one_pass():
             grads = _take_grads(self._params)
             try:
@@ -705,8 +710,21 @@ class AccumulationWindow:
         return bool(self._arrived)
 
     def pending_gradients(self) -> list[int]:
-        """Parameters whose gradient arrived by backward and that no step() has taken yet."""
-        return [s.index for s in self._arrived if s.param.grad is not None]
+        """Parameters whose gradient arrived by backward and that no step() has ended yet:
+        still on the parameter, or (bucket mode) in the buffers already."""
+        return [s.index for s in self._arrived if self.bucket_bytes or s.param.grad is not None]
+
+    def check_nothing_removed(self) -> None:
+        """step(): the gradients of a bucket still waiting for its other members must all
+        be there (a model.zero_grad() after backward would drop only those, while the
+        rest of the micro-batch is in the buffers)."""
+        lost = [i for bucket in self.buckets for i in bucket.ready if self.slots[i].param.grad is None]
+        if lost:
+            raise WindowMisuse(
+                f"the gradients of parameters {lost[:8]}{' ...' if len(lost) > 8 else ''} arrived in "
+                "this micro-batch's backward and were removed before step() (a zero_grad() of the "
+                "model's?); in mode='bucket' most of the micro-batch is in the window's buffers "
+                "already and cannot be dropped. To skip a micro-batch, do not call backward() on it")
 
     def start(self) -> None:
         """Starts a new window: no buffer holds a gradient of it yet."""
@@ -798,7 +816,7 @@ class AccumulationWindow:
                                         stride=p.stride()) if is_sharded(p) else g
                      for p, g in zip(params, grads, strict=True)]
         set_grads(params, grads)
-        self.handed_out = set(map(id, grads))
+        self.handed_out = {id(g): weakref.ref(g) for g in grads}
         self._buffer_grads = list(zip(params, grads, strict=True)) if buffers else []
 
     def release_handed_out(self) -> None:
@@ -809,8 +827,13 @@ class AccumulationWindow:
             for param, grad in self._buffer_grads:
                 if param.grad is grad:
                     param.grad = None
-            self.handed_out = set()
+            self.handed_out = {}
             self._buffer_grads = []
+
+    def _handed_out(self, grad: Tensor) -> bool:
+        """Whether `grad` is a tensor handed out at the window's end, still unreleased."""
+        ref = self.handed_out.get(id(grad))
+        return ref is not None and ref() is grad
 
     # -- checkpoints --------------------------------------------------------------------
 

@@ -62,6 +62,30 @@ def test_zero_grad_that_would_discard_unaccumulated_gradients_raises(mode):
     opt.zero_grad()
 
 
+def test_zero_grad_after_a_whole_backward_in_bucket_mode_raises():
+    """Every bucket complete: the micro-batch is in the buffers already, zero_grad() cannot
+    take it back (before, it silently kept it)."""
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    _loss(model, 0).backward()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(WindowMisuse, match=r"zero_grad\(\) would discard .* cannot be taken back"):
+        opt.zero_grad()
+    opt.step()
+    opt.zero_grad()
+    assert opt.micro_step == 1
+
+
+def test_a_model_zero_grad_dropping_part_of_a_bucket_raises_at_step():
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    model[0](torch.randn(2, 8)).sum().backward()  # the one bucket waits for model[2]
+    model.zero_grad()
+    with pytest.raises(WindowMisuse, match=r"removed before step\(\) \(a zero_grad\(\) of the model's\?\)"):
+        opt.step()
+    assert opt.micro_step == 0
+
+
 def test_a_group_added_to_the_wrapped_optimizer_is_refused():
     """It would be updated with the last micro-batch's gradient only, not averaged, not
     clipped."""
@@ -252,3 +276,43 @@ def test_a_rate_changed_in_a_window_resumed_mid_way_is_refused():
     _loss(resumed_model, 2).backward()
     with pytest.raises(WindowMisuse, match=r"changed from 0.1 to 0.05 after 2 of"):
         resumed.step()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_model_zero_grad_after_each_step_is_accepted_with_16_bit_parameters(mode):
+    """The window's gradient is handed out in new bf16 tensors; model.zero_grad() frees
+    them behind the wrapper's back, and the next gradients may take their ids: that must
+    not read as "the last window's gradient added into"."""
+    def run(zero_grad_of_the_model: bool):
+        model = _model().bfloat16()
+        opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), 2, mode=mode)
+        for k in range(60):
+            model(torch.randn(5, 8, generator=torch.Generator().manual_seed(k)).bfloat16()).square().mean().backward()
+            opt.step()
+            (model if zero_grad_of_the_model else opt).zero_grad()
+        return model
+
+    for p, q in zip(run(True).parameters(), run(False).parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_settings_fixed_at_construction_refuse_assignment_and_max_grad_norm_is_checked():
+    """`opt.normalize = "Mean"` trained on the window's sum, and `opt.mode = ...` was
+    ignored, silently."""
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, max_grad_norm=1.0)
+    for name, value in [("normalize", "Mean"), ("mode", "param"), ("accum_dtype", torch.bfloat16),
+                        ("rounding", "stochastic"), ("bucket_mb", 1), ("scaler", None),
+                        ("process_group", None), ("model", model)]:
+        before = getattr(opt, name)
+        with pytest.raises(AttributeError, match=f"MicroBatchOptimizer.{name} is fixed at construction"):
+            setattr(opt, name, value)
+        assert getattr(opt, name) is before
+    for bad in (0, -1.0, float("nan"), "1.0", True):
+        with pytest.raises(ValueError, match="max_grad_norm must be a positive finite number or None"):
+            opt.max_grad_norm = bad
+        assert opt.max_grad_norm == 1.0
+    opt.max_grad_norm = 2
+    assert opt.max_grad_norm == 2.0 and isinstance(opt.max_grad_norm, float)
+    opt.max_grad_norm = None
+    assert opt.max_grad_norm is None
