@@ -75,12 +75,14 @@ def _training(rank: int, path: str, sizes: dict):
         net = fully_shard(model)
     else:
         net = torch.nn.parallel.DistributedDataParallel(model)
-        # DDP's default reduction as a Python hook: it calls all_reduce, where it is counted.
-        net.register_comm_hook(dist.group.WORLD, allreduce_hook)
     n = sizes["micro_batches"]
     adamw = torch.optim.AdamW(net.parameters(), lr=1e-4)
     wrapper = (MicroBatchOptimizer(adamw, n, max_grad_norm=1.0, model=net)
                if path in _WRAPPER_PATHS else None)
+    if path not in _FSDP_PATHS:
+        # DDP's default reduction as a Python hook: it calls all_reduce, where it is counted
+        # (registered after the wrapper, which warns of a hook that would never run).
+        net.register_comm_hook(dist.group.WORLD, allreduce_hook)
     gen = torch.Generator().manual_seed(rank)
     batches = [torch.randn(sizes["batch"], sizes["seq_len"], sizes["width"], generator=gen)
                for _ in range(n)]

@@ -168,6 +168,11 @@ def _sum_of_squares(window: AccumulationWindow, written) -> Tensor:
     return torch.stack(norms).float().square().sum().reshape(1)
 
 
+def _flag_non_finite(found_inf: Tensor, norm: Tensor) -> None:
+    """Sets `found_inf` when `norm` (a norm or its square) is inf or nan, on the device."""
+    torch.maximum(found_inf, (~torch.isfinite(norm)).float().reshape(1), out=found_inf)
+
+
 class WrappingOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` are
     another optimizer's (``self.optimizer``): one object, so that a scheduler's learning
@@ -545,6 +550,13 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 and dcp_layout.initialising_state_for_checkpoint()):
             return self._make_up_state_for_checkpoint()
         driven_by_scaler = self._check_scaler_call()
+        if driven_by_scaler and not self._window.last_micro_batch and self._model_holds_window_gradients():
+            raise WindowMisuse(
+                "scaler.step(opt) mid-window while the model holds this window's gradients, still "
+                "scaled (FSDP2 under set_requires_gradient_sync(False)): a scaler.update() now would "
+                "change the scale under them, and the window would unscale their sum by the last "
+                "one. Call opt.step() on the window's other micro-batches (scaler.step(opt); "
+                "scaler.update() on its last only, or never: the wrapper updates the scaler)")
         items = self._check_num_items(num_items)
         self._learning_rates.check(self.param_groups, self.micro_step, self.accumulation_steps)
         if closure is not None:
@@ -569,6 +581,14 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 "(added with the wrapped optimizer's add_param_group?): they would be updated with "
                 "the last micro-batch's gradient only. Call add_param_group on the "
                 "MicroBatchOptimizer instead")
+        if self._window.last_micro_batch:
+            self._check_all_params_managed()
+            if self._model_holds_window_gradients():
+                raise WindowMisuse(
+                    "the model still holds gradients after the window's last backward (FSDP2 under "
+                    "set_requires_gradient_sync(False)): they would never reach the window, which would "
+                    "step on nothing. Let FSDP2 reduce-scatter after every micro-batch (its default), or "
+                    "call model.set_requires_gradient_sync(opt.sync_gradients) before every backward")
         if self._model_sync is not None:
             self._model_sync.check()
         if not self._ddp_checked and self._model_sync is None:
@@ -589,6 +609,37 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                     "mbfused.integrations.accelerate.MicroBatchAccelerator in place of Accelerator "
                     "(same arguments)")
             self._framework_checked = True
+
+    def _check_all_params_managed(self) -> None:
+        """Once per window, before it ends: a parameter put into the wrapped optimizer's
+        param_groups in place of another (same count) would be stepped on its own
+        last micro-batch's gradient; a hook registered after the window's might not run."""
+        untracked = {id(p) for p in self._untracked}
+        foreign = [(g, k) for g, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])
+                   if id(p) not in untracked and manager_of(p) is not self._window]
+        if foreign:
+            g, k = foreign[0]
+            raise WindowMisuse(
+                f"param_groups[{g}]['params'][{k}] is not a parameter this MicroBatchOptimizer "
+                "manages (replaced in the wrapped optimizer's param_groups?): it would be stepped on "
+                "its last micro-batch's gradient only. Add new parameters with the wrapper's "
+                "add_param_group")
+        hooked = self._window.params_hooked_after_the_window()
+        if hooked:
+            raise WindowMisuse(
+                f"parameters {hooked[:8]}{' ...' if len(hooked) > 8 else ''} have a "
+                "post-accumulate-grad hook registered after this MicroBatchOptimizer was built: in "
+                "mode='bucket' the window may take the gradients before it runs, and it would find "
+                "no .grad. Register it before building the wrapper (it then sees each micro-batch's "
+                "gradient), or use mode='param'")
+
+    def _model_holds_window_gradients(self) -> bool:
+        if self._model_sync is None:
+            return False
+        try:
+            return self._model_sync.holds_window_gradients()
+        except RuntimeError:
+            return False  # FSDP2's state laid out unlike any torch known here: cannot tell
 
     def _check_scaler_call(self) -> bool:
         """True when GradScaler.step(self) is calling: it sets grad_scale and found_inf."""
@@ -679,6 +730,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
 
     def _end_window(self, update_scaler: bool) -> bool:
         window = self._window
+        window.refresh_handoff_dtypes()
         written = window.written_slots()
         norm_sq = window.norm_sq_if_complete(written)
         if self._reduction is not None:
@@ -701,6 +753,11 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 torch.maximum(window.found_inf, (window.items == 0).float().reshape(1), out=window.found_inf)
             elif window.items == 0:
                 window.found_inf.fill_(1.0)
+        # Finite gradients can sum past an fp16 buffer's range (65504): a window whose norm
+        # is not finite is skipped as one with inf/nan gradients is.
+        overflow_possible = self.accum_dtype == torch.float16
+        if overflow_possible and norm_sq is not None:
+            _flag_non_finite(window.found_inf, norm_sq)
         inv_scale = self._inv_scale()
         same_dtype = (window.buffers_in_param_dtype if written is window.slots
                       else all(s.handoff_dtype is None for s in written))
@@ -715,6 +772,9 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             # (summed over the ranks above) is the global norm's square.
             # Read before stepping: torch's fused kernels skip a step with found_inf set,
             # but create the state of parameters that have none first.
+            if overflow_possible and norm_sq is None:
+                norm_sq = _sum_of_squares(window, written)
+                _flag_non_finite(window.found_inf, norm_sq)
             skipped = bool(window.found_inf.item())
             if skipped:
                 total_norm = total_norm_and_coef(window.buffers_of(written), inv_scale,
@@ -730,12 +790,11 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             total_norm = ops.finalize_(buffers, inv_scale, max_norm=self.max_grad_norm,
                                        found_inf=window.found_inf, norm_sq=norm_sq, out=out,
                                        **window.rounding_for(buffers if out is None else out))
-            if window.unchecked_written:
+            if window.unchecked_written or overflow_possible:
                 # Gradients added into main_grad by their layers were not checked: an inf
                 # or nan among them makes the window's norm non-finite (norm_sq is None
-                # here, so finalize_ summed every buffer).
-                window.found_inf.copy_(torch.maximum(window.found_inf,
-                                                     (~torch.isfinite(total_norm)).float().reshape(1)))
+                # here, so finalize_ summed every buffer); so does an overflowed buffer.
+                _flag_non_finite(window.found_inf, total_norm)
             skipped = bool(window.found_inf.item())
             if not skipped:
                 window.hand_out(written, out if out is not None else buffers, buffers=out is None)

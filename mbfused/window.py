@@ -90,22 +90,35 @@ def is_stale_window_buffer(param: Tensor) -> bool:
 class Slot:
     """One parameter's accumulation buffer and its state in the current window."""
 
-    __slots__ = ("arrived_in", "bucket", "buffer", "external", "handoff_dtype", "index", "last_grad",
-                 "last_pass_count", "param", "written")
+    __slots__ = ("arrived_in", "bucket", "buffer", "external", "handoff_dtype", "hook_id", "index",
+                 "last_grad", "last_pass_count", "main_grad_in", "param", "written")
 
     def __init__(self, index: int, param: Tensor, buffer: Tensor, bucket: int) -> None:
         self.index = index  # position among the window's parameters (messages, state_dict)
         self.param = param
         self.buffer = buffer  # accum_dtype, contiguous, shaped like the parameter
-        # The parameter's dtype where it is not the buffer's (the window's gradient is then
-        # written out in it, into the last micro-batch's gradient when kept), else None.
-        self.handoff_dtype = param.dtype if param.dtype != buffer.dtype else None
+        # The dtype of the parameter's gradients where it is not the buffer's (the window's
+        # gradient is then written out in it, into the last micro-batch's gradient when
+        # kept), else None.
+        self.handoff_dtype = handoff_dtype(param, buffer)
         self.bucket = bucket
         self.written = False  # holds this window's gradient (else its contents are stale)
         self.arrived_in = -1  # the last micro-batch (window serial) a backward reached it in
+        self.main_grad_in = -1  # the last micro-batch its layer added its gradient into main_grad in
         self.external = False  # a layer of another library wrote main_grad itself
         self.last_pass_count = 0  # accumulations during the window's last micro-batch
         self.last_grad: Tensor | None = None  # the last micro-batch's gradient, if it reached step()
+        self.hook_id: int | None = None  # of the window's post-accumulate-grad hook on the parameter
+
+
+def handoff_dtype(param: Tensor, buffer: Tensor) -> torch.dtype | None:
+    """The dtype `param`'s gradient is handed to the optimizer in where it is not the
+    buffer's, else None: the parameter's, or the grad_dtype set on it (autograd keeps
+    fp32 gradients of bf16 parameters with grad_dtype=torch.float32, and refuses others;
+    None there allows any, and the parameter's is given)."""
+    grad_dtype = getattr(param, "grad_dtype", None)
+    wanted = grad_dtype if isinstance(grad_dtype, torch.dtype) else param.dtype
+    return wanted if wanted != buffer.dtype else None
 
 
 class Bucket:
@@ -341,22 +354,34 @@ class AccumulationWindow:
         self.slots.extend(new)
         self._params = [s.param for s in self.slots]
         self._buffers = [s.buffer for s in self.slots]
-        # Whether every buffer is of its parameter's dtype (the window's gradient is then
-        # handed out in the buffers themselves).
-        self.buffers_in_param_dtype = all(s.handoff_dtype is None for s in self.slots)
-        self._handoff_dtypes = [s.handoff_dtype for s in self.slots]
-        self._every_param_of_another_dtype = all(d is not None for d in self._handoff_dtypes)
+        self._summarise_handoff_dtypes()
         this = weakref.ref(self)  # hooks must not keep a dropped window alive
         for slot in new:
             self._slot_of[id(slot.param)] = slot
             self._take_over(slot.param)
-            self._hooks.append(slot.param.register_post_accumulate_grad_hook(
-                functools.partial(_on_gradient, this, slot.index)))
+            handle = slot.param.register_post_accumulate_grad_hook(functools.partial(_on_gradient, this, slot.index))
+            slot.hook_id = handle.id
+            self._hooks.append(handle)
             setattr(slot.buffer, _BUFFER_MARK, True)
             setattr(slot.param, MAIN_GRAD, slot.buffer)
             self._attached.append((weakref.ref(slot.param), id(slot.buffer)))
             setattr(slot.param, GRAD_ADDED, False)
             setattr(slot.param, OVERWRITE, True)
+
+    def _summarise_handoff_dtypes(self) -> None:
+        # Whether every buffer is of its parameter's gradient dtype (the window's gradient
+        # is then handed out in the buffers themselves).
+        self._handoff_dtypes = [s.handoff_dtype for s in self.slots]
+        self.buffers_in_param_dtype = all(d is None for d in self._handoff_dtypes)
+        self._every_param_of_another_dtype = all(d is not None for d in self._handoff_dtypes)
+
+    def refresh_handoff_dtypes(self) -> None:
+        """At a window's end: follows a grad_dtype set on a parameter after it was taken."""
+        dtypes = [handoff_dtype(s.param, s.buffer) for s in self.slots]
+        if dtypes != self._handoff_dtypes:
+            for slot, dtype in zip(self.slots, dtypes, strict=True):
+                slot.handoff_dtype = dtype
+            self._summarise_handoff_dtypes()
 
     def _take_over(self, param: Tensor) -> None:
         key = id(param)
@@ -446,6 +471,7 @@ class AccumulationWindow:
         self._main_grad_added(self._slot_of[id(param)], external=False)
 
     def _main_grad_added(self, slot: Slot, *, external: bool) -> None:
+        slot.main_grad_in = self._serial
         if external:
             if self.loss_scaled:
                 raise WindowMisuse(
@@ -714,11 +740,21 @@ class AccumulationWindow:
         still on the parameter, or (bucket mode) in the buffers already."""
         return [s.index for s in self._arrived if self.bucket_bytes or s.param.grad is not None]
 
+    def params_hooked_after_the_window(self) -> list[int]:
+        """Bucket mode: parameters with a post-accumulate-grad hook registered after the
+        window's own. The window's hook may take the whole bucket's gradients before such a
+        hook runs, which then finds no ``.grad`` and does nothing."""
+        if not self.bucket_bytes:
+            return []
+        return [s.index for s in self.slots
+                if (hooks := s.param._post_accumulate_grad_hooks) and next(reversed(hooks)) != s.hook_id]
+
     def check_nothing_removed(self) -> None:
         """step(): the gradients of a bucket still waiting for its other members must all
         be there (a model.zero_grad() after backward would drop only those, while the
         rest of the micro-batch is in the buffers)."""
-        lost = [i for bucket in self.buckets for i in bucket.ready if self.slots[i].param.grad is None]
+        lost = [i for bucket in self.buckets for i in bucket.ready
+                if self.slots[i].param.grad is None and self.slots[i].main_grad_in != self._serial]
         if lost:
             raise WindowMisuse(
                 f"the gradients of parameters {lost[:8]}{' ...' if len(lost) > 8 else ''} arrived in "

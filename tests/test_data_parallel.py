@@ -10,6 +10,8 @@ wrapper's all-reduces counted (one per bucket plus one for the window's flags).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from gloo_ranks import one_process_window, run_ranks
@@ -68,9 +70,10 @@ def _worker(rank, path, scenario, normalize, results):
 
         torch.manual_seed(0)
         ddp = torch.nn.parallel.DistributedDataParallel(Net(), find_unused_parameters=True)
-        ddp.register_comm_hook(dist.group.WORLD, counting_hook)
         opt = MicroBatchOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), N, model=ddp,
                                   max_grad_norm=0.05, normalize=normalize, bucket_mb=0.002)
+        # After the wrapper (which warns of a hook it finds): counts any reduction DDP makes.
+        ddp.register_comm_hook(dist.group.WORLD, counting_hook)
         stepped = []
         for k, x in enumerate(_micro_batches(rank)):
             no_sync = scenario == "no_sync" and k < N - 1  # the frameworks' pattern
@@ -165,3 +168,73 @@ def test_the_modeled_wire_costs_follow_the_ring_algorithms():
     assert fsdp_wrapper.gradient_bytes == 4 / world  # buffers sharded like the parameters
     table = data_parallel_bench.format_wire_costs(costs, world, n)
     assert "MicroBatchOptimizer(model=ddp)" in table and f"{world} ranks" in table
+
+
+def _misuse_worker(rank, path, case, results):
+    """One DDP misuse per run: what each rank raised, warned or kept."""
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.distributed.algorithms.join import Join
+
+    from mbfused.window import WindowMisuse
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(Net(), static_graph=case == "static_graph")
+        if case == "comm_hook":
+            ddp.register_comm_hook(dist.group.WORLD, allreduce_hook)
+        outcome = {}
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                body = list(ddp.module.body.parameters())
+                opt = MicroBatchOptimizer(torch.optim.SGD(body if case == "plain_head" else ddp.parameters(),
+                                                          lr=0.1), N, model=ddp)
+            outcome["warnings"] = [str(w.message) for w in caught]
+            head_opt = torch.optim.SGD(ddp.module.head.parameters(), lr=0.1) if case == "plain_head" else None
+            if case == "rewrap":  # a second wrapper takes the model over from the first
+                opt = MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N, model=ddp)
+            with Join([ddp]) if case == "join" else torch.enable_grad():
+                for k, x in enumerate(_micro_batches(rank)):
+                    _loss(ddp, x, case == "plain_head", "mean").backward()
+                    opt.step()
+                    opt.zero_grad()
+                    if head_opt is not None and k == N - 1:
+                        head_opt.step()
+            outcome["sync_off"] = not ddp.require_backward_grad_sync
+            outcome["params"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
+        except (ValueError, WindowMisuse) as error:
+            outcome["error"] = f"{type(error).__name__}: {error}"
+        results[rank] = outcome
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("plain_head", r"WindowMisuse: a parameter of the DistributedDataParallel model that no "
+                   r"MicroBatchOptimizer manages has a gradient"),
+    ("join", r"WindowMisuse: Join\(\[model\]\) shadows .* throw_on_early_termination=True"),
+    ("static_graph", r"ValueError: model: DistributedDataParallel\(static_graph=True\)"),
+])
+def test_ddp_setups_that_would_drift_or_abort_are_refused(tmp_path, case, expected):
+    """Before: a head under a plain optimizer drifted apart between the ranks (DDP's sync
+    is off), Join aborted in gloo with a collective mismatch, static_graph hit an internal
+    assert of DDP's reducer."""
+    results = run_ranks(_misuse_worker, WORLD, tmp_path / "store", case)
+    for rank in range(WORLD):
+        assert re.match(expected, results[rank].get("error", "")), results[rank]
+
+
+def test_a_ddp_comm_hook_is_warned_of_and_a_second_wrapper_keeps_ddps_sync_off(tmp_path):
+    hooked = run_ranks(_misuse_worker, WORLD, tmp_path / "hook", "comm_hook")
+    rewrapped = run_ranks(_misuse_worker, WORLD, tmp_path / "rewrap", "rewrap")
+    for rank in range(WORLD):
+        assert any("communication hook (register_comm_hook) will never run" in w
+                   for w in hooked[rank]["warnings"])
+        # Closing the first wrapper switched DDP's sync back on under the second one.
+        assert "error" not in rewrapped[rank] and rewrapped[rank]["sync_off"]
+    for name, value in rewrapped[0]["params"].items():
+        assert torch.equal(value, rewrapped[1]["params"][name])

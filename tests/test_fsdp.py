@@ -11,6 +11,7 @@ identical, buffers of 1/world of the parameters per rank.
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -190,3 +191,53 @@ def test_fsdp2_param_groups_are_read_from_either_layout_and_an_unknown_one_is_re
     assert _param_groups(SimpleNamespace(_fsdp_param_group=None)) == []
     with pytest.raises(RuntimeError, match="not laid out as mbfused reads it"):
         _param_groups(SimpleNamespace())
+
+
+def _sync_misuse_worker(rank, path, case, results):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from mbfused.window import WindowMisuse
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        fully_shard(model.first)
+        fully_shard(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1) if case == "scaler" else None
+        opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, model=model, scaler=scaler)
+        if case == "sync off for good":  # DDP's sync is switched off for good by the wrapper; FSDP2's is not
+            model.set_requires_gradient_sync(False)
+        steps = 0
+        try:
+            for x in _micro_batches(rank):
+                if case == "scaler":
+                    model.set_requires_gradient_sync(opt.sync_gradients)
+                    scaler.scale(_loss(model, x, "mean")).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    _loss(model, x, "mean").backward()
+                    opt.step()
+                opt.zero_grad()
+                steps += 1
+            results[rank] = {"steps": steps}
+        except WindowMisuse as error:
+            results[rank] = {"steps": steps, "error": str(error)}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case, steps, expected", [
+    # Before: every window stepped on nothing and reported success.
+    ("sync off for good", N - 1, "still holds gradients after the window's last backward"),
+    # Before: the window unscaled micro-batches of four scales by the last one's.
+    ("scaler", 0, r"scaler.step\(opt\) mid-window while the model holds this window's gradients"),
+])
+def test_fsdp2_holding_the_windows_gradients_where_the_window_cannot_use_them_is_refused(
+        tmp_path, case, steps, expected):
+    results = run_ranks(_sync_misuse_worker, WORLD, tmp_path / "store", case)
+    for rank in range(WORLD):
+        assert results[rank]["steps"] == steps
+        assert re.search(expected, results[rank].get("error", "")), results[rank]

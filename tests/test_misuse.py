@@ -316,3 +316,67 @@ def test_settings_fixed_at_construction_refuse_assignment_and_max_grad_norm_is_c
     assert opt.max_grad_norm == 2.0 and isinstance(opt.max_grad_norm, float)
     opt.max_grad_norm = None
     assert opt.max_grad_norm is None
+
+
+def test_a_parameter_replaced_in_the_wrapped_optimizers_groups_is_refused_before_the_window_ends():
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    model[2].weight = torch.nn.Parameter(model[2].weight.detach().clone())
+    opt.param_groups[0]["params"][2] = model[2].weight  # the same count of parameters
+    for k in range(N - 1):
+        _loss(model, k).backward()
+        opt.step()
+        opt.zero_grad()
+    _loss(model, N).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(WindowMisuse, match=r"param_groups\[0\]\['params'\]\[2\] is not a parameter this "
+                                           r"MicroBatchOptimizer manages"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def _clamp_grad(param):
+    if param.grad is not None:
+        param.grad.clamp_(-0.01, 0.01)
+
+
+@pytest.mark.parametrize("registered", ["before", "after"])
+def test_a_post_accumulate_grad_hook_registered_after_the_wrapper_is_refused_in_bucket_mode(registered):
+    """The window's hook takes a completed bucket's gradients: a hook registered after it
+    on the parameter that completes the bucket found no .grad and did nothing, silently.
+    One registered before sees every micro-batch's gradient, as in a plain loop."""
+    def clamped_each_micro_batch(model):
+        inner = torch.optim.SGD(model.parameters(), lr=0.1)
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(_clamp_grad)
+        buffers = [torch.zeros_like(p) for p in model.parameters()]
+        for k in range(N):
+            _loss(model, k).backward()
+            for b, p in zip(buffers, model.parameters(), strict=True):
+                b += p.grad / N
+                p.grad = None
+        for b, p in zip(buffers, model.parameters(), strict=True):
+            p.grad = b
+        inner.step()
+
+    plain = _model()
+    clamped_each_micro_batch(plain)
+    model = _model()
+    if registered == "before":
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(_clamp_grad)
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
+    if registered == "after":
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(_clamp_grad)
+    for k in range(N):
+        _loss(model, k).backward()
+        if registered == "after" and k == N - 1:
+            with pytest.raises(WindowMisuse, match=r"post-accumulate-grad hook registered after this "
+                                                   r"MicroBatchOptimizer was built.*mode='param'"):
+                opt.step()
+            return
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -945,3 +945,72 @@ def test_sparse_gradients_are_accumulated_as_dense(mode):
     for a, b in zip(sparse_model.parameters(), dense_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(sparse_model[0].weight, make(True)[0].weight)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw-fused"])
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_a_window_whose_fp16_buffers_overflow_is_skipped(optimizer, mode):
+    """Finite gradients whose sum passes fp16's 65504 in the buffers: the window's norm is
+    inf, and the window is skipped as one with inf gradients (before, its inf/nan
+    gradient reached the parameters). The finalize_ path (SGD) and the fused hand-off
+    (fused AdamW) alike."""
+    weight = torch.nn.Parameter(torch.ones(6))
+    opt = MicroBatchOptimizer(OPTIMIZERS[optimizer]([weight]), N, accum_dtype=torch.float16, mode=mode,
+                              normalize="sum")
+    stepped = []
+    for _ in range(N):
+        (weight * 3e4).sum().backward()  # a gradient of 3e4, finite in fp16; N of them are not
+        stepped.append(opt.step())
+        opt.zero_grad()
+    assert stepped == [False] * N
+    assert opt.last_step_skipped and float(opt.last_grad_norm) == math.inf
+    assert torch.equal(weight, torch.ones(6))
+    assert not opt.state or all(not s for s in opt.state.values())
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without Tensor.grad_dtype")
+@pytest.mark.parametrize("set_before", [True, False], ids=["set before wrapping", "set after"])
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_bf16_parameters_with_an_fp32_grad_dtype_get_fp32_gradients(mode, set_before):
+    """`param.grad_dtype = torch.float32` asks for fp32 gradients of bf16 parameters: the
+    optimizer must get the window's fp32 gradient, as a plain loop's, not a bf16 one."""
+    seen = []
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append([p.grad.clone() for group in self.param_groups for p in group["params"]
+                         if p.grad is not None])
+            return super().step(closure)
+
+    def run(wrapped: bool):
+        torch.manual_seed(0)
+        model = Net(torch.bfloat16)
+        if set_before:
+            for p in model.parameters():
+                p.grad_dtype = torch.float32
+        inner = Spy(model.parameters(), lr=0.1)
+        opt = MicroBatchOptimizer(inner, N, mode=mode, max_grad_norm=0.3) if wrapped else inner
+        for p in model.parameters():
+            p.grad_dtype = torch.float32
+        for k, x in enumerate(_batches(2, dtype=torch.bfloat16)):
+            loss = model(x).float().square().mean()
+            if wrapped:
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            else:
+                (loss / N).backward()
+                if (k + 1) % N == 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.3)
+                    opt.step()
+                    opt.zero_grad()
+        return model
+
+    plain, fused = run(False), run(True)
+    windows = len(seen) // 2
+    for got, want in zip(seen[windows:], seen[:windows], strict=True):
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    for p, q in zip(fused.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
