@@ -97,14 +97,20 @@ class WindowCheckpoints:
         missing = {"accumulation_steps", "normalize", "micro_step", "window"} - set(ours)
         if missing:
             raise ValueError(f"state_dict[{STATE_KEY!r}] is missing {', '.join(sorted(missing))}")
-        for key, mine in (("accumulation_steps", self.accumulation_steps), ("normalize", self.normalize)):
-            if ours[key] != mine:
-                raise ValueError(f"state_dict has {key}={ours[key]!r} but this optimizer has {mine!r}")
         micro_step, window = ours["micro_step"], ours["window"]
-        if (isinstance(micro_step, bool) or not isinstance(micro_step, int)
-                or not 0 <= micro_step < self.accumulation_steps):
-            raise ValueError(f"state_dict has micro_step={micro_step!r}; it must be an int in "
-                             f"[0, {self.accumulation_steps})")
+        if isinstance(micro_step, bool) or not isinstance(micro_step, int) or micro_step < 0:
+            raise ValueError(f"state_dict has micro_step={micro_step!r}; it must be a non-negative int")
+        if micro_step:
+            # A half-finished window resumes into the same kind of window only; one saved at a
+            # window's end holds no window, and loads into any.
+            for key, mine in (("accumulation_steps", self.accumulation_steps), ("normalize", self.normalize)):
+                if ours[key] != mine:
+                    raise ValueError(f"state_dict has {key}={ours[key]!r} but this optimizer has {mine!r}: "
+                                     f"it was saved {micro_step} micro-batches into a window; one saved "
+                                     "at a window's end (step() returned True) loads into any")
+            if micro_step >= self.accumulation_steps:
+                raise ValueError(f"state_dict has micro_step={micro_step!r}; it must be below "
+                                 f"accumulation_steps={self.accumulation_steps}")
         if (window is None) != (micro_step == 0):
             raise ValueError(f"state_dict has micro_step={micro_step!r} and "
                              f"{'no' if window is None else 'a'} window")

@@ -426,6 +426,10 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             raise ValueError(
                 "optimizer's parameters must all be on one device, found "
                 + ", ".join(sorted(str(d) for d in devices)))
+        if any(d.type == "meta" for d in devices):
+            raise ValueError("optimizer's parameters are on the meta device: build the optimizer and "
+                             "the MicroBatchOptimizer after materialising them (model.to_empty(...), "
+                             "then initialise or load the weights)")
         for i, p in enumerate(params):
             if p.dtype not in ACCUM_DTYPES:
                 raise ValueError(
@@ -571,10 +575,13 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                                "parameters, or close() was called)")
         for p in self._untracked:
             if p.grad is not None:
+                index = next(k for k, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
                 raise WindowMisuse(
-                    "a parameter that did not require grad when it was given to this "
-                    "MicroBatchOptimizer has a gradient now, which would bypass the window; build "
-                    "the wrapper after unfreezing parameters (or add them with add_param_group)")
+                    f"parameter {index} of the optimizer did not require grad when it was given to "
+                    "this MicroBatchOptimizer and has a gradient now, which would bypass the window. "
+                    "Build the wrapper after unfreezing parameters (its state_dict() carries a "
+                    "window over); parameters the optimizer does not hold yet join with the "
+                    "wrapper's add_param_group")
         if sum(len(group["params"]) for group in self.param_groups) != self._param_count:
             raise WindowMisuse(
                 "the wrapped optimizer has parameters this MicroBatchOptimizer does not manage "

@@ -661,9 +661,19 @@ def test_a_parameter_unfrozen_after_construction_is_refused():
     opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2)
     model.head.requires_grad_(True)
     _loss(model, _batches()[0], "mean", use_head=True).backward()
-    with pytest.raises(RuntimeError, match="build the wrapper after unfreezing"):
+    with pytest.raises(RuntimeError, match="parameter 4 of the optimizer did not require grad .* Build "
+                                           "the wrapper after unfreezing"):
         opt.step()
     assert opt.micro_step == 0
+
+
+def test_parameters_on_the_meta_device_are_refused_at_construction():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(ValueError, match="on the meta device: build the optimizer and the "
+                                         r"MicroBatchOptimizer after materialising them"):
+        MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), N)
+    assert not any(hasattr(p, "main_grad") for p in model.parameters())
 
 
 def test_parameters_sharing_one_gradient_tensor():
@@ -1014,3 +1024,18 @@ def test_bf16_parameters_with_an_fp32_grad_dtype_get_fp32_gradients(mode, set_be
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     for p, q in zip(fused.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_checkpoint_taken_at_a_windows_end_loads_into_another_window_length():
+    """Resuming with another accumulation_steps (more ranks, a new global batch) from a
+    window's end: nothing of a window is in the checkpoint, so nothing depends on N."""
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](model.parameters()), N)
+    _wrapped_run(model, opt, _batches()[:N])
+    assert opt.micro_step == 0
+    resumed = MicroBatchOptimizer(OPTIMIZERS["adamw"](copy.deepcopy(model).parameters()), N + 1,
+                                  normalize="sum")
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.accumulation_steps == N + 1 and resumed.micro_step == 0
+    for mine, saved in zip(resumed.optimizer.state.values(), opt.optimizer.state.values(), strict=True):
+        assert all(torch.equal(mine[k], saved[k]) for k in saved)
