@@ -661,7 +661,7 @@ def test_a_parameter_unfrozen_after_construction_is_refused():
     opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 2)
     model.head.requires_grad_(True)
     _loss(model, _batches()[0], "mean", use_head=True).backward()
-    with pytest.raises(RuntimeError, match="parameter 4 of the optimizer did not require grad .* Build "
+    with pytest.raises(RuntimeError, match=r"parameter 4 of the optimizer did not require grad .* Build "
                                            "the wrapper after unfreezing"):
         opt.step()
     assert opt.micro_step == 0
