@@ -33,13 +33,16 @@ def run_ranks(worker, world: int, *args, deadline_s: float = DEADLINE_S) -> dict
 
 
 def one_process_window(model: torch.nn.Module, micro_batches: list[list], loss, *, normalize: str = "mean",
-                       max_norm: float, lr: float) -> tuple[torch.nn.Module, float]:
+                       max_norm: float | None, lr: float, optimizer: str = "adamw") -> tuple[torch.nn.Module, float]:
     """What the ranks' window must equal: `model` (the ranks' start) trained in one process
     on every rank's micro-batches (``micro_batches[rank][k]``) as one window, the
     gradients averaged over all micro-batches ("mean") or summed and divided by the items
-    ("items": a micro-batch's item count is its first dimension), clipped to `max_norm`,
-    then one AdamW step at `lr`. ``loss(model, x, rank, k)`` is micro-batch k's loss on
-    `rank`. Returns `model` and the window's gradient norm before clipping."""
+    ("items": a micro-batch's item count is its first dimension), clipped to `max_norm`
+    (None: not clipped), then one AdamW step at `lr` (or plain SGD, `optimizer="sgd"`,
+    whose step moves each parameter by lr times its gradient: a gradient scaled by a
+    wrong factor shows there, not after a clip or Adam's first step, which both ignore
+    the gradient's size). ``loss(model, x, rank, k)`` is micro-batch k's loss on `rank`.
+    Returns `model` and the window's gradient norm before clipping."""
     params = list(model.parameters())
     total = [torch.zeros_like(p) for p in params]
     count = sum(len(batches) for batches in micro_batches)
@@ -54,6 +57,6 @@ def one_process_window(model: torch.nn.Module, micro_batches: list[list], loss, 
             items += x.shape[0]
     for p, t in zip(params, total, strict=True):
         p.grad = t / items if normalize == "items" else t
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    torch.optim.AdamW(params, lr=lr).step()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf")))
+    (torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr)).step()
     return model, norm

@@ -70,8 +70,10 @@ def _worker(rank, path, scenario, normalize, results):
 
         torch.manual_seed(0)
         ddp = torch.nn.parallel.DistributedDataParallel(Net(), find_unused_parameters=True)
-        opt = MicroBatchOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-2), N, model=ddp,
-                                  max_grad_norm=0.05, normalize=normalize, bucket_mb=0.002)
+        inner = (torch.optim.SGD(ddp.parameters(), lr=0.1) if scenario == "sgd"
+                 else torch.optim.AdamW(ddp.parameters(), lr=1e-2))
+        opt = MicroBatchOptimizer(inner, N, model=ddp, max_grad_norm=None if scenario == "sgd" else 0.05,
+                                  normalize=normalize, bucket_mb=0.002)
         # After the wrapper (which warns of a hook it finds): counts any reduction DDP makes.
         ddp.register_comm_hook(dist.group.WORLD, counting_hook)
         stepped = []
@@ -94,19 +96,24 @@ def _run(tmp_path, scenario, normalize="mean"):
     return run_ranks(_worker, WORLD, tmp_path / "store", scenario, normalize)
 
 
-def _one_process(normalize):
+def _one_process(normalize, scenario="plain"):
     """The window over both ranks' micro-batches in one process, averaged as DDP does."""
     torch.manual_seed(0)
+    sgd = scenario == "sgd"
     ref, _ = one_process_window(Net(), [_micro_batches(rank) for rank in range(WORLD)],
                                 lambda model, x, rank, k: _loss(model, x, _uses_head(rank, k), normalize),
-                                normalize=normalize, max_norm=0.05, lr=1e-2)
+                                normalize=normalize, max_norm=None if sgd else 0.05, lr=0.1 if sgd else 1e-2,
+                                optimizer="sgd" if sgd else "adamw")
     return ref.state_dict()
 
 
-@pytest.mark.parametrize("scenario, normalize", [("plain", "mean"), ("no_sync", "mean"), ("plain", "items")])
+@pytest.mark.parametrize("scenario, normalize", [("plain", "mean"), ("no_sync", "mean"), ("plain", "items"),
+                                                 ("sgd", "mean"), ("sgd", "items")])
 def test_ddp_window_equals_one_process_with_one_reduction(tmp_path, scenario, normalize):
+    """AdamW's first step after a clip shows a gradient's direction; plain SGD without a
+    clip ("sgd") its size too (a window divided by the ranks twice, say)."""
     results = _run(tmp_path, scenario, normalize)
-    expected = _one_process(normalize)
+    expected = _one_process(normalize, scenario)
     for rank in range(WORLD):
         got = results[rank]
         assert got["stepped"] == [False] * (N - 1) + [True]

@@ -57,8 +57,11 @@ def _worker(rank, path, scenario, normalize, results):
             model = Net()
             fully_shard(model.first, mp_policy=policy)
             fully_shard(model, mp_policy=policy)
-            return model, MicroBatchOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), N, model=model,
-                                              max_grad_norm=0.05, normalize=normalize, bucket_mb=0.001)
+            sgd = scenario.startswith("sgd")
+            inner = (torch.optim.SGD(model.parameters(), lr=0.1) if sgd
+                     else torch.optim.AdamW(model.parameters(), lr=1e-2))
+            return model, MicroBatchOptimizer(inner, N, model=model, max_grad_norm=None if sgd else 0.05,
+                                              normalize=normalize, bucket_mb=0.001)
 
         model, opt = build()
         stepped = []
@@ -70,7 +73,7 @@ def _worker(rank, path, scenario, normalize, results):
                 torch.save(opt.state_dict(), saved)
                 model, opt = build()
                 opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=False))
-            if scenario == "once per window":
+            if scenario.endswith("once per window"):
                 model.set_requires_gradient_sync(opt.sync_gradients)
             loss = _loss(model, x, normalize)
             if scenario == "nan" and rank == 0 and k == 2:
@@ -92,11 +95,13 @@ def _run(tmp_path, scenario, normalize="mean"):
     return run_ranks(_worker, WORLD, tmp_path / "store", scenario, normalize)
 
 
-def _one_process(normalize):
+def _one_process(normalize, scenario="every micro-batch"):
     torch.manual_seed(0)
+    sgd = scenario.startswith("sgd")
     ref, _ = one_process_window(Net(), [_micro_batches(rank) for rank in range(WORLD)],
                                 lambda model, x, rank, k: _loss(model, x, normalize),
-                                normalize=normalize, max_norm=0.05, lr=1e-2)
+                                normalize=normalize, max_norm=None if sgd else 0.05, lr=0.1 if sgd else 1e-2,
+                                optimizer="sgd" if sgd else "adamw")
     return dict(ref.named_parameters())
 
 
@@ -106,10 +111,14 @@ def _one_process(normalize):
     ("every micro-batch", "items", 1e-5),
     ("bf16", "mean", 2e-2),  # bf16 compute, fp32 reduce and buffers
     ("resume", "mean", 1e-5),  # a checkpoint mid-window, loaded into a new wrapper
+    # Plain SGD, no clip: the gradient's size shows too (AdamW's first step and a clip hide it).
+    ("sgd", "mean", 1e-5),
+    ("sgd once per window", "mean", 1e-5),
+    ("sgd", "items", 1e-5),
 ])
 def test_fsdp2_window_equals_one_process(tmp_path, scenario, normalize, rtol):
     results = _run(tmp_path, scenario, normalize)
-    expected = _one_process(normalize)
+    expected = _one_process(normalize, scenario)
     for rank in range(WORLD):
         got = results[rank]
         assert got["stepped"] == [False] * (N - 1) + [True]
