@@ -705,7 +705,12 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         if not complete:
             return False
         try:
-            return self._end_window(update_scaler=not driven_by_scaler)
+            stepped = self._end_window(update_scaler=not driven_by_scaler)
+            if driven_by_scaler and window.unchecked_written and not stepped:
+                # Gradients a layer added into main_grad (mbfused.nn.Linear) are judged by
+                # the window's norm only: an inf among them must back the scale off too.
+                _amp.record_found_inf(self.scaler, self, torch.maximum(found_inf, window.found_inf))
+            return stepped
         finally:
             window.start()
             self._bad_items = None

@@ -202,6 +202,31 @@ def test_an_inf_in_a_weight_gradient_skips_the_window():
     assert stepped and not opt.last_step_skipped
 
 
+@pytest.mark.parametrize("drive", ["wrapper", "scaler every micro-batch"])
+def test_an_inf_only_in_weight_gradients_backs_a_grad_scaler_off(drive):
+    """Bias-free converted Linears: every gradient goes into main_grad, unchecked by the
+    per-micro-batch flag. A scaler updated after every micro-batch never heard of the
+    window's inf: the scale stayed, and every window was skipped."""
+    model = convert_linears(torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.Tanh(),
+                                                torch.nn.Linear(16, 4, bias=False)))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=1000)
+    opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, scaler=scaler)
+    scales = []
+    for k, x in enumerate(_batches(count=2 * N)):
+        loss = model(x).square().mean() * (float("inf") if k in (1, N + 1) else 1.0)
+        scaler.scale(loss).backward()
+        if drive == "wrapper":
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+        if opt.micro_step == 0:
+            assert opt.last_step_skipped
+            scales.append(scaler.get_scale())
+    assert scales == [2.0 ** 15, 2.0 ** 14]
+
+
 def test_a_closed_wrapper_leaves_the_gradient_to_torch():
     model = convert_linears(_mlp())
     opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N)
