@@ -15,10 +15,11 @@ from mbfused.window import WindowMisuse
 
 
 def _reading(lr) -> object:
-    # A tensor rate on an accelerator is compared by identity and version (schedulers
-    # write it in place): reading its value would synchronise with the device.
+    # A tensor rate on an accelerator is not read: that would synchronise with the device,
+    # and schedulers write it in place (its version moves even when they write the same
+    # value). Only its replacement by another tensor is seen.
     if isinstance(lr, Tensor):
-        return float(lr) if lr.device.type == "cpu" else (id(lr), lr._version)
+        return float(lr) if lr.device.type == "cpu" else id(lr)
     return lr
 
 
@@ -28,6 +29,10 @@ class WindowLearningRates:
     def __init__(self) -> None:
         self._at_start: list | None = None
 
+    def forget(self) -> None:
+        """A state dict was loaded: the rates in force now start the comparison afresh."""
+        self._at_start = None
+
     def check(self, param_groups: list[dict], micro_step: int, accumulation_steps: int) -> None:
         """Called by every ``step()`` before it changes anything."""
         now = [_reading(group.get("lr")) for group in param_groups]
@@ -36,8 +41,8 @@ class WindowLearningRates:
             return
         for index, (before, after) in enumerate(zip(self._at_start, now, strict=False)):
             if before != after:
-                change = (f"from {before} to {after}" if not isinstance(before, tuple)
-                          else "(a tensor written in place)")
+                change = (f"from {before} to {after}" if isinstance(before, (int, float))
+                          else "(another tensor)")
                 raise WindowMisuse(
                     f"param_groups[{index}]['lr'] changed {change} after {micro_step} of the window's "
                     f"{accumulation_steps} micro-batches: a scheduler stepped after every micro-batch "

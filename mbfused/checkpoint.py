@@ -160,6 +160,7 @@ class WindowCheckpoints:
         if ours is not None:
             self._check_window_state(ours)
         self.optimizer.load_state_dict(inner)
+        self._learning_rates.forget()  # read again at the next step(), from the loaded groups
         if ours is None:
             self._window.load_state(0, None)
         else:

@@ -37,7 +37,8 @@ def total_norm_and_coef(
     inv = (inv_scale.reshape(()) if isinstance(inv_scale, Tensor)
            else torch.full((), float(inv_scale), device=device))
     if norm_sq is None:
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        # In fp32: an fp16 tensor's norm in fp16 is inf from 65504 on, its elements finite.
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
         sum_sq = norm * norm
     else:
         sum_sq = norm_sq.reshape(())

@@ -101,8 +101,8 @@ def _refuse_direct_step(wrapper_ref: weakref.ref, optimizer, args, kwargs) -> No
 # DistributedDataParallel one, ...): classes with matches(model), a constructor taking
 # (model, params), process_group, process_groups (those the window's reduction sums
 # over, in turn), check_params(params) (for add_param_group), check(), after_window(),
-# release() and holds_window_gradients() (the model keeps gradients of this window that
-# no state dict has).
+# release(), holds_window_gradients() (the model keeps gradients of this window that no
+# state dict has) and may_hold_window_gradients() (a cheap False when it cannot).
 # mbfused.distributed registers them, so that this module never imports an engine's code.
 _MODEL_SYNCS: list[type] = []
 
@@ -164,8 +164,8 @@ def _sum_of_squares(window: AccumulationWindow, written) -> Tensor:
     """sum(buffer^2) over the written buffers, a 1-element fp32 tensor."""
     if not written:
         return torch.zeros(1, device=window.device)
-    norms = torch._foreach_norm([s.buffer for s in written])
-    return torch.stack(norms).float().square().sum().reshape(1)
+    norms = torch._foreach_norm([s.buffer for s in written], 2, dtype=torch.float32)  # (fp16's overflows)
+    return torch.stack(norms).square().sum().reshape(1)
 
 
 def _flag_non_finite(found_inf: Tensor, norm: Tensor) -> None:
@@ -317,8 +317,9 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
         if accelerated is not None and isinstance(optimizer, accelerated):
             raise TypeError(
-                "optimizer is accelerate's AcceleratedOptimizer (from Accelerator.prepare), which steps "
-                "once per window and divides the loss itself: give the torch optimizer to "
+                "optimizer is accelerate's AcceleratedOptimizer (from Accelerator.prepare), which drives "
+                "the optimizer its own way (a step per window of its accumulation, its own clipping): give "
+                "the torch optimizer to "
                 "mbfused.integrations.accelerate.MicroBatchAccelerator.prepare(model, optimizer, ...), "
                 "which wraps it in a MicroBatchOptimizer")
         accumulation_steps = _as_positive_int(accumulation_steps, "accumulation_steps")
@@ -370,6 +371,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         self._framework_checked = False
         self._bad_items: Tensor | None = None  # a tensor num_items of this window was nan or < 0
         self._learning_rates = WindowLearningRates()
+        self._params_checked: list[int] = []  # ids of the wrapped optimizer's parameters, all managed
         self._found_inf_since_scaler_update = _amp.FoundInfSinceUpdate()
         self._stepping_inner = False
         # Parameters whose state in the wrapped optimizer torch.distributed.checkpoint made
@@ -575,7 +577,8 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                                "parameters, or close() was called)")
         for p in self._untracked:
             if p.grad is not None:
-                index = next(k for k, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+                index = next((k for k, q in enumerate(q for g in self.param_groups for q in g["params"])
+                              if q is p), "?")
                 raise WindowMisuse(
                     f"parameter {index} of the optimizer did not require grad when it was given to "
                     "this MicroBatchOptimizer and has a gradient now, which would bypass the window. "
@@ -590,12 +593,6 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 "MicroBatchOptimizer instead")
         if self._window.last_micro_batch:
             self._check_all_params_managed()
-            if self._model_holds_window_gradients():
-                raise WindowMisuse(
-                    "the model still holds gradients after the window's last backward (FSDP2 under "
-                    "set_requires_gradient_sync(False)): they would never reach the window, which would "
-                    "step on nothing. Let FSDP2 reduce-scatter after every micro-batch (its default), or "
-                    "call model.set_requires_gradient_sync(opt.sync_gradients) before every backward")
         if self._model_sync is not None:
             self._model_sync.check()
         if not self._ddp_checked and self._model_sync is None:
@@ -621,9 +618,17 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         """Once per window, before it ends: a parameter put into the wrapped optimizer's
         param_groups in place of another (same count) would be stepped on its own
         last micro-batch's gradient; a hook registered after the window's might not run."""
-        untracked = {id(p) for p in self._untracked}
-        foreign = [(g, k) for g, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])
-                   if id(p) not in untracked and manager_of(p) is not self._window]
+        # Compared at C speed with the last list found all managed (the window keeps its
+        # parameters alive, so no other tensor can have taken one of their ids).
+        ids = [id(p) for group in self.param_groups for p in group["params"]]
+        if ids != self._params_checked:
+            untracked = {id(p) for p in self._untracked}
+            foreign = [(g, k) for g, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])
+                       if id(p) not in untracked and manager_of(p) is not self._window]
+            if not foreign:
+                self._params_checked = ids
+        else:
+            foreign = []
         if foreign:
             g, k = foreign[0]
             raise WindowMisuse(
@@ -644,7 +649,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         if self._model_sync is None:
             return False
         try:
-            return self._model_sync.holds_window_gradients()
+            return self._model_sync.may_hold_window_gradients() and self._model_sync.holds_window_gradients()
         except RuntimeError:
             return False  # FSDP2's state laid out unlike any torch known here: cannot tell
 
@@ -687,6 +692,12 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
 
     def _step(self, items: float | Tensor, driven_by_scaler: bool) -> bool:
         window = self._window
+        if window.last_micro_batch and self._model_holds_window_gradients():  # (after the closure's backward)
+            raise WindowMisuse(
+                "the model still holds gradients after the window's last backward (FSDP2 under "
+                "set_requires_gradient_sync(False)): they would never reach the window, which would "
+                "step on nothing. Let FSDP2 reduce-scatter after every micro-batch (its default), or "
+                "call model.set_requires_gradient_sync(opt.sync_gradients) before every backward")
         window.backend = requested_backend()
         if isinstance(items, Tensor):
             # A nan or negative count, read on the host only at the window's end: the

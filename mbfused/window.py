@@ -55,6 +55,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from mbfused import _checks, _native, ops
 from mbfused._backend import use_backend
@@ -109,6 +110,10 @@ class Slot:
         self.last_pass_count = 0  # accumulations during the window's last micro-batch
         self.last_grad: Tensor | None = None  # the last micro-batch's gradient, if it reached step()
         self.hook_id: int | None = None  # of the window's post-accumulate-grad hook on the parameter
+
+
+_HAS_GRAD_DTYPE = hasattr(Tensor, "grad_dtype")
+_GRAD_DTYPE = operator.attrgetter("grad_dtype")
 
 
 def handoff_dtype(param: Tensor, buffer: Tensor) -> torch.dtype | None:
@@ -335,6 +340,7 @@ class AccumulationWindow:
         # it (a data-parallel reduction starts summing it over ranks then).
         self.on_last_bucket_accumulated: Callable[[int], None] | None = None
         self._hooks: list = []
+        self._hooks_looked_at = -1  # torch's next hook handle id at the last look for late hooks
         self._attached: list[tuple[weakref.ref, int]] = []  # parameters given a main_grad
         # Run when the window closes or is dropped (callables that do not refer to it).
         self.on_close: list[Callable[[], None]] = []
@@ -369,6 +375,7 @@ class AccumulationWindow:
             setattr(slot.param, OVERWRITE, True)
 
     def _summarise_handoff_dtypes(self) -> None:
+        self._grad_dtypes = list(map(_GRAD_DTYPE, self._params)) if _HAS_GRAD_DTYPE else []
         # Whether every buffer is of its parameter's gradient dtype (the window's gradient
         # is then handed out in the buffers themselves).
         self._handoff_dtypes = [s.handoff_dtype for s in self.slots]
@@ -377,6 +384,12 @@ class AccumulationWindow:
 
     def refresh_handoff_dtypes(self) -> None:
         """At a window's end: follows a grad_dtype set on a parameter after it was taken."""
+        if not _HAS_GRAD_DTYPE:
+            return
+        grad_dtypes = list(map(_GRAD_DTYPE, self._params))  # (at C speed: most windows end here)
+        if grad_dtypes == self._grad_dtypes:
+            return
+        self._grad_dtypes = grad_dtypes
         dtypes = [handoff_dtype(s.param, s.buffer) for s in self.slots]
         if dtypes != self._handoff_dtypes:
             for slot, dtype in zip(self.slots, dtypes, strict=True):
@@ -746,6 +759,12 @@ class AccumulationWindow:
         hook runs, which then finds no ``.grad`` and does nothing."""
         if not self.bucket_bytes:
             return []
+        # Every hook handle of torch (of any kind) takes the next id: while none was made
+        # since the last look, no parameter can have a new hook.
+        next_id = RemovableHandle.next_id
+        if next_id == self._hooks_looked_at:
+            return []
+        self._hooks_looked_at = next_id
         return [s.index for s in self.slots
                 if (hooks := s.param._post_accumulate_grad_hooks) and next(reversed(hooks)) != s.hook_id]
 
@@ -828,7 +847,8 @@ class AccumulationWindow:
                 used.add(id(grad))
                 outputs.append(grad)
             else:
-                outputs.append(torch.empty_like(_local(s.param), memory_format=torch.contiguous_format))
+                outputs.append(torch.empty_like(_local(s.param), dtype=s.handoff_dtype or s.param.dtype,
+                                                memory_format=torch.contiguous_format))
         return outputs
 
     def _kept_grads(self, written: list[Slot]) -> list[Tensor | None]:

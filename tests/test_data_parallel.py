@@ -178,7 +178,7 @@ def test_the_modeled_wire_costs_follow_the_ring_algorithms():
 
 
 def _misuse_worker(rank, path, case, results):
-    """One DDP misuse per run: what each rank raised, warned or kept."""
+    """One DDP misuse (or a use next to one) per run: what each rank raised, warned or kept."""
     import warnings
 
     import torch.distributed as dist
@@ -193,46 +193,66 @@ def _misuse_worker(rank, path, case, results):
         ddp = torch.nn.parallel.DistributedDataParallel(Net(), static_graph=case == "static_graph")
         if case == "comm_hook":
             ddp.register_comm_hook(dist.group.WORLD, allreduce_hook)
+        head_used = case in ("plain_head", "unstepped_head")
+        micro_batches = _micro_batches(rank) * 2  # two windows
+        if case == "join" and rank == 1:
+            micro_batches = micro_batches[:-1]  # one micro-batch short
         outcome = {}
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
                 body = list(ddp.module.body.parameters())
-                opt = MicroBatchOptimizer(torch.optim.SGD(body if case == "plain_head" else ddp.parameters(),
-                                                          lr=0.1), N, model=ddp)
-            outcome["warnings"] = [str(w.message) for w in caught]
-            head_opt = torch.optim.SGD(ddp.module.head.parameters(), lr=0.1) if case == "plain_head" else None
-            if case == "rewrap":  # a second wrapper takes the model over from the first
-                opt = MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N, model=ddp)
-            with Join([ddp]) if case == "join" else torch.enable_grad():
-                for k, x in enumerate(_micro_batches(rank)):
-                    _loss(ddp, x, case == "plain_head", "mean").backward()
-                    opt.step()
-                    opt.zero_grad()
-                    if head_opt is not None and k == N - 1:
-                        head_opt.step()
-            outcome["sync_off"] = not ddp.require_backward_grad_sync
-            outcome["params"] = {k: v.clone() for k, v in ddp.module.state_dict().items()}
-        except (ValueError, WindowMisuse) as error:
-            outcome["error"] = f"{type(error).__name__}: {error}"
+                opt = MicroBatchOptimizer(torch.optim.SGD(body if head_used else ddp.parameters(), lr=0.1), N,
+                                          model=ddp)
+                head_opt = torch.optim.SGD(ddp.module.head.parameters(), lr=0.1) if case == "plain_head" else None
+                if case == "rewrap":  # a second wrapper takes the model over from the first
+                    opt = MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N, model=ddp)
+                if case == "join_for_eval":  # Join around an evaluation leaves DDP's join config set
+                    with torch.no_grad(), Join([ddp]):
+                        ddp(_micro_batches(rank)[0])
+                with Join([ddp]) if case == "join" else torch.enable_grad():
+                    for x in micro_batches:
+                        _loss(ddp, x, head_used, "mean").backward()
+                        if opt.step() and head_opt is not None:
+                            head_opt.step()
+                        opt.zero_grad()
+                        if head_opt is not None:
+                            head_opt.zero_grad()
+                outcome["sync_off"] = not ddp.require_backward_grad_sync
+                outcome["params"] = {k: v.clone() for k, v in ddp.module.body.state_dict().items()}
+            except (ValueError, WindowMisuse, RuntimeError) as error:
+                outcome["error"] = f"{type(error).__name__}: {error}"
+        outcome["warnings"] = [str(w.message) for w in caught]
         results[rank] = outcome
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("plain_head", r"WindowMisuse: a parameter of the DistributedDataParallel model that no "
-                   r"MicroBatchOptimizer manages has a gradient"),
-    ("join", r"WindowMisuse: Join\(\[model\]\) shadows .* throw_on_early_termination=True"),
-    ("static_graph", r"ValueError: model: DistributedDataParallel\(static_graph=True\)"),
+@pytest.mark.parametrize("case, ranks, expected", [
+    ("plain_head", (0, 1), r"WindowMisuse: a parameter of the DistributedDataParallel model that no "
+                           r"MicroBatchOptimizer manages was updated on its gradient"),
+    ("join", (1,), r"WindowMisuse: this rank ran out of micro-batches inside Join\(\[model\]\).*"
+                   r"throw_on_early_termination=True"),
+    ("static_graph", (0, 1), r"ValueError: model: DistributedDataParallel\(static_graph=True\)"),
 ])
-def test_ddp_setups_that_would_drift_or_abort_are_refused(tmp_path, case, expected):
+def test_ddp_setups_that_would_drift_or_abort_are_refused(tmp_path, case, ranks, expected):
     """Before: a head under a plain optimizer drifted apart between the ranks (DDP's sync
     is off), Join aborted in gloo with a collective mismatch, static_graph hit an internal
     assert of DDP's reducer."""
     results = run_ranks(_misuse_worker, WORLD, tmp_path / "store", case)
-    for rank in range(WORLD):
+    for rank in ranks:
         assert re.match(expected, results[rank].get("error", "")), results[rank]
+
+
+def test_ddp_parameters_no_optimizer_steps_and_a_join_around_evaluation_are_accepted(tmp_path):
+    unstepped = run_ranks(_misuse_worker, WORLD, tmp_path / "unstepped", "unstepped_head")
+    joined = run_ranks(_misuse_worker, WORLD, tmp_path / "join", "join_for_eval")
+    for rank in range(WORLD):
+        assert "error" not in unstepped[rank] and "error" not in joined[rank], (unstepped[rank], joined[rank])
+        assert any("get gradients that no MicroBatchOptimizer consumes" in w for w in unstepped[rank]["warnings"])
+    for results in (unstepped, joined):
+        for name, value in results[0]["params"].items():
+            assert torch.equal(value, results[1]["params"][name])
 
 
 def test_a_ddp_comm_hook_is_warned_of_and_a_second_wrapper_keeps_ddps_sync_off(tmp_path):

@@ -380,3 +380,25 @@ def test_a_post_accumulate_grad_hook_registered_after_the_wrapper_is_refused_in_
         opt.zero_grad()
     for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_a_rollback_mid_window_to_a_checkpoint_of_another_rate_is_accepted():
+    """load_state_dict mid-window (after a loss spike, say) brings the checkpoint's window
+    and rate: not a scheduler stepped every micro-batch."""
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.25), N)
+    for k in range(N + 1):
+        _loss(model, k).backward()
+        opt.step()
+        opt.zero_grad()
+        if k == 0:
+            saved = copy.deepcopy(opt.state_dict())  # one micro-batch into a window at lr 0.25
+        if k == N - 1:
+            opt.param_groups[0]["lr"] = 0.5  # between windows
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 0.25 and opt.micro_step == 1
+    for k in range(N - 1):
+        _loss(model, k).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.micro_step == 0

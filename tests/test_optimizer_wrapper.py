@@ -1039,3 +1039,35 @@ def test_a_checkpoint_taken_at_a_windows_end_loads_into_another_window_length():
     assert resumed.accumulation_steps == N + 1 and resumed.micro_step == 0
     for mine, saved in zip(resumed.optimizer.state.values(), opt.optimizer.state.values(), strict=True):
         assert all(torch.equal(mine[k], saved[k]) for k in saved)
+
+
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="torch without Tensor.grad_dtype")
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_an_fp32_grad_dtype_over_bf16_buffers_gets_fp32_gradients(mode):
+    """bf16 parameters, grad_dtype=float32, bf16 buffers: a parameter without gradient in
+    the window's last micro-batch gets a new output tensor, which must be fp32 too."""
+    a, b = (torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16)) for _ in range(2))
+    a.grad_dtype = b.grad_dtype = torch.float32
+    opt = MicroBatchOptimizer(torch.optim.SGD([a, b], lr=0.1), 2, accum_dtype=torch.bfloat16, mode=mode)
+    seen = {}
+    opt.optimizer.register_step_pre_hook(lambda *_: seen.update(a=a.grad.dtype, b=b.grad.dtype))
+    for k in range(2):
+        ((a.float() * 3).sum() + ((b.float() * 5).sum() if k == 0 else 0)).backward()
+        stepped = opt.step()
+        opt.zero_grad()
+    assert stepped and seen == {"a": torch.float32, "b": torch.float32}
+    assert torch.equal(b, torch.full((8,), 1 - 0.1 * 5 / 2, dtype=torch.bfloat16))
+
+
+def test_the_window_norm_of_fp16_buffers_is_taken_in_fp32():
+    """Finite fp16 elements whose norm passes 65504: the norm must be finite, or a fine
+    window would be skipped (the fused hand-off, and the data-parallel paths)."""
+    from mbfused.handoff import total_norm_and_coef
+    from mbfused.optim import _sum_of_squares
+
+    buffers = [torch.full((4000,), 1000.0, dtype=torch.float16)]
+    window = type("Window", (), {"device": torch.device("cpu")})()
+    slots = [type("Slot", (), {"buffer": buf})() for buf in buffers]
+    assert float(_sum_of_squares(window, slots)) == pytest.approx(4000 * 1000.0 ** 2, rel=1e-6)
+    norm, _ = total_norm_and_coef(buffers, 1.0, None, None)
+    assert float(norm) == pytest.approx(math.sqrt(4000) * 1000.0, rel=1e-6)

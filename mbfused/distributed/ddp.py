@@ -15,15 +15,35 @@ import weakref
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import JoinHook
 from torch.nn.parallel import DistributedDataParallel
 
 from mbfused.window import WindowMisuse, manager_of
 
 __all__ = ["DDPSync"]
 
-# The DDPSync that switched each DDP model's synchronisation off: a wrapper that takes a
-# model over from another must not get it switched back on when the other closes.
-_OWNER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The live DDPSyncs of each DDP model: its synchronisation comes back on when the last of
+# them is released (a wrapper taking the model over from another, or two wrappers of
+# one model, must not get it switched back on under them).
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _WindowJoinHook(JoinHook):
+    """DDP's join hook under the window: Join([model]) lets a rank that ran out of data
+    shadow DDP's collectives (which are off), not the window's reduction, which would then
+    mismatch the other ranks' (gloo aborts, NCCL may hang)."""
+
+    def __init__(self, ddp_hook: JoinHook) -> None:
+        self._ddp_hook = ddp_hook
+
+    def main_hook(self) -> None:
+        raise WindowMisuse(
+            "this rank ran out of micro-batches inside Join([model]), which cannot stand in for the "
+            "window's reduction: use Join([model], throw_on_early_termination=True), or give every "
+            "rank the same number of micro-batches")
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self._ddp_hook.post_hook(is_last_joiner)
 
 
 class DDPSync:
@@ -46,17 +66,25 @@ class DDPSync:
             warnings.warn("model: the DistributedDataParallel model's communication hook "
                           "(register_comm_hook) will never run: MicroBatchOptimizer(model=...) "
                           "switches DDP's synchronisation off and reduces the window's fp32 buffers "
-                          "itself, once per window", stacklevel=3)
+                          "itself, once per window", stacklevel=4)
         if getattr(ddp, "static_graph", False):
             raise ValueError("model: DistributedDataParallel(static_graph=True) cannot have its "
                              "synchronisation switched off, which the window needs (its reducer "
-                             "asserts at the first backward). Build the model with static_graph=False")
+                             "asserts at the first backward). Build the model with static_graph=False "
+                             "(TrainingArguments(ddp_static_graph=False), DDPStrategy(static_graph=False))")
         self.process_group = ddp.process_group
         self.process_groups = [ddp.process_group]
-        # Trainable parameters in no window at the first check() (after the take-over).
+        # Trainable parameters in no window at the first check() (after the take-over), and
+        # the version of those that had a gradient at the last check().
         self._unmanaged: list[torch.Tensor] | None = None
+        self._versions: dict[int, int] = {}
+        self._warned_unconsumed = False
         ddp.require_backward_grad_sync = False
-        _OWNER[ddp] = self
+        owners = _OWNERS.setdefault(ddp, weakref.WeakSet())
+        if not owners:
+            ddp_join_hook = ddp.join_hook
+            ddp.join_hook = lambda **kwargs: _WindowJoinHook(ddp_join_hook(**kwargs))
+        owners.add(self)
 
     def check_params(self, params: list[torch.Tensor]) -> None:
         """Raises unless `params` are the model's own (at construction, add_param_group)."""
@@ -73,24 +101,37 @@ class DDPSync:
                 "the DistributedDataParallel model's own gradient synchronisation was switched back "
                 "on (require_backward_grad_sync): it would all-reduce gradients the window has taken. "
                 "MicroBatchOptimizer(model=...) reduces the window's buffers itself")
-        join = getattr(self.ddp, "_join_config", None)
-        if join is not None and join.enable and not join.throw_on_early_termination:
-            raise WindowMisuse(
-                "Join([model]) shadows DDP's own collectives for ranks that ran out of data, not the "
-                "window's reduction, which then mismatches (an abort or a hang): use "
-                "Join([model], throw_on_early_termination=True), or give every rank the same number "
-                "of micro-batches")
         if self._unmanaged is None:
             self._unmanaged = [p for p in self.ddp.module.parameters()
                                if p.requires_grad and manager_of(p) is None]
-        # (another wrapper of the same model, built since, may manage some of them now)
-        if any(p.grad is not None and manager_of(p) is None for p in self._unmanaged):
-            raise WindowMisuse(
-                "a parameter of the DistributedDataParallel model that no MicroBatchOptimizer manages "
-                "has a gradient: DDP's synchronisation is off (the window reduces its own buffers), so "
-                "that gradient differs between the ranks and they drift apart. Wrap every optimizer "
-                "of the model in a MicroBatchOptimizer(..., model=ddp_model), or set "
-                "requires_grad=False on parameters nothing trains")
+        if self._unmanaged:
+            self._check_unmanaged()
+
+    def _check_unmanaged(self) -> None:
+        """Parameters of the model outside every window get gradients that DDP no longer
+        averages over the ranks: an optimizer stepping them (their version moves) makes
+        the ranks drift apart; untrained ones only cost a backward."""
+        unconsumed = False
+        for p in self._unmanaged:
+            if p.grad is None or manager_of(p) is not None:  # (a wrapper built since may manage it)
+                continue
+            unconsumed = True
+            version, seen = p._version, self._versions.get(id(p))
+            self._versions[id(p)] = version
+            if seen is not None and seen != version:
+                raise WindowMisuse(
+                    "a parameter of the DistributedDataParallel model that no MicroBatchOptimizer "
+                    "manages was updated on its gradient: DDP's synchronisation is off (the window "
+                    "reduces its own buffers), so that gradient differs between the ranks and they "
+                    "drift apart. Wrap every optimizer of the model in a "
+                    "MicroBatchOptimizer(..., model=ddp_model)")
+        if unconsumed and not self._warned_unconsumed:
+            self._warned_unconsumed = True
+            warnings.warn("parameters of the DistributedDataParallel model get gradients that no "
+                          "MicroBatchOptimizer consumes (DDP's synchronisation is off, so they differ "
+                          "between the ranks): set requires_grad=False on what nothing trains, and wrap "
+                          "any optimizer that does in a MicroBatchOptimizer(..., model=ddp_model)",
+                          stacklevel=5)
 
     def after_window(self) -> None:
         """Module buffers (e.g. running statistics) from the group's first rank, as DDP's
@@ -103,13 +144,21 @@ class DDPSync:
             for buffer in buffers:
                 dist.broadcast(buffer, src=source, group=self.process_group)
 
+    def may_hold_window_gradients(self) -> bool:
+        return False
+
     def holds_window_gradients(self) -> bool:
         """DDP keeps no gradients: its synchronisation is off, the window takes them all."""
         return False
 
     def release(self) -> None:
-        """Gives DDP its synchronisation back (the wrapper was closed), unless another
-        wrapper has taken the model over since."""
-        if _OWNER.get(self.ddp) is self:
-            del _OWNER[self.ddp]
+        """Gives DDP its synchronisation (and join hook) back when no other wrapper of the
+        model is left."""
+        owners = _OWNERS.get(self.ddp)
+        if owners is None or self not in owners:
+            return
+        owners.discard(self)
+        if not owners:
+            del _OWNERS[self.ddp]
+            self.ddp.__dict__.pop("join_hook", None)
             self.ddp.require_backward_grad_sync = True

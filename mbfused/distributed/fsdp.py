@@ -120,6 +120,18 @@ class FSDPSync:
     def after_window(self) -> None:
         return None
 
+    def may_hold_window_gradients(self) -> bool:
+        """False when every FSDP2 parameter group reduce-scatters in its next backward
+        (``set_requires_gradient_sync(True)``, the default): right after a backward, it then
+        holds no gradient. Reads one flag per group, where `holds_window_gradients` walks
+        every parameter."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                for group in _param_groups(module._get_fsdp_state()):
+                    if getattr(group, "reduce_grads", False) is not True:
+                        return True
+        return False
+
     def holds_window_gradients(self) -> bool:
         """Whether FSDP2 holds unsharded gradients it has not reduce-scattered yet
         (micro-batches run under ``set_requires_gradient_sync(False)``): they are in no
