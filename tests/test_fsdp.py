@@ -73,8 +73,12 @@ def _worker(rank, path, scenario, normalize, results):
                 torch.save(opt.state_dict(), saved)
                 model, opt = build()
                 opt.load_state_dict(torch.load(io.BytesIO(saved.getvalue()), weights_only=False))
-            if scenario.endswith("once per window"):
+            if "once per window" in scenario:
                 model.set_requires_gradient_sync(opt.sync_gradients)
+            if scenario.endswith("closure"):  # forward and backward inside step()
+                stepped.append(opt.step(lambda x=x, model=model: _loss(model, x, normalize).backward()))
+                opt.zero_grad()
+                continue
             loss = _loss(model, x, normalize)
             if scenario == "nan" and rank == 0 and k == 2:
                 loss = loss * float("nan")
@@ -114,6 +118,7 @@ def _one_process(normalize, scenario="every micro-batch"):
     # Plain SGD, no clip: the gradient's size shows too (AdamW's first step and a clip hide it).
     ("sgd", "mean", 1e-5),
     ("sgd once per window", "mean", 1e-5),
+    ("sgd once per window, closure", "mean", 1e-5),
     ("sgd", "items", 1e-5),
 ])
 def test_fsdp2_window_equals_one_process(tmp_path, scenario, normalize, rtol):

@@ -131,7 +131,7 @@ class DDPSync:
                           "MicroBatchOptimizer consumes (DDP's synchronisation is off, so they differ "
                           "between the ranks): set requires_grad=False on what nothing trains, and wrap "
                           "any optimizer that does in a MicroBatchOptimizer(..., model=ddp_model)",
-                          stacklevel=5)
+                          stacklevel=6)
 
     def after_window(self) -> None:
         """Module buffers (e.g. running statistics) from the group's first rank, as DDP's
