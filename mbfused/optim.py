@@ -130,13 +130,19 @@ def _ddp_of(params: list[Tensor]):
     return None
 
 
+def _accelerated_optimizer_class() -> type | None:
+    """accelerate's AcceleratedOptimizer, read from ``sys.modules`` (None when accelerate
+    was never imported), so that accelerate is never imported here."""
+    return getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+
+
 def _accelerate_wrapper_of(optimizer) -> object | None:
     """An ``accelerate`` AcceleratedOptimizer that wraps `optimizer` as it wraps any
-    optimizer (stepping it once per window), if one exists; read from ``sys.modules``, so
-    that accelerate is never imported here. Called from ``step()``: the callers' frames are
-    looked at first (AcceleratedOptimizer.step calls it); a scan of what refers to
-    `optimizer` (~70 ms on a large heap) only while Accelerate accumulates itself."""
-    accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+    optimizer (stepping it once per window), if one exists. Called from ``step()``: the
+    callers' frames are looked at first (AcceleratedOptimizer.step calls it); a scan of
+    what refers to `optimizer` (~70 ms on a large heap) only while Accelerate accumulates
+    itself."""
+    accelerated = _accelerated_optimizer_class()
     if accelerated is None:
         return None
 
@@ -314,7 +320,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, MicroBatchOptimizer):
             raise TypeError("optimizer is already a MicroBatchOptimizer; wrap the optimizer it wraps")
-        accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+        accelerated = _accelerated_optimizer_class()
         if accelerated is not None and isinstance(optimizer, accelerated):
             raise TypeError(
                 "optimizer is accelerate's AcceleratedOptimizer (from Accelerator.prepare), which drives "
@@ -623,19 +629,15 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         ids = [id(p) for group in self.param_groups for p in group["params"]]
         if ids != self._params_checked:
             untracked = {id(p) for p in self._untracked}
-            foreign = [(g, k) for g, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])
-                       if id(p) not in untracked and manager_of(p) is not self._window]
-            if not foreign:
-                self._params_checked = ids
-        else:
-            foreign = []
-        if foreign:
-            g, k = foreign[0]
-            raise WindowMisuse(
-                f"param_groups[{g}]['params'][{k}] is not a parameter this MicroBatchOptimizer "
-                "manages (replaced in the wrapped optimizer's param_groups?): it would be stepped on "
-                "its last micro-batch's gradient only. Add new parameters with the wrapper's "
-                "add_param_group")
+            for g, group in enumerate(self.param_groups):
+                for k, p in enumerate(group["params"]):
+                    if id(p) not in untracked and manager_of(p) is not self._window:
+                        raise WindowMisuse(
+                            f"param_groups[{g}]['params'][{k}] is not a parameter this MicroBatchOptimizer "
+                            "manages (replaced in the wrapped optimizer's param_groups?): it would be "
+                            "stepped on its last micro-batch's gradient only. Add new parameters with the "
+                            "wrapper's add_param_group")
+            self._params_checked = ids
         hooked = self._window.params_hooked_after_the_window()
         if hooked:
             raise WindowMisuse(

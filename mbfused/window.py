@@ -360,6 +360,7 @@ class AccumulationWindow:
         self.slots.extend(new)
         self._params = [s.param for s in self.slots]
         self._buffers = [s.buffer for s in self.slots]
+        self._grad_dtypes = list(map(_GRAD_DTYPE, self._params)) if _HAS_GRAD_DTYPE else []
         self._summarise_handoff_dtypes()
         this = weakref.ref(self)  # hooks must not keep a dropped window alive
         for slot in new:
@@ -375,7 +376,6 @@ class AccumulationWindow:
             setattr(slot.param, OVERWRITE, True)
 
     def _summarise_handoff_dtypes(self) -> None:
-        self._grad_dtypes = list(map(_GRAD_DTYPE, self._params)) if _HAS_GRAD_DTYPE else []
         # Whether every buffer is of its parameter's gradient dtype (the window's gradient
         # is then handed out in the buffers themselves).
         self._handoff_dtypes = [s.handoff_dtype for s in self.slots]
