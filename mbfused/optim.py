@@ -791,6 +791,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             total_norm = torch.zeros((), device=window.device)
             skipped = bool(window.found_inf.item())
             if not skipped:
+                window.give_zeroed_grads()
                 self._step_inner(self.optimizer.step)
         elif supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype:
             # Under FSDP2 too: the gradients are DTensors over the buffers, and norm_sq
@@ -858,7 +859,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 "micro-batch, do not call backward() on it")
         window = self._window
         after_window_end = bool(window.handed_out)
-        window.release_handed_out()
+        window.release_handed_out(set_to_none=set_to_none)
         params = [p for group in self.param_groups for p in group["params"]]
         if type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
             self.optimizer.zero_grad(set_to_none=set_to_none)

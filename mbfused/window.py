@@ -316,7 +316,11 @@ class AccumulationWindow:
         # zero_grad(): a backward before that would add into them
         # (weakly: a model.zero_grad() may free them, and a new gradient take their id)
         self.handed_out: dict[int, weakref.ref] = {}
-        self._buffer_grads: list[tuple[Tensor, Tensor]] = []  # (param, its buffer as .grad) among them
+        self._buffer_grads: list[tuple[Slot, Tensor]] = []  # (slot, its buffer as .grad) among them
+        # Slots whose buffer a zero_grad(set_to_none=False) took back: a plain loop would
+        # keep a zeroed .grad on their parameters, and step them on it in a window that
+        # gives them no gradient (until a zero_grad(set_to_none=True)).
+        self.zeroed_grad_slots: dict[int, Slot] = {}
         self._unscale = unscale
         self.loss_scaled = loss_scaled
         self._micro_scale: float | Tensor | None = None  # this micro-batch's, once known
@@ -592,7 +596,9 @@ class AccumulationWindow:
             index = next(s.index for s, g in zip(slots, grads, strict=True) if self._handed_out(g))
             raise WindowMisuse(
                 f"parameter {index}'s .grad is still the gradient of the last window, and the last "
-                "backward added into it: call zero_grad() after every step()")
+                "backward added into it: call zero_grad() after every step() (the wrapper's: it takes "
+                "the window's buffers back; a model.zero_grad(set_to_none=False) would zero a buffer "
+                "in place and leave it as the .grad)")
         if self.sharded:
             grads = [_local(g) for g in grads]
         last = self.last_micro_batch
@@ -873,16 +879,30 @@ class AccumulationWindow:
                      for p, g in zip(params, grads, strict=True)]
         set_grads(params, grads)
         self.handed_out = {id(g): weakref.ref(g) for g in grads}
-        self._buffer_grads = list(zip(params, grads, strict=True)) if buffers else []
+        self._buffer_grads = list(zip(written, grads, strict=True)) if buffers else []
+        if self.zeroed_grad_slots:
+            self.give_zeroed_grads()
 
-    def release_handed_out(self) -> None:
+    def give_zeroed_grads(self) -> None:
+        """Zeros as the .grad of the parameters a plain loop would step on a zeroed .grad
+        (see ``zeroed_grad_slots``) where this window gave them no gradient."""
+        for s in self.zeroed_grad_slots.values():
+            if not s.written and s.param.grad is None:
+                s.param.grad = torch.zeros_like(s.param, dtype=s.handoff_dtype or s.param.dtype)
+
+    def release_handed_out(self, *, set_to_none: bool = True) -> None:
         """zero_grad(): takes back the buffers handed out as .grad at the window's end (the
         next backward must not add into them); other handed-out tensors are the
-        optimizer's to clear."""
+        optimizer's to clear. Without `set_to_none`, the parameters whose buffer is taken
+        back are remembered as having a zeroed .grad; with it, none has one any more."""
+        if set_to_none:
+            self.zeroed_grad_slots = {}
         if self.handed_out:
-            for param, grad in self._buffer_grads:
-                if param.grad is grad:
-                    param.grad = None
+            for slot, grad in self._buffer_grads:
+                if slot.param.grad is grad:
+                    slot.param.grad = None
+                    if not set_to_none:
+                        self.zeroed_grad_slots[slot.index] = slot
             self.handed_out = {}
             self._buffer_grads = []
 

@@ -1071,3 +1071,64 @@ def test_the_window_norm_of_fp16_buffers_is_taken_in_fp32():
     assert float(_sum_of_squares(window, slots)) == pytest.approx(4000 * 1000.0 ** 2, rel=1e-6)
     norm, _ = total_norm_and_coef(buffers, 1.0, None, None)
     assert float(norm) == pytest.approx(math.sqrt(4000) * 1000.0, rel=1e-6)
+
+
+def _plain_set_to_none_false_run(model, optimizer, windows):
+    """A plain loop calling zero_grad(set_to_none=False): once a parameter had a gradient,
+    it keeps a zeroed .grad, and a window without a gradient for it still steps it."""
+    for window in windows:
+        for x, use_head in window:
+            (_loss(model, x, "mean", use_head) / N).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+@pytest.mark.parametrize("kind", ["adamw", "adamw-fused", "sgd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_grad_without_set_to_none_steps_parameters_unused_in_a_window(mode, kind, dtype):
+    """The head gets gradients in the first window only: after zero_grad(set_to_none=False)
+    a plain loop steps it on zeros in the others (momentum, weight decay move it)."""
+    torch.manual_seed(0)
+    model = Net(dtype)
+    ref, first_window_only = copy.deepcopy(model), copy.deepcopy(model)
+    batches = _batches(windows=3, dtype=dtype)
+    windows = [[(x, w == 0) for x in batches[w * N:(w + 1) * N]] for w in range(3)]
+    _plain_set_to_none_false_run(ref, OPTIMIZERS[kind](ref.parameters()), windows)
+    _plain_set_to_none_false_run(first_window_only, OPTIMIZERS[kind](first_window_only.parameters()), windows[:1])
+    assert not torch.equal(ref.head.weight, first_window_only.head.weight), "zeros must move the head"
+    opt = MicroBatchOptimizer(OPTIMIZERS[kind](model.parameters()), N, mode=mode)
+    for window in windows:
+        for x, use_head in window:
+            _loss(model, x, "mean", use_head).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=1e-2)
+    _assert_same_params(model, ref, **tol)
+
+
+def test_zero_grad_with_set_to_none_forgets_the_zeroed_gradients():
+    """A later zero_grad(set_to_none=True) leaves no .grad: the unused head is not stepped."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["adamw"](model.parameters()), 1)
+    _loss(model, _batches()[0], "mean", use_head=True).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    opt.zero_grad(set_to_none=True)
+    head = model.head.weight.detach().clone()
+    _loss(model, _batches()[1], "mean").backward()
+    opt.step()
+    assert torch.equal(model.head.weight, head)
+    assert model.head.weight.grad is None
+
+
+def test_a_model_zero_grad_without_set_to_none_names_the_wrappers_zero_grad():
+    model = Net()
+    opt = MicroBatchOptimizer(OPTIMIZERS["sgd"](model.parameters()), 1)
+    _loss(model, _batches()[0], "mean").backward()
+    opt.step()
+    model.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match=r"the wrapper's.*model\.zero_grad\(set_to_none=False\)"):
+        _loss(model, _batches()[1], "mean").backward()
+        opt.step()
