@@ -35,7 +35,18 @@ def _weight_gradient_wanted(weight: Tensor) -> bool:
     if not weight.is_leaf:
         return True
     node = torch.autograd.graph.get_gradient_edge(weight).node
-    return bool(torch._C._will_engine_execute_node(node))
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except RuntimeError:
+        # torch.autograd.grad(...): it returns gradients and accumulates none, so none
+        # goes into main_grad (torch cannot tell here whether `weight` is among its inputs).
+        return False
+
+
+def _gradient_seen_by_hooks(weight: Tensor) -> bool:
+    """Whether hooks registered on `weight` (``register_hook``: masks, clamps, logging)
+    must see its gradient: a gradient written into main_grad would bypass them."""
+    return bool(weight._backward_hooks)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -51,6 +62,9 @@ class _LinearFunction(torch.autograd.Function):
         ctx.backend = requested_backend()
         ctx.input_dtype = input.dtype
         ctx.has_bias = bias is not None
+        # The parameter itself, for its main_grad, window and hooks: a saved-tensor hook
+        # (offloading to the CPU, say) may give backward a copy in its place.
+        ctx.parameter = weight
         device_type = input.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
@@ -72,16 +86,23 @@ class _LinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         if ctx.needs_input_grad[1]:
-            with use_backend(ctx.backend):
-                grad_weight = _weight_gradient(weight, grad_output, input, dtype)
+            if torch.compiler.is_compiling():
+                # (A context variable cannot be set in a compiled graph; a compiled
+                # backward runs on the thread that traced it.)
+                grad_weight = _weight_gradient(ctx.parameter, grad_output, input, dtype)
+            else:
+                with use_backend(ctx.backend):
+                    grad_weight = _weight_gradient(ctx.parameter, grad_output, input, dtype)
         return grad_input, grad_weight, grad_bias
 
 
 def _weight_gradient(weight: Tensor, grad_output: Tensor, input: Tensor, dtype: torch.dtype) -> Tensor | None:
     """The weight gradient for autograd, or None when it went into ``main_grad`` instead."""
     main_grad = None if is_stale_window_buffer(weight) else getattr(weight, "main_grad", None)
-    if main_grad is not None and not _weight_gradient_wanted(weight):
-        return None  # torch.autograd.grad(out, x) or backward(inputs=...) without the weight
+    if main_grad is not None and (_gradient_seen_by_hooks(weight) or not _weight_gradient_wanted(weight)):
+        # Hooks on the weight, torch.autograd.grad(...), backward(inputs=...) without it:
+        # autograd's own gradient (a window takes it from .grad as any other).
+        main_grad = None
     window = manager_of(weight)
     if window is not None and main_grad is not None:
         if main_grad.dtype != torch.float32:
@@ -93,14 +114,27 @@ def _weight_gradient(weight: Tensor, grad_output: Tensor, input: Tensor, dtype: 
             return None
     elif main_grad is not None:
         # A main_grad of the user's own (Megatron's convention): added into, never ignored.
-        ops.wgrad_accumulate_(main_grad, grad_output, input,
-                              overwrite=bool(getattr(weight, "overwrite_main_grad", False)))
+        overwrite = bool(getattr(weight, "overwrite_main_grad", False))
+        if main_grad.dtype == torch.float32:
+            ops.wgrad_accumulate_(main_grad, grad_output, input, overwrite=overwrite)
+        else:
+            # 16-bit (Megatron without fp32 accumulation): the product is rounded to it.
+            product = _matmul_weight_gradient(grad_output, input, dtype)
+            if overwrite:
+                main_grad.copy_(product)
+            else:
+                main_grad.add_(product)
         if hasattr(weight, "grad_added_to_main_grad"):
             weight.grad_added_to_main_grad = True
         return None
+    return _matmul_weight_gradient(grad_output, input, dtype).to(weight.dtype)
+
+
+def _matmul_weight_gradient(grad_output: Tensor, input: Tensor, dtype: torch.dtype) -> Tensor:
+    """``grad_output^T @ input`` over the tokens (all leading dimensions), in `dtype`."""
     go = grad_output.reshape(-1, grad_output.shape[-1])
     x = input.reshape(-1, input.shape[-1]).to(dtype)
-    return go.t().mm(x).to(weight.dtype)
+    return go.t().mm(x)
 
 
 class Linear(torch.nn.Linear):

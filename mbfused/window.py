@@ -467,13 +467,15 @@ class AccumulationWindow:
         if slot.arrived_in == self._serial:
             raise WindowMisuse(
                 f"parameter {slot.index}'s gradient arrived twice before step(): step() must be "
-                "called after every micro-batch's backward(). Under Hugging Face Trainer, "
-                "Accelerate or Lightning, use mbfused.integrations (MicroBatchTrainer, "
-                "MicroBatchAccelerator, MicroBatchAccumulation), which hand the framework's "
-                "accumulation to the window; in a loop of your own, remove its accumulation: "
-                "MicroBatchOptimizer does it. One micro-batch with "
-                "several losses: sum them and call backward() once (with torch.utils.checkpoint, "
-                "use_reentrant=False).")
+                "called after every micro-batch's backward(), and each backward() must give a "
+                "parameter its gradient once. The usual causes: (1) a framework's or the loop's own "
+                "gradient accumulation left on: under Hugging Face Trainer, Accelerate or Lightning "
+                "use mbfused.integrations (MicroBatchTrainer, MicroBatchAccelerator, "
+                "MicroBatchAccumulation), which hand it to the window; in a loop of your own, remove "
+                "it (MicroBatchOptimizer does it); (2) several backward() calls per micro-batch: sum "
+                "the losses and call backward() once; (3) a parameter shared by several "
+                "torch.utils.checkpoint segments with use_reentrant=True, each of which runs a "
+                "backward of its own: use use_reentrant=False (as DDP, which refuses it too).")
         slot.arrived_in = self._serial
         self._arrived.append(slot)
         if getattr(slot.param, GRAD_ADDED, False):

@@ -44,8 +44,24 @@ def test_two_backward_passes_per_micro_batch_are_refused_with_the_fix():
     _loss(model, 0).backward()
     opt.step()
     _loss(model, 1).backward(retain_graph=False)
-    with pytest.raises(WindowMisuse, match="sum them and call backward"):
+    with pytest.raises(WindowMisuse, match="sum the losses and call backward"):
         _loss(model, 2).backward()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_a_layer_shared_by_reentrant_checkpoint_segments_is_named(mode):
+    """ALBERT-style: one block applied twice, each under torch.utils.checkpoint with
+    use_reentrant=True: each segment runs a backward of its own."""
+    from torch.utils.checkpoint import checkpoint
+    model = _model()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode=mode)
+    block = torch.nn.Sequential(model[1], torch.nn.Linear(16, 16))
+    opt.add_param_group({"params": list(block[1].parameters())})
+    h = model[0](torch.randn(5, 8, requires_grad=True))
+    h = checkpoint(block, h, use_reentrant=True)
+    h = checkpoint(block, h, use_reentrant=True)
+    with pytest.raises(WindowMisuse, match=r"arrived twice.*use_reentrant=True.*use use_reentrant=False"):
+        model[2](h).square().mean().backward()
 
 
 @pytest.mark.parametrize("mode", ["bucket", "param"])

@@ -380,3 +380,141 @@ def test_on_cuda_under_autocast_and_the_wrapper():
     # The fused path's weight gradients are exact fp32 products; torch's are bf16 GEMMs.
     for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
         torch.testing.assert_close(q, p, rtol=2e-2, atol=2e-3, msg=name)
+
+
+class _TiedLM(torch.nn.Module):
+    """nanoGPT's tie: the output Linear's weight is the embedding's."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.body(self.emb(tokens)))).logsumexp(-1).mean()
+
+
+def _masked_run(model, batches, wrapped, mode="bucket"):
+    """Only the embedding rows >= 8 train (the 'new tokens' pattern): a mask hook on the
+    tied weight, and a scaling one on the body's weight."""
+    mask = torch.zeros(16, 1)
+    mask[8:] = 1.0
+    model.emb.weight.register_hook(lambda g: g * mask)
+    model.body.weight.register_hook(lambda g: g * 0.25)
+    inner = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = mbfused.MicroBatchOptimizer(inner, N, mode=mode) if wrapped else inner
+    for k, tokens in enumerate(batches):
+        if wrapped:
+            model(tokens).backward()
+            opt.step()
+            opt.zero_grad()
+        else:
+            (model(tokens) / N).backward()
+            if (k + 1) % N == 0:
+                opt.step()
+                opt.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_hooks_on_a_weight_see_its_whole_gradient(mode):
+    """A weight with hooks gets its gradient through autograd, whole (the tied embedding's
+    and the Linear's summed), as with torch.nn.Linear: written into main_grad instead,
+    the hooks would have missed the Linear's part."""
+    torch.manual_seed(0)
+    base = _TiedLM()
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 16, (4, 6), generator=gen) for _ in range(2 * N)]
+    plain, ours = copy.deepcopy(base), convert_linears(copy.deepcopy(base))
+    _masked_run(plain, batches, wrapped=False)
+    _masked_run(ours, batches, wrapped=True, mode=mode)
+    assert torch.equal(ours.emb.weight[:8], base.emb.weight[:8]), "masked rows must not move"
+    assert not torch.equal(ours.emb.weight[8:], base.emb.weight[8:])
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_hooked_weight_with_a_main_grad_of_its_own_gets_its_gradient_through_autograd():
+    model = convert_linears(torch.nn.Linear(8, 4))
+    model.weight.main_grad = torch.zeros(4, 8)
+    seen = []
+    model.weight.register_hook(lambda g: seen.append(g) or g * 0.5)
+    plain = torch.nn.Linear(8, 4)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 8)
+    model(x).square().sum().backward()
+    (plain(x).square().sum() * 0.5).backward()
+    assert len(seen) == 1 and seen[0] is not None
+    torch.testing.assert_close(model.weight.grad, plain.weight.grad, rtol=0, atol=0)
+    assert not model.weight.main_grad.any()
+
+
+@pytest.mark.parametrize("route", ["wrapper", "main_grad"])
+def test_autograd_grad_of_a_weight_returns_torch_linears_gradient(route):
+    """torch.autograd.grad(loss, [weight]) (gradient penalties, PCGrad) returns the
+    gradient, differentiable under create_graph, and writes nothing into main_grad."""
+    torch.manual_seed(0)
+    model = convert_linears(torch.nn.Linear(8, 4))
+    plain = copy.deepcopy(model)
+    plain.__class__ = torch.nn.Linear
+    if route == "wrapper":
+        opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode="param")
+        written = lambda: opt._window.slots[0].written  # noqa: E731
+    else:
+        model.weight.main_grad = torch.zeros(4, 8)
+        written = lambda: bool(model.weight.main_grad.any())  # noqa: E731
+    x = torch.randn(3, 8)
+    ours = torch.autograd.grad(model(x).square().sum(), [model.weight], create_graph=True)[0]
+    want = torch.autograd.grad(plain(x).square().sum(), [plain.weight], create_graph=True)[0]
+    torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    assert ours.requires_grad and not written()
+    (penalty,) = torch.autograd.grad(ours.square().sum(), [model.bias])
+    (want_penalty,) = torch.autograd.grad(want.square().sum(), [plain.bias])
+    torch.testing.assert_close(penalty, want_penalty, rtol=0, atol=0)
+
+
+def test_a_saved_tensor_hook_that_copies_the_weight_keeps_the_main_grad_route():
+    """Offloading saved tensors (torch.autograd.graph.save_on_cpu, HF's offloaded
+    checkpointing) hands backward a copy of the weight: main_grad is the parameter's."""
+    model = convert_linears(torch.nn.Linear(8, 4))
+    model.weight.main_grad = torch.zeros(4, 8)
+    plain = copy.deepcopy(model)
+    plain.__class__ = torch.nn.Linear
+    x = torch.randn(3, 8)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        model(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    assert model.weight.grad is None
+    torch.testing.assert_close(model.weight.main_grad, plain.weight.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_a_converted_model_compiles_with_fullgraph():
+    torch._dynamo.reset()  # what other tests compiled must not decide how this one traces
+    model = _mlp()
+    plain = copy.deepcopy(model)
+    compiled = torch.compile(convert_linears(model), fullgraph=True)
+    x = _batches()[0]
+    compiled(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_sixteen_bit_main_grad_of_the_users_own_is_added_into(dtype):
+    """Megatron without fp32 gradient accumulation: main_grad in the parameters' 16-bit
+    dtype gets each weight gradient added, rounded to it."""
+    model = convert_linears(torch.nn.Linear(8, 4).to(dtype))
+    model.weight.main_grad = torch.zeros(4, 8, dtype=dtype)
+    model.weight.grad_added_to_main_grad = False
+    plain = copy.deepcopy(model)
+    plain.__class__ = torch.nn.Linear
+    expected = torch.zeros(4, 8, dtype=dtype)
+    for x in _batches(dtype, count=3):
+        model(x).float().square().sum().backward()
+        plain(x).float().square().sum().backward()
+        expected += plain.weight.grad
+        plain.weight.grad = None
+    assert model.weight.grad is None and model.weight.grad_added_to_main_grad
+    torch.testing.assert_close(model.weight.main_grad, expected, rtol=0, atol=0)
