@@ -793,7 +793,8 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             if not skipped:
                 window.give_zeroed_grads()
                 self._step_inner(self.optimizer.step)
-        elif supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype:
+        elif (supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype
+              and window.params_in_buffer_layout(window.params_of(written))):
             # Under FSDP2 too: the gradients are DTensors over the buffers, and norm_sq
             # (summed over the ranks above) is the global norm's square.
             # Read before stepping: torch's fused kernels skip a step with found_inf set,

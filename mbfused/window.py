@@ -232,6 +232,22 @@ def set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
             p.grad = g
 
 
+def _in_parameter_layouts(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    """`grads` with the strides autograd would give them: a parameter's own where it is
+    dense (channels_last, a transposed weight), as torch's layout contract for .grad says.
+    Buffers are contiguous; torch's fused optimizers read a parameter and its gradient as
+    flat arrays in memory order, so a gradient of other strides would be applied to the
+    wrong elements. Such parameters get a copy in their layout."""
+    out = []
+    for p, g in zip(params, grads, strict=True):
+        if not p.is_contiguous():
+            laid_out = torch.empty_like(p, dtype=g.dtype)  # (preserve_format)
+            if laid_out.stride() != g.stride():
+                g = laid_out.copy_(g)
+        out.append(g)
+    return out
+
+
 def _any_none(items: list) -> bool:
     """Whether `items` holds None, scanned at C speed (``None in items`` would call each
     tensor's ``__eq__``)."""
@@ -801,7 +817,7 @@ class AccumulationWindow:
         if self._external_buffers:
             torch._foreach_zero_(self._external_buffers)
         written = self.written_slots()
-        _set_attribute(self._params if written is self.slots else [s.param for s in written], OVERWRITE, True)
+        _set_attribute(self.params_of(written), OVERWRITE, True)
         for s in written:
             s.written = False
         if self._last_passes_by_slot:
@@ -823,6 +839,9 @@ class AccumulationWindow:
 
     def buffers_of(self, slots: list[Slot]) -> list[Tensor]:
         return self._buffers if slots is self.slots else [s.buffer for s in slots]
+
+    def params_of(self, slots: list[Slot]) -> list[Tensor]:
+        return self._params if slots is self.slots else [s.param for s in slots]
 
     def norm_sq_if_complete(self, written: list[Slot]) -> Tensor | None:
         """The squared norm summed by the last micro-batch's accumulation, when it covers
@@ -871,10 +890,18 @@ class AccumulationWindow:
             return grads  # the usual case, checked at C speed
         return [g if g.dtype == want else None for g, want in zip(grads, wanted, strict=True)]
 
+    def params_in_buffer_layout(self, params: list[Tensor] | None = None) -> bool:
+        """Whether every parameter (of `params`, default all) is laid out as its buffer
+        (contiguous): else its .grad is handed out as a copy in its own layout. (Read at
+        every window's end: a model.to(memory_format=...) may have changed it.)"""
+        return self.sharded or all(map(Tensor.is_contiguous, self._params if params is None else params))
+
     def hand_out(self, written: list[Slot], grads: list[Tensor], *, buffers: bool) -> None:
         """Gives the window's gradient to the optimizer as the parameters' .grad: the
         slots' buffers themselves (`buffers`), or tensors of the parameters' dtype."""
-        params = self._params if written is self.slots else [s.param for s in written]
+        params = self.params_of(written)
+        if not self.params_in_buffer_layout(params):
+            grads = _in_parameter_layouts(params, grads)
         if self.sharded:
             grads = [DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                         stride=p.stride()) if is_sharded(p) else g

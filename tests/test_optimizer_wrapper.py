@@ -1132,3 +1132,60 @@ def test_a_model_zero_grad_without_set_to_none_names_the_wrappers_zero_grad():
     with pytest.raises(RuntimeError, match=r"the wrapper's.*model\.zero_grad\(set_to_none=False\)"):
         _loss(model, _batches()[1], "mean").backward()
         opt.step()
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+@pytest.mark.parametrize("kind", ["adamw", "adamw-fused", "sgd-fused"])
+def test_channels_last_parameters_get_gradients_in_their_layout(mode, kind):
+    """torch's fused optimizers read a parameter and its .grad as flat arrays: the
+    window's contiguous buffer handed to a channels_last weight would update the wrong
+    elements. The .grad keeps the parameter's strides, as autograd's would."""
+    make = {"sgd-fused": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True), **OPTIMIZERS}[kind]
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(2, 3, 8, 8, generator=gen).to(memory_format=torch.channels_last)
+               for _ in range(2 * N)]
+    plain, ours = _conv_net(), _conv_net()
+    assert not plain[0].weight.is_contiguous()
+    plain_opt = make(plain.parameters())
+    for k, x in enumerate(batches):
+        (plain(x).square().mean() / N).backward()
+        if (k + 1) % N == 0:
+            plain_opt.step()
+            plain_opt.zero_grad()
+    opt = MicroBatchOptimizer(make(ours.parameters()), N, mode=mode)
+    handed_out_strides = []
+    opt.optimizer.register_step_pre_hook(
+        lambda o, a, k: handed_out_strides.append(ours[0].weight.grad.stride()))
+    for x in batches:
+        ours(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert handed_out_strides == [ours[0].weight.stride()] * 2
+    _assert_same_params(ours, plain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_a_transposed_parameter_with_a_fused_optimizer(mode):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 8).t())  # strides (1, 8)
+    ref = torch.nn.Parameter(weight.detach().clone().t().contiguous().t())
+    assert ref.stride() == weight.stride()
+    xs = [torch.randn(5, 8, generator=torch.Generator().manual_seed(k)) for k in range(2 * N)]
+    plain_opt = torch.optim.AdamW([ref], lr=1e-2, fused=True)
+    for k, x in enumerate(xs):
+        ((x @ ref).tanh().square().mean() / N).backward()
+        if (k + 1) % N == 0:
+            plain_opt.step()
+            plain_opt.zero_grad()
+    opt = MicroBatchOptimizer(torch.optim.AdamW([weight], lr=1e-2, fused=True), N, mode=mode)
+    for x in xs:
+        (x @ weight).tanh().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(weight, ref, rtol=0, atol=1e-6)
