@@ -19,10 +19,14 @@ __all__ = ["fused_optimizer_step", "supports_fused_handoff"]
 
 
 def supports_fused_handoff(optimizer: torch.optim.Optimizer) -> bool:
-    """True when `optimizer.step()` applies ``grad_scale`` / ``found_inf`` itself."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
-        group.get("fused", False) for group in optimizer.param_groups
-    )
+    """True when `optimizer.step()` applies ``grad_scale`` / ``found_inf`` itself: a fused
+    torch optimizer whose ``step`` is torch's (a subclass's own ``step`` may read the
+    gradients before torch's kernel scales them). (torch wraps a class's ``step`` with
+    functools.wraps: the wrapper keeps the module of the function it wraps.)"""
+    return (bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+            and getattr(type(optimizer).step, "__module__", "").startswith("torch.optim.")
+            and all(group.get("fused", False) for group in optimizer.param_groups))
+
 
 
 def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:

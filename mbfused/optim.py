@@ -26,7 +26,7 @@ from torch import Tensor
 from mbfused import _amp, dcp_layout, ops
 from mbfused._backend import requested_backend
 from mbfused._lr_guard import WindowLearningRates
-from mbfused._step_hooks import hooks_when_registered
+from mbfused._step_hooks import hooks_when_registered, step_pre_hooks_besides
 from mbfused.checkpoint import WindowCheckpoints
 from mbfused.handoff import fused_optimizer_step, supports_fused_handoff, total_norm_and_coef
 from mbfused.reduction import WindowReduction
@@ -794,7 +794,10 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 window.give_zeroed_grads()
                 self._step_inner(self.optimizer.step)
         elif (supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype
-              and window.params_in_buffer_layout(window.params_of(written))):
+              and window.params_in_buffer_layout(window.params_of(written))
+              and not step_pre_hooks_besides(self.optimizer, self._guard.id)):
+            # (A step pre-hook must see the gradients the plain loop's would: normalised
+            # and clipped, which the fused kernels make them only as they step.)
             # Under FSDP2 too: the gradients are DTensors over the buffers, and norm_sq
             # (summed over the ranks above) is the global norm's square.
             # Read before stepping: torch's fused kernels skip a step with found_inf set,
@@ -841,6 +844,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                              "was skipped")
         return not skipped
 
+    @torch.compiler.disable  # host bookkeeping, as step(): eager under torch.compile
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The wrapped optimizer's ``zero_grad``; call it after every ``step()`` as usual.
 

@@ -35,3 +35,30 @@ def test_window_compiles_with_inductor_and_matches_reference():
     assert_same(acc, expected)
     assert torch.equal(norm, expected_norm)
     assert found_inf.item() == 0.0
+
+
+def test_a_compiled_training_step_around_the_wrapper_steps_as_eager():
+    """nanoGPT/torchtitan style: the step function compiled, opt.step() inside it (a
+    graph break: the wrapper's step runs eagerly), with a fused optimizer, whose window
+    coefficient is handed over in attributes that only an eager step reads."""
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = mbfused.MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                                          fused=True), 3, max_grad_norm=0.5)
+
+        def train_step(x, model=model, opt=opt):
+            model(x).square().mean().backward()
+            stepped = opt.step()
+            opt.zero_grad()
+            return stepped
+
+        step = torch.compile(train_step) if compiled else train_step
+        gen = torch.Generator().manual_seed(1)
+        stepped = [step(torch.randn(4, 8, generator=gen)) for _ in range(6)]
+        assert stepped == [False, False, True] * 2
+        results.append([p.detach().clone() for p in model.parameters()])
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-7)

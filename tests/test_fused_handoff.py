@@ -100,3 +100,68 @@ def test_bad_arguments_raise_before_stepping():
     with pytest.raises(ValueError, match="norm_sq must be a 1-element"):
         fused_optimizer_step(opt, norm_sq=torch.zeros(2))
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+class _OwnStep(torch.optim.AdamW):
+    """A subclass whose step reads the gradients before torch's fused kernel scales them."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.clamp_(-1e-2, 1e-2)
+        return super().step(closure)
+
+
+class _InheritedStep(torch.optim.AdamW):
+    pass
+
+
+def test_a_subclass_with_a_step_of_its_own_is_not_handed_off():
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert supports_fused_handoff(torch.optim.AdamW(params, fused=True))
+    assert supports_fused_handoff(_InheritedStep(params, fused=True))
+    assert not supports_fused_handoff(_OwnStep(params, fused=True))
+
+
+def _window_loop(make, hook, wrapped, n=3, windows=2):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    inner = make(model.parameters())
+    seen = []
+    if hook:
+        def look_and_clip(optimizer, args, kwargs):
+            seen.append(model[0].weight.grad.norm().item())
+            torch.nn.utils.clip_grad_value_(model.parameters(), 1e-2)
+        inner.register_step_pre_hook(look_and_clip)
+    opt = mbfused.MicroBatchOptimizer(inner, n, max_grad_norm=0.5) if wrapped else inner
+    gen = torch.Generator().manual_seed(1)
+    for k in range(n * windows):
+        loss = model(torch.randn(4, 8, generator=gen)).square().mean()
+        if wrapped:
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        else:
+            (loss / n).backward()
+            if (k + 1) % n == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                opt.step()
+                opt.zero_grad()
+    return model, seen
+
+
+@pytest.mark.parametrize("case", ["pre-hook", "own step"])
+def test_what_looks_at_gradients_before_a_fused_step_sees_the_plain_loops(case):
+    """A step pre-hook on the wrapped optimizer, or a subclass's step, sees the window's
+    gradient normalised and clipped, as in the plain loop: the fused hand-off, which
+    scales the gradients only inside torch's kernel, is not used for them."""
+    if case == "pre-hook":
+        make, hook = (lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)), True
+    else:
+        make, hook = (lambda ps: _OwnStep(ps, lr=1e-2, fused=True)), False
+    plain, plain_seen = _window_loop(make, hook, wrapped=False)
+    ours, ours_seen = _window_loop(make, hook, wrapped=True)
+    assert ours_seen == pytest.approx(plain_seen, rel=1e-5)
+    for p, q in zip(plain.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
