@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import math
 import numbers
 import sys
@@ -128,6 +129,21 @@ def _ddp_of(params: list[Tensor]):
         if issubclass(type(obj), DistributedDataParallel) and any(id(p) in mine for p in obj.module.parameters()):
             return obj
     return None
+
+
+def _refuse_unaccumulable(optimizer: torch.optim.Optimizer) -> None:
+    """Optimizers that cannot step on a window's accumulated gradient, refused before
+    the first window rather than at its end."""
+    if isinstance(optimizer, torch.optim.SparseAdam):
+        raise TypeError("optimizer is a SparseAdam, which takes sparse gradients only; a window's "
+                        "gradient is a dense buffer. Use Adam or AdamW, or keep the sparse embedding "
+                        "under a SparseAdam of its own, outside the wrapper")
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(f"optimizer is a {type(optimizer).__name__}, whose step() requires a closure: "
+                        "it evaluates the loss again (LBFGS: several times per step), which a window "
+                        "of micro-batches accumulated before the step cannot do. Use it without "
+                        "MicroBatchOptimizer, with a closure over the whole batch")
 
 
 def _accelerated_optimizer_class() -> type | None:
@@ -328,6 +344,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 "the torch optimizer to "
                 "mbfused.integrations.accelerate.MicroBatchAccelerator.prepare(model, optimizer, ...), "
                 "which wraps it in a MicroBatchOptimizer")
+        _refuse_unaccumulable(optimizer)
         accumulation_steps = _as_positive_int(accumulation_steps, "accumulation_steps")
         max_grad_norm = _checked_max_grad_norm(max_grad_norm)
         if normalize not in _NORMALIZE:

@@ -1189,3 +1189,14 @@ def test_a_transposed_parameter_with_a_fused_optimizer(mode):
         opt.step()
         opt.zero_grad()
     torch.testing.assert_close(weight, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda ps: torch.optim.LBFGS(ps), r"LBFGS, whose step\(\) requires a closure"),
+    (lambda ps: torch.optim.SparseAdam(ps), r"SparseAdam, which takes sparse gradients only"),
+])
+def test_optimizers_that_cannot_step_on_a_window_are_refused_at_construction(make, message):
+    model = Net()
+    with pytest.raises(TypeError, match=message):
+        MicroBatchOptimizer(make(list(model.parameters())), N)
+    assert all(not hasattr(p, "main_grad") for p in model.parameters())
