@@ -50,3 +50,18 @@ class FoundInfSinceUpdate:
         else:
             torch.maximum(self._flag, found_inf, out=self._flag)
         return self._flag.clone()
+
+    def pending(self, scaler: torch.amp.GradScaler) -> Tensor | None:
+        """The flags not judged by an ``update()`` yet (None when there are none)."""
+        if self._flag is None or scaler._per_optimizer_states is not self._states:
+            return None
+        return self._flag.clone()
+
+    def restore(self, scaler: torch.amp.GradScaler, flag: Tensor | None) -> None:
+        """Resumes with `flag` (from ``pending``, on the window's device) as the flags
+        since the last update."""
+        if flag is None:
+            self._flag = self._states = None
+        else:
+            self._flag = flag
+            self._states = scaler._per_optimizer_states

@@ -6,6 +6,8 @@ state-dict functions keep (``mbfused.dcp_layout``), and pickling.
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from mbfused import dcp_layout
@@ -52,11 +54,65 @@ class WindowCheckpoints:
             }
             if self._window.rounding_seed is not None:
                 state_dict[STATE_KEY]["rounding_seed"] = self._window.rounding_seed
+            if self.micro_step:
+                state_dict[STATE_KEY].update(self._half_finished_window_extras())
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
         return state_dict
+
+    def _half_finished_window_extras(self) -> dict:
+        """What a half-finished window needs beyond its buffers: whose window it is under
+        data parallelism (each rank's holds its own micro-batches), every rank's where
+        the caller gathers them, and the flags judged only at the window's end."""
+        extras = {}
+        if self._bad_items is not None:
+            extras["bad_items"] = self._bad_items.clone()
+        if self.scaler is not None:
+            pending = self._found_inf_since_scaler_update.pending(self.scaler)
+            if pending is not None:
+                extras["found_inf_since_scaler_update"] = pending
+        if self._reduction is not None:
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+            extras.update(rank=rank, world_size=world_size)
+            if self.state_dict_gathers_windows:
+                windows = [None] * world_size
+                dist.all_gather_object(windows, _on_cpu(self._window.state()))
+                extras["windows_of_ranks"] = windows
+        return extras
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        return (dist.get_rank(), dist.get_world_size()) if self._reduction is not None else (0, 1)
+
+    def _own_window(self, ours: dict) -> dict | None:
+        """The half-finished window of this rank in `ours` (checked already)."""
+        windows = ours.get("windows_of_ranks")
+        return ours["window"] if windows is None else windows[self._rank_and_world_size()[0]]
+
+    def _check_rank(self, ours: dict) -> None:
+        """A half-finished window loads on the rank that accumulated it only."""
+        rank, world_size = self._rank_and_world_size()
+        saved_world_size = ours.get("world_size", 1)
+        windows = ours.get("windows_of_ranks")
+        if windows is not None:
+            if not isinstance(windows, list) or len(windows) != saved_world_size:
+                raise ValueError(f"state_dict's windows_of_ranks must be a list of {saved_world_size} windows")
+        elif "rank" not in ours:
+            return  # saved without data parallelism (or by an mbfused that did not record it)
+        if saved_world_size != world_size:
+            raise ValueError(
+                f"state_dict holds a half-finished window saved {ours['micro_step']} micro-batches in by "
+                f"{saved_world_size} data-parallel ranks, and this optimizer runs on {world_size}: each "
+                "rank's window holds its own micro-batches' gradients. Resume on as many ranks, or from a "
+                "checkpoint of a window's end (step() returned True), which loads into any")
+        if windows is None and ours["rank"] != rank:
+            raise ValueError(
+                f"state_dict holds rank {ours['rank']}'s half-finished window, loaded on rank {rank}: each "
+                "rank's window holds its own micro-batches' gradients, so another's would count them "
+                "twice and lose this rank's. Load each rank's own state_dict() (torch.save it on every "
+                "rank), use torch.distributed.checkpoint (which saves every rank's window), or "
+                "checkpoint at a window's end (step() returned True), which loads into any")
 
     def _check_inner_state(self, inner: dict) -> None:
         """The wrapped optimizer's part fits it (its own load_state_dict checks the rest)."""
@@ -111,6 +167,13 @@ class WindowCheckpoints:
             if micro_step >= self.accumulation_steps:
                 raise ValueError(f"state_dict has micro_step={micro_step!r}; it must be below "
                                  f"accumulation_steps={self.accumulation_steps}")
+        if micro_step:
+            self._check_rank(ours)
+            window = self._own_window(ours)
+            for key in ("bad_items", "found_inf_since_scaler_update"):
+                flag = ours.get(key)
+                if flag is not None and not (isinstance(flag, Tensor) and flag.numel() == 1):
+                    raise ValueError(f"state_dict's {key} must be a 1-element tensor, got {flag!r}")
         if (window is None) != (micro_step == 0):
             raise ValueError(f"state_dict has micro_step={micro_step!r} and "
                              f"{'no' if window is None else 'a'} window")
@@ -119,9 +182,11 @@ class WindowCheckpoints:
         seed = ours.get("rounding_seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 64):
             raise ValueError(f"state_dict has rounding_seed={seed!r}; it must be an int in [0, 2**64)")
-        if seed is not None and self._window.rounding_seed is None:
-            raise ValueError("state_dict has a rounding_seed (saved with rounding='stochastic') but this "
-                             f"optimizer has rounding={self.rounding!r}")
+        if seed is not None and self._window.rounding_seed is None and micro_step:
+            raise ValueError("state_dict has a rounding_seed (saved with rounding='stochastic') "
+                             f"{micro_step} micro-batches into a window, but this optimizer has "
+                             f"rounding={self.rounding!r}: resume with rounding='stochastic', or from a "
+                             "checkpoint of a window's end, which loads into any")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores ``state_dict()``'s result, a half-finished window included. A torch
@@ -163,10 +228,17 @@ class WindowCheckpoints:
         self._learning_rates.forget()  # read again at the next step(), from the loaded groups
         if ours is None:
             self._window.load_state(0, None)
+            self._bad_items = None
         else:
-            self._window.load_state(ours["micro_step"], ours["window"])
-            if ours.get("rounding_seed") is not None:
+            self._window.load_state(ours["micro_step"], self._own_window(ours) if ours["micro_step"] else None)
+            if ours.get("rounding_seed") is not None and self._window.rounding_seed is not None:
                 self._window.rounding_seed = ours["rounding_seed"]
+            bad_items = ours.get("bad_items")
+            self._bad_items = None if bad_items is None else bad_items.to(self._window.device, torch.bool).reshape(1)
+            if self.scaler is not None:
+                pending = ours.get("found_inf_since_scaler_update")
+                self._found_inf_since_scaler_update.restore(
+                    self.scaler, None if pending is None else pending.to(self._window.device, torch.float32).reshape(1))
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -264,6 +336,21 @@ class WindowCheckpoints:
 
     def __setstate__(self, state: dict) -> None:
         config = dict(state["config"])
-        self.__init__(state["optimizer"], config.pop("accumulation_steps"), **config)
+        # The seed comes from the state: a copy must not draw one from torch's generator
+        # (that would change the random numbers the training draws after it).
+        with torch.random.fork_rng(devices=[]):
+            self.__init__(state["optimizer"], config.pop("accumulation_steps"), **config)
         self._window.load_state(state["window"]["micro_step"], state["window"]["window"])
         self._window.rounding_seed = state.get("rounding_seed")
+
+
+def _on_cpu(state):
+    """`state` (nested dicts and lists) with its tensors on the CPU: gathered from every
+    rank, they must not be unpickled onto the sender's device."""
+    if isinstance(state, Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: _on_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_on_cpu(v) for v in state)
+    return state

@@ -223,10 +223,6 @@ def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, w
                          f"runs on {world_size}: its per-rank entries (a half-finished window's, or a "
                          "window end's) load on as many ranks only. Resume on as many ranks, or load a "
                          "checkpoint of a window's end into the wrapped optimizer before it is wrapped")
-    if saved_dtype != window.accum_dtype:
-        raise ValueError(f"state_dict's window was accumulated in {saved_dtype or first[ACCUM_DTYPE]!r} but "
-                         f"this optimizer's accum_dtype is {window.accum_dtype}: build it with "
-                         f"accum_dtype={saved_dtype}")
     ours = {
         "accumulation_steps": first[ACCUMULATION_STEPS],
         "normalize": saved_normalize or first[NORMALIZE],
@@ -244,6 +240,11 @@ def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, w
         ours["rounding_seed"] = (seed[0] << 32) | seed[1]
     if not isinstance(ours["micro_step"], int) or ours["micro_step"] <= 0:
         return ours  # a window's boundary: nothing to resume (the range is checked by the optimizer)
+    if saved_dtype != window.accum_dtype:
+        raise ValueError(f"state_dict's window was accumulated in {saved_dtype or first[ACCUM_DTYPE]!r} but "
+                         f"this optimizer's accum_dtype is {window.accum_dtype}: build it with "
+                         f"accum_dtype={saved_dtype}, or resume from a checkpoint of a window's end, "
+                         "which loads into any")
     found_inf, items, items_is_tensor, unchecked = progress.tolist()
     flags = [bool(w) for w in written.tolist()]
     buffers = {}

@@ -393,6 +393,11 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         self._ddp_checked = False
         self._framework_checked = False
         self._bad_items: Tensor | None = None  # a tensor num_items of this window was nan or < 0
+        # Set by integrations whose framework calls state_dict() on every rank and saves the
+        # first rank's (Accelerate's save_state, Lightning's checkpoints): a half-finished
+        # window's state dict then gathers every rank's window (a collective), and each
+        # rank resumes its own. Elsewhere each rank's state dict holds its own window.
+        self.state_dict_gathers_windows = False
         self._learning_rates = WindowLearningRates()
         self._params_checked: list[int] = []  # ids of the wrapped optimizer's parameters, all managed
         self._found_inf_since_scaler_update = _amp.FoundInfSinceUpdate()

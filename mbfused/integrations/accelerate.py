@@ -215,7 +215,10 @@ class MicroBatchAccelerator(Accelerator):
                                  "and its settings as MicroBatchAccelerator(optimizer_options=...)")
             optimizer.close()  # built by an earlier prepare(), before the model was prepared
         prepared.built_here = True
-        return MicroBatchOptimizer(inner, self.gradient_accumulation_steps, model=ddp, scaler=self.scaler, **self.optimizer_options)
+        optimizer = MicroBatchOptimizer(inner, self.gradient_accumulation_steps, model=ddp, scaler=self.scaler,
+                                        **self.optimizer_options)
+        optimizer.state_dict_gathers_windows = True  # save_state() calls state_dict() on every rank
+        return optimizer
 
     def _micro_batch_optimizers(self) -> list[MicroBatchAcceleratedOptimizer]:
         return [o for o in self._optimizers if isinstance(o, MicroBatchAcceleratedOptimizer)
@@ -245,7 +248,9 @@ class MicroBatchAccelerator(Accelerator):
             f"Accelerate is at micro-batch {self.step % self.gradient_accumulation_steps or self.gradient_accumulation_steps}"
             f" of its window but the MicroBatchOptimizer at {optimizer.micro_step + 1}: call "
             "optimizer.step() once per accelerator.accumulate() block, and change "
-            "gradient_accumulation_steps only on both")
+            "gradient_accumulation_steps only on both. (After load_state: a checkpoint that a plain "
+            "Accelerator saved mid-accumulation holds no window; resume from one saved at a window's "
+            "end.)")
 
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """``loss.backward()``, with the GradScaler's scale under fp16; the loss is not

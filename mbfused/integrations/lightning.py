@@ -135,6 +135,8 @@ class MicroBatchAccumulation(pl.Callback):
         self.optimizer = MicroBatchOptimizer(inner, steps, max_grad_norm=self._max_grad_norm, normalize="sum",
                                              model=trainer.strategy.model, **self.optimizer_kwargs)
         self.optimizer.register_step_post_hook(self._on_wrapper_step)
+        # Lightning's checkpoints call state_dict() on every rank and save the first's.
+        self.optimizer.state_dict_gathers_windows = True
         trainer.strategy.optimizers = [self.optimizer]  # also rebuilds the LightningOptimizers
         self._take_over_clipping(trainer)
         self._in_batch = self._stepped_in_batch = False
