@@ -199,6 +199,11 @@ class WindowCheckpoints:
         without those entries raises (its window would be lost)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        if self._window.micro_batch_in_progress():
+            raise WindowMisuse(
+                "load_state_dict() was called between a backward() and its step(): that micro-batch's "
+                "gradients (in mode='bucket' partly in the window's buffers already) would be mixed "
+                "into the loaded window, or lost. Load before the backward() or after the step()")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:

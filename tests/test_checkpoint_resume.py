@@ -195,3 +195,14 @@ def test_copying_a_stochastic_rounding_wrapper_draws_no_random_numbers():
     copied = copy.deepcopy(opt)
     assert torch.equal(torch.rand(3), expected)
     assert copied.state_dict()["mbfused"]["rounding_seed"] == opt.state_dict()["mbfused"]["rounding_seed"]
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_load_state_dict_between_a_backward_and_its_step_is_refused(mode):
+    model = _net()
+    opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, mode=mode)
+    saved = opt.state_dict()
+    model(_micro_batches(0)[0]).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"load_state_dict\(\) was called between a backward\(\) and its step"):
+        opt.load_state_dict(saved)
+    assert opt.step() is False and opt.micro_step == 1
