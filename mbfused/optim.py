@@ -808,6 +808,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         inv_scale = self._inv_scale()
         same_dtype = (window.buffers_in_param_dtype if written is window.slots
                       else all(s.handoff_dtype is None for s in written))
+        laid_out = window.params_in_buffer_layout(window.params_of(written))
         if not written:
             # No parameter got a gradient: the optimizer steps on none, as in a plain loop.
             total_norm = torch.zeros((), device=window.device)
@@ -816,8 +817,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 window.give_zeroed_grads()
                 self._step_inner(self.optimizer.step)
         elif (supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype
-              and window.params_in_buffer_layout(window.params_of(written))
-              and not step_pre_hooks_besides(self.optimizer, self._guard.id)):
+              and laid_out and not step_pre_hooks_besides(self.optimizer, self._guard.id)):
             # (A step pre-hook must see the gradients the plain loop's would: normalised
             # and clipped, which the fused kernels make them only as they step.)
             # Under FSDP2 too: the gradients are DTensors over the buffers, and norm_sq
@@ -832,7 +832,7 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 total_norm = total_norm_and_coef(window.buffers_of(written), inv_scale,
                                                  self.max_grad_norm, norm_sq)[0]
             else:
-                window.hand_out(written, window.buffers_of(written), buffers=True)
+                window.hand_out(written, window.buffers_of(written), buffers=True, laid_out=True)
                 total_norm = self._step_inner(fused_optimizer_step, self.optimizer, inv_scale,
                                               max_norm=self.max_grad_norm, found_inf=window.found_inf,
                                               norm_sq=norm_sq)
@@ -849,7 +849,8 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                 _flag_non_finite(window.found_inf, total_norm)
             skipped = bool(window.found_inf.item())
             if not skipped:
-                window.hand_out(written, out if out is not None else buffers, buffers=out is None)
+                window.hand_out(written, out if out is not None else buffers, buffers=out is None,
+                                laid_out=laid_out)
                 self._step_inner(self.optimizer.step)
         if skipped:
             for s in written:

@@ -890,17 +890,19 @@ class AccumulationWindow:
             return grads  # the usual case, checked at C speed
         return [g if g.dtype == want else None for g, want in zip(grads, wanted, strict=True)]
 
-    def params_in_buffer_layout(self, params: list[Tensor] | None = None) -> bool:
-        """Whether every parameter (of `params`, default all) is laid out as its buffer
-        (contiguous): else its .grad is handed out as a copy in its own layout. (Read at
-        every window's end: a model.to(memory_format=...) may have changed it.)"""
-        return self.sharded or all(map(Tensor.is_contiguous, self._params if params is None else params))
+    def params_in_buffer_layout(self, params: list[Tensor]) -> bool:
+        """Whether every one of `params` is laid out as its buffer (contiguous): else its
+        .grad is handed out as a copy in its own layout. (Read at every window's end, once:
+        a model.to(memory_format=...) may have changed it.)"""
+        return self.sharded or all(map(Tensor.is_contiguous, params))
 
-    def hand_out(self, written: list[Slot], grads: list[Tensor], *, buffers: bool) -> None:
+    def hand_out(self, written: list[Slot], grads: list[Tensor], *, buffers: bool, laid_out: bool) -> None:
         """Gives the window's gradient to the optimizer as the parameters' .grad: the
-        slots' buffers themselves (`buffers`), or tensors of the parameters' dtype."""
+        slots' buffers themselves (`buffers`), or tensors of the parameters' dtype; copies
+        in their parameters' layout where that is not the buffers' (`laid_out`: what
+        ``params_in_buffer_layout`` said of them)."""
         params = self.params_of(written)
-        if not self.params_in_buffer_layout(params):
+        if not laid_out:
             grads = _in_parameter_layouts(params, grads)
         if self.sharded:
             grads = [DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
