@@ -69,10 +69,9 @@ class WindowCheckpoints:
         extras = {}
         if self._bad_items is not None:
             extras["bad_items"] = self._bad_items.clone()
-        if self.scaler is not None:
-            pending = self._found_inf_since_scaler_update.pending(self.scaler)
-            if pending is not None:
-                extras["found_inf_since_scaler_update"] = pending
+        pending = self._scaler_flags_pending()
+        if pending is not None:
+            extras["found_inf_since_scaler_update"] = pending
         if self._reduction is not None:
             rank, world_size = dist.get_rank(), dist.get_world_size()
             extras.update(rank=rank, world_size=world_size)
@@ -81,6 +80,11 @@ class WindowCheckpoints:
                 dist.all_gather_object(windows, _on_cpu(self._window.state()))
                 extras["windows_of_ranks"] = windows
         return extras
+
+    def _scaler_flags_pending(self) -> Tensor | None:
+        if self.scaler is None:
+            return None
+        return self._found_inf_since_scaler_update.pending(self.scaler)
 
     def _rank_and_world_size(self) -> tuple[int, int]:
         return (dist.get_rank(), dist.get_world_size()) if self._reduction is not None else (0, 1)
@@ -294,7 +298,8 @@ class WindowCheckpoints:
         entries = dcp_layout.window_entries(self._window, micro_step=self.micro_step, normalize=self.normalize,
                                             group=self.process_group,
                                             mesh=getattr(self._model_sync, "mesh", None), world_size=world_size,
-                                            state_made_up=bool(self._made_up_state))
+                                            state_made_up=bool(self._made_up_state), bad_items=self._bad_items,
+                                            scaler_pending=self._scaler_flags_pending())
         state = dict(state)
         for slot, ours in zip(self._window.slots, entries, strict=True):
             key = position[id(slot.param)]

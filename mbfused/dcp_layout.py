@@ -19,8 +19,10 @@ the first managed parameter, also
     ``mbfused_window_normalize`` (0 mean, 1 sum, 2 items): ints, equal on every rank;
     ``mbfused_window_optimizer_state_made_up``: 1 when the wrapped optimizer had no state
     of its own yet (the state saved next to it was made up for the layout, see below);
-    ``mbfused_window_progress``: ``[world, 4]`` float64, per rank: found inf/nan, item
-    count, whether the count is a tensor, gradients taken without an inf/nan check;
+    ``mbfused_window_progress``: ``[world, 6]`` float64, per rank: found inf/nan, item
+    count, whether the count is a tensor, gradients taken without an inf/nan check, a
+    tensor item count that was nan or negative, and the GradScaler's non-finite flags not
+    yet judged by its ``update()`` (-1: none);
     ``mbfused_window_written``: ``[world, n]`` uint8, per rank: which of the n buffers hold
     the window's gradient;
     ``mbfused_window_rounding_seed``: ``[world, 2]`` int64, per rank: the stochastic
@@ -132,18 +134,23 @@ def _buffer_entry(slot, mesh) -> Tensor:
 
 
 def window_entries(window: AccumulationWindow, *, micro_step: int, normalize: str, group, mesh=None,
-                   world_size: int, state_made_up: bool) -> list[dict]:
+                   world_size: int, state_made_up: bool, bad_items: Tensor | None = None,
+                   scaler_pending: Tensor | None = None) -> list[dict]:
     """The window's entries for each of its slots (see the module's docstring), in slot
     order: to be added to the state of the slots' parameters. Per-rank rows are laid out
-    over `mesh` (the sharded parameters' device mesh), else over `group`'s ranks."""
+    over `mesh` (the sharded parameters' device mesh), else over `group`'s ranks.
+    `bad_items`, `scaler_pending`: the wrapper's flags judged at the window's end."""
     if not window.slots:
         return []
     mesh = mesh if mesh is not None else _mesh_of(group, window.device)
     entries = [{GRAD: _buffer_entry(s, mesh)} for s in window.slots]
     mid_window = micro_step > 0
     items = window.items if mid_window else 0
+    bad = mid_window and bad_items is not None and bool(bad_items.item())
+    pending = float(scaler_pending.item()) if mid_window and scaler_pending is not None else -1.0
     progress = torch.tensor([float(window.found_inf.item()) if mid_window else 0.0, float(items),
-                             float(isinstance(items, Tensor)), float(mid_window and window.unchecked_written)],
+                             float(isinstance(items, Tensor)), float(mid_window and window.unchecked_written),
+                             float(bad), pending],
                             dtype=torch.float64, device=window.device)
     written = torch.tensor([mid_window and s.written for s in window.slots], dtype=torch.uint8,
                            device=window.device)
@@ -231,7 +238,7 @@ def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, w
         "optimizer_state_made_up": bool(first[MADE_UP]),
     }
     n = len(slot_keys)
-    progress = _own_row(first[PROGRESS], PROGRESS, (4,), torch.float64, world_size)
+    progress = _own_row(first[PROGRESS], PROGRESS, (6,), torch.float64, world_size)
     written = _own_row(first[WRITTEN], WRITTEN, (n,), torch.uint8, world_size)
     seed = _own_row(first[ROUNDING_SEED], ROUNDING_SEED, (2,), torch.int64, world_size).tolist()
     if seed != [-1, -1]:
@@ -245,7 +252,12 @@ def read_window(entries: dict, slot_keys: list, window: AccumulationWindow, *, w
                          f"this optimizer's accum_dtype is {window.accum_dtype}: build it with "
                          f"accum_dtype={saved_dtype}, or resume from a checkpoint of a window's end, "
                          "which loads into any")
-    found_inf, items, items_is_tensor, unchecked = progress.tolist()
+    found_inf, items, items_is_tensor, unchecked, bad_items, scaler_pending = progress.tolist()
+    if bad_items:
+        ours["bad_items"] = torch.ones(1, dtype=torch.bool, device=window.device)
+    if scaler_pending >= 0:
+        ours["found_inf_since_scaler_update"] = torch.tensor([scaler_pending], dtype=torch.float32,
+                                                             device=window.device)
     flags = [bool(w) for w in written.tolist()]
     buffers = {}
     for index, (key, is_written) in enumerate(zip(slot_keys, flags, strict=True)):

@@ -63,8 +63,9 @@ class _LinearFunction(torch.autograd.Function):
         ctx.input_dtype = input.dtype
         ctx.has_bias = bias is not None
         # The parameter itself, for its main_grad, window and hooks: a saved-tensor hook
-        # (offloading to the CPU, say) may give backward a copy in its place.
-        ctx.parameter = weight
+        # (offloading to the CPU, say) may give backward a copy in its place. (A computed
+        # weight, from a parametrization, has none of those: not kept alive here.)
+        ctx.parameter = weight if weight.is_leaf else None
         device_type = input.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
@@ -86,13 +87,14 @@ class _LinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         if ctx.needs_input_grad[1]:
+            parameter = weight if ctx.parameter is None else ctx.parameter
             if torch.compiler.is_compiling():
                 # (A context variable cannot be set in a compiled graph; a compiled
                 # backward runs on the thread that traced it.)
-                grad_weight = _weight_gradient(ctx.parameter, grad_output, input, dtype)
+                grad_weight = _weight_gradient(parameter, grad_output, input, dtype)
             else:
                 with use_backend(ctx.backend):
-                    grad_weight = _weight_gradient(ctx.parameter, grad_output, input, dtype)
+                    grad_weight = _weight_gradient(parameter, grad_output, input, dtype)
         return grad_input, grad_weight, grad_bias
 
 

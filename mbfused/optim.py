@@ -430,6 +430,14 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
         self._window.on_close.append(self._guard.remove)
         if model_sync is not None:
             self._window.on_close.append(model_sync.release)
+        if self._reduction is not None:
+            try:
+                self._reduction.check_same_on_every_rank({
+                    "accumulation_steps": accumulation_steps,
+                    "normalize (0: 'mean', 1: 'sum', 2: 'items')": _NORMALIZE.index(normalize)})
+            except ValueError:
+                self.close()  # (the model's synchronisation back as it was)
+                raise
 
     @staticmethod
     def _model_sync_for(model, params: list[Tensor], process_group):
@@ -629,7 +637,9 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
                     "the parameters belong to a DistributedDataParallel module, whose gradient "
                     "hooks race the window's: ranks would diverge. Pass the model: "
                     "MicroBatchOptimizer(..., model=ddp_model) takes its synchronisation over "
-                    "(one reduction per window)")
+                    "(one reduction per window). Under Hugging Face Trainer, Accelerate or Lightning, "
+                    "where the framework builds the DDP model, use mbfused.integrations "
+                    "(MicroBatchTrainer, MicroBatchAccelerator, MicroBatchAccumulation)")
             self._ddp_checked = True
         if not self._framework_checked:
             if _accelerate_wrapper_of(self) is not None:
@@ -814,7 +824,6 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             total_norm = torch.zeros((), device=window.device)
             skipped = bool(window.found_inf.item())
             if not skipped:
-                window.give_zeroed_grads()
                 self._step_inner(self.optimizer.step)
         elif (supports_fused_handoff(self.optimizer) and not window.unchecked_written and same_dtype
               and laid_out and not step_pre_hooks_besides(self.optimizer, self._guard.id)):

@@ -55,6 +55,19 @@ class WindowReduction:
             dist.broadcast(shared, src=dist.get_global_rank(group, 0), group=group)
         return int(shared.item()) % (1 << 64)
 
+    def check_same_on_every_rank(self, settings: dict[str, int]) -> None:
+        """Raises on every rank, naming the setting, when `settings` differ between the
+        ranks (one all-gather per group): windows of different lengths would pair one
+        rank's window-end reduction with another's mid-window one, and train apart."""
+        mine = torch.tensor(list(settings.values()), dtype=torch.int64, device=self.window.device)
+        for group in self.groups:
+            gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(gathered, mine, group=group)
+            for name, values in zip(settings, zip(*(g.tolist() for g in gathered), strict=True), strict=True):
+                if len(set(values)) > 1:
+                    raise ValueError(f"{name} differs between the data-parallel ranks ({list(values)} by "
+                                     "rank): every rank must build its MicroBatchOptimizer alike")
+
     def _bucket_completed(self, index: int) -> None:
         self._completed.add(index)
         while self._next in self._completed:

@@ -232,20 +232,16 @@ def set_grads(params: list[Tensor], grads: list[Tensor]) -> None:
             p.grad = g
 
 
-def _in_parameter_layouts(params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-    """`grads` with the strides autograd would give them: a parameter's own where it is
+def _in_parameter_layout(param: Tensor, grad: Tensor) -> Tensor:
+    """`grad` with the strides autograd would give it: its parameter's own where that is
     dense (channels_last, a transposed weight), as torch's layout contract for .grad says.
     Buffers are contiguous; torch's fused optimizers read a parameter and its gradient as
     flat arrays in memory order, so a gradient of other strides would be applied to the
-    wrong elements. Such parameters get a copy in their layout."""
-    out = []
-    for p, g in zip(params, grads, strict=True):
-        if not p.is_contiguous():
-            laid_out = torch.empty_like(p, dtype=g.dtype)  # (preserve_format)
-            if laid_out.stride() != g.stride():
-                g = laid_out.copy_(g)
-        out.append(g)
-    return out
+    wrong elements. Such a parameter gets a copy in its layout."""
+    if param.is_contiguous():
+        return grad
+    laid_out = torch.empty_like(param, dtype=grad.dtype)  # (preserve_format)
+    return grad if laid_out.stride() == grad.stride() else laid_out.copy_(grad)
 
 
 def _any_none(items: list) -> bool:
@@ -333,10 +329,6 @@ class AccumulationWindow:
         # (weakly: a model.zero_grad() may free them, and a new gradient take their id)
         self.handed_out: dict[int, weakref.ref] = {}
         self._buffer_grads: list[tuple[Slot, Tensor]] = []  # (slot, its buffer as .grad) among them
-        # Slots whose buffer a zero_grad(set_to_none=False) took back: a plain loop would
-        # keep a zeroed .grad on their parameters, and step them on it in a window that
-        # gives them no gradient (until a zero_grad(set_to_none=True)).
-        self.zeroed_grad_slots: dict[int, Slot] = {}
         self._unscale = unscale
         self.loss_scaled = loss_scaled
         self._micro_scale: float | Tensor | None = None  # this micro-batch's, once known
@@ -894,7 +886,9 @@ class AccumulationWindow:
         """Whether every one of `params` is laid out as its buffer (contiguous): else its
         .grad is handed out as a copy in its own layout. (Read at every window's end, once:
         a model.to(memory_format=...) may have changed it.)"""
-        return self.sharded or all(map(Tensor.is_contiguous, params))
+        if self.sharded:  # (a DTensor's local shard is its buffer's layout)
+            return all(is_sharded(p) or p.is_contiguous() for p in params)
+        return all(map(Tensor.is_contiguous, params))
 
     def hand_out(self, written: list[Slot], grads: list[Tensor], *, buffers: bool, laid_out: bool) -> None:
         """Gives the window's gradient to the optimizer as the parameters' .grad: the
@@ -903,7 +897,7 @@ class AccumulationWindow:
         ``params_in_buffer_layout`` said of them)."""
         params = self.params_of(written)
         if not laid_out:
-            grads = _in_parameter_layouts(params, grads)
+            grads = [g if is_sharded(p) else _in_parameter_layout(p, g) for p, g in zip(params, grads, strict=True)]
         if self.sharded:
             grads = [DTensor.from_local(g, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                         stride=p.stride()) if is_sharded(p) else g
@@ -911,29 +905,18 @@ class AccumulationWindow:
         set_grads(params, grads)
         self.handed_out = {id(g): weakref.ref(g) for g in grads}
         self._buffer_grads = list(zip(written, grads, strict=True)) if buffers else []
-        if self.zeroed_grad_slots:
-            self.give_zeroed_grads()
-
-    def give_zeroed_grads(self) -> None:
-        """Zeros as the .grad of the parameters a plain loop would step on a zeroed .grad
-        (see ``zeroed_grad_slots``) where this window gave them no gradient."""
-        for s in self.zeroed_grad_slots.values():
-            if not s.written and s.param.grad is None:
-                s.param.grad = torch.zeros_like(s.param, dtype=s.handoff_dtype or s.param.dtype)
 
     def release_handed_out(self, *, set_to_none: bool = True) -> None:
         """zero_grad(): takes back the buffers handed out as .grad at the window's end (the
         next backward must not add into them); other handed-out tensors are the
-        optimizer's to clear. Without `set_to_none`, the parameters whose buffer is taken
-        back are remembered as having a zeroed .grad; with it, none has one any more."""
-        if set_to_none:
-            self.zeroed_grad_slots = {}
+        optimizer's to clear. Without `set_to_none`, a parameter whose buffer is taken back
+        gets a zeroed .grad of its own, as in a plain loop: the optimizer steps it on zeros
+        in a window that gives it no gradient, until a p.grad = None or a zero_grad() with
+        set_to_none (the plain loop's memory, for the loops that ask for it)."""
         if self.handed_out:
             for slot, grad in self._buffer_grads:
                 if slot.param.grad is grad:
-                    slot.param.grad = None
-                    if not set_to_none:
-                        self.zeroed_grad_slots[slot.index] = slot
+                    slot.param.grad = None if set_to_none else torch.zeros_like(slot.param, dtype=grad.dtype)
             self.handed_out = {}
             self._buffer_grads = []
 

@@ -206,3 +206,43 @@ def test_load_state_dict_between_a_backward_and_its_step_is_refused(mode):
     with pytest.raises(RuntimeError, match=r"load_state_dict\(\) was called between a backward\(\) and its step"):
         opt.load_state_dict(saved)
     assert opt.step() is False and opt.micro_step == 1
+
+
+def _scaler_dcp_worker(rank, path, results):
+    """The scaler case of above through torch.distributed.checkpoint's state-dict
+    functions (the window as per-parameter entries), on one rank."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=1)
+    try:
+        batches = _micro_batches(0, count=3 * N)
+
+        def build():
+            model = _net()
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+            return model, scaler, MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), N, scaler=scaler)
+
+        model, scaler, opt = build()
+        _scaled_run(opt, model, scaler, batches, 0, len(batches))
+        whole = scaler.get_scale()
+        model, scaler, opt = build()
+        _scaled_run(opt, model, scaler, batches, 0, 5)
+        saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(get_optimizer_state_dict(model, opt)),
+                 scaler.state_dict())
+        model, scaler, opt = build()
+        model.load_state_dict(saved[0])
+        scaler.load_state_dict(saved[2])
+        set_optimizer_state_dict(model, opt, saved[1])
+        _scaled_run(opt, model, scaler, batches, 5, len(batches))
+        results["scales"] = (whole, scaler.get_scale())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_scalers_unjudged_flags_travel_in_the_distributed_checkpoint_layout(tmp_path):
+    whole, resumed = run_ranks(_scaler_dcp_worker, 1, str(tmp_path / "init"))["scales"]
+    assert whole < 2.0**10 and resumed == whole

@@ -265,3 +265,27 @@ def test_a_ddp_comm_hook_is_warned_of_and_a_second_wrapper_keeps_ddps_sync_off(t
         assert "error" not in rewrapped[rank] and rewrapped[rank]["sync_off"]
     for name, value in rewrapped[0]["params"].items():
         assert torch.equal(value, rewrapped[1]["params"][name])
+
+
+def _settings_worker(rank, path, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=WORLD)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(Net())
+        try:
+            MicroBatchOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), N + rank, model=ddp)
+        except ValueError as error:
+            results[rank] = (str(error), ddp.require_backward_grad_sync)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_windows_of_different_lengths_on_the_ranks_are_refused_on_every_rank(tmp_path):
+    """Otherwise one rank's window-end reduction pairs with another's, mid-window: the
+    ranks train apart (plain DDP does not notice either)."""
+    results = run_ranks(_settings_worker, WORLD, str(tmp_path / "init"))
+    for rank in range(WORLD):
+        message, sync = results[rank]
+        assert f"accumulation_steps differs between the data-parallel ranks ([{N}, {N + 1}]" in message
+        assert sync, "the model's own synchronisation is back"

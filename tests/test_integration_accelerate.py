@@ -305,6 +305,19 @@ def test_a_loop_without_accumulate_is_an_error_naming_the_fix():
         opt.step()
 
 
+def test_a_window_length_changed_after_prepare_is_named():
+    accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
+    model, opt, _ = accelerator.prepare(*make_objects("sgd"))
+    accelerator.gradient_accumulation_steps = N + 1
+    with pytest.raises(WindowMisuse, match=rf"gradient_accumulation_steps is {N + 1}, but the "
+                                           rf"MicroBatchOptimizer's window is {N} micro-batches"):
+        for x in micro_batches(6, N + 1):
+            with accelerator.accumulate(model):
+                accelerator.backward(token_loss(model, x))
+                opt.step()
+                opt.zero_grad()
+
+
 def test_a_loader_that_ends_mid_window_is_an_error_naming_the_fix():
     accelerator = MicroBatchAccelerator(gradient_accumulation_steps=N, cpu=True)
     model, opt, sched = make_objects("sgd")

@@ -326,3 +326,19 @@ def test_the_readme_lightning_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     norms = [float(x) for x in re.findall(r"grad_norm ([0-9.]+)", proc.stdout)]
     assert norms, proc.stdout
+
+
+def test_manual_optimization_on_two_gloo_ranks_equals_lightnings_own(tmp_path):
+    """Under manual optimization Lightning switches DDP's synchronisation back on after
+    every training_step; the window keeps it off (one reduction per window). Against
+    Lightning's own manual accumulation under DDP (an all-reduce per micro-batch)."""
+    batches = _micro_batches(2 * WINDOWS * 2 * N)
+    pure = TinyModule(batches, "sgd", manual_every=N, by_loader=True)
+    _fit(tmp_path, pure, devices=2, strategy="ddp_spawn", use_distributed_sampler=False)
+    fused = TinyModule(batches, "sgd", manual_every=N, by_loader=True)
+    _fit(tmp_path, fused, [MicroBatchAccumulation(accumulation_steps=N)], devices=2, strategy="ddp_spawn",
+         use_distributed_sampler=False)
+    difference = _max_relative_difference(fused, pure)
+    print(f"manual ddp: difference {difference:.3g}")
+    assert difference < 1e-5
+    assert _max_relative_difference(TinyModule(batches), fused) > 0.05  # it trained

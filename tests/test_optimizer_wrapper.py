@@ -350,7 +350,9 @@ def test_zero_grad_keeps_no_alias_to_the_buffers():
     assert opt.step()
     assert model.body[0].weight.grad is not None  # the window's gradient, after the step
     opt.zero_grad(set_to_none=False)
-    assert model.body[0].weight.grad is None, "an accumulation buffer is released, not zeroed"
+    grad = model.body[0].weight.grad
+    assert grad is not None and not grad.any(), "a zeroed .grad, as in a plain loop"
+    assert grad.data_ptr() != model.body[0].weight.main_grad.data_ptr(), "the buffer is released, not zeroed"
     _loss(model, _batches()[1], "mean").backward()
     assert opt.step()
     _loss(model, _batches()[2], "mean").backward()  # no zero_grad: backward adds into the buffer
@@ -1160,8 +1162,9 @@ def test_channels_last_parameters_get_gradients_in_their_layout(mode, kind):
             plain_opt.zero_grad()
     opt = MicroBatchOptimizer(make(ours.parameters()), N, mode=mode)
     handed_out_strides = []
-    opt.optimizer.register_step_pre_hook(
-        lambda o, a, k: handed_out_strides.append(ours[0].weight.grad.stride()))
+    # (A hook on the wrapper, run after every micro-batch's step(): one on the wrapped
+    # optimizer would turn the fused hand-off off.)
+    opt.register_step_post_hook(lambda o, a, k: o.micro_step or handed_out_strides.append(ours[0].weight.grad.stride()))
     for x in batches:
         ours(x).square().mean().backward()
         opt.step()
@@ -1200,3 +1203,37 @@ def test_optimizers_that_cannot_step_on_a_window_are_refused_at_construction(mak
     with pytest.raises(TypeError, match=message):
         MicroBatchOptimizer(make(list(model.parameters())), N)
     assert all(not hasattr(p, "main_grad") for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+@pytest.mark.parametrize("stop", ["freeze", "model.zero_grad()"])
+def test_after_zero_grad_without_set_to_none_a_dropped_grad_stops_the_steps(mode, stop):
+    """As in a plain loop: a layer frozen with p.grad = None, or a model.zero_grad()
+    (set_to_none) between windows, is not stepped on zeros any more."""
+    torch.manual_seed(0)
+    model = Net()
+    ref = copy.deepcopy(model)
+    batches = _batches(windows=4)
+    for net, wrapped in ((ref, False), (model, True)):
+        inner = OPTIMIZERS["adamw"](net.parameters())
+        opt = MicroBatchOptimizer(inner, N, mode=mode) if wrapped else inner
+        for w in range(4):
+            if w == 2:
+                if stop == "freeze":
+                    for p in net.body[0].parameters():
+                        p.requires_grad_(False)
+                        p.grad = None
+                else:
+                    net.zero_grad()
+            for k, x in enumerate(batches[w * N:(w + 1) * N]):
+                loss = _loss(net, x, "mean", use_head=w == 0)
+                if wrapped:
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=False)
+                else:
+                    (loss / N).backward()
+                    if k == N - 1:
+                        opt.step()
+                        opt.zero_grad(set_to_none=False)
+    _assert_same_params(model, ref, rtol=0, atol=1e-6)

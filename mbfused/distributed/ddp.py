@@ -71,7 +71,8 @@ class DDPSync:
             raise ValueError("model: DistributedDataParallel(static_graph=True) cannot have its "
                              "synchronisation switched off, which the window needs (its reducer "
                              "asserts at the first backward). Build the model with static_graph=False "
-                             "(TrainingArguments(ddp_static_graph=False), DDPStrategy(static_graph=False))")
+                             "(TrainingArguments(ddp_static_graph=False), DDPStrategy(static_graph=False), "
+                             "Accelerate's DistributedDataParallelKwargs(static_graph=False))")
         self.process_group = ddp.process_group
         self.process_groups = [ddp.process_group]
         # Trainable parameters in no window at the first check() (after the take-over), and

@@ -215,10 +215,21 @@ class MicroBatchAccelerator(Accelerator):
                                  "and its settings as MicroBatchAccelerator(optimizer_options=...)")
             optimizer.close()  # built by an earlier prepare(), before the model was prepared
         prepared.built_here = True
-        optimizer = MicroBatchOptimizer(inner, self.gradient_accumulation_steps, model=ddp, scaler=self.scaler,
-                                        **self.optimizer_options)
-        optimizer.state_dict_gathers_windows = True  # save_state() calls state_dict() on every rank
-        return optimizer
+        return MicroBatchOptimizer(inner, self.gradient_accumulation_steps, model=ddp, scaler=self.scaler,
+                                   **self.optimizer_options)
+
+    def save_state(self, *args, **kwargs):
+        """Accelerate's ``save_state``, which every rank calls and which writes the first
+        rank's optimizer state: a half-finished window of every rank is gathered into it,
+        and each rank resumes its own (``load_state``)."""
+        optimizers = [o.optimizer for o in self._micro_batch_optimizers()]
+        for optimizer in optimizers:
+            optimizer.state_dict_gathers_windows = True
+        try:
+            return super().save_state(*args, **kwargs)
+        finally:
+            for optimizer in optimizers:
+                optimizer.state_dict_gathers_windows = False
 
     def _micro_batch_optimizers(self) -> list[MicroBatchAcceleratedOptimizer]:
         return [o for o in self._optimizers if isinstance(o, MicroBatchAcceleratedOptimizer)
@@ -236,6 +247,12 @@ class MicroBatchAccelerator(Accelerator):
     def _check_in_step(self, optimizer: MicroBatchOptimizer) -> None:
         if self.sync_gradients == optimizer.sync_gradients:
             return
+        if self.gradient_accumulation_steps != optimizer.accumulation_steps:
+            raise WindowMisuse(
+                f"gradient_accumulation_steps is {self.gradient_accumulation_steps}, but the "
+                f"MicroBatchOptimizer's window is {optimizer.accumulation_steps} micro-batches (built by "
+                "prepare()): set gradient_accumulation_steps before prepare(), or pass it to "
+                "MicroBatchAccelerator(gradient_accumulation_steps=...)")
         if self.sync_gradients and self.gradient_state.end_of_dataloader:
             raise WindowMisuse(
                 f"the data loader ended after {optimizer.micro_step + 1} of a window's "

@@ -257,6 +257,12 @@ class MicroBatchAccumulation(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         wrapper = self.optimizer
+        model = trainer.strategy.model
+        if not pl_module.automatic_optimization and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            # Under manual optimization Lightning switches DDP's synchronisation back on after
+            # every training_step (its manual_backward prepares DDP's reducer itself); the
+            # window has taken the synchronisation over.
+            model.require_backward_grad_sync = False
         if not self._stepped_in_batch:
             # A batch on which Lightning (or the training_step) only accumulated.
             wrapper.step()
