@@ -73,7 +73,7 @@ class WindowCheckpoints:
         if pending is not None:
             extras["found_inf_since_scaler_update"] = pending
         if self._reduction is not None:
-            rank, world_size = dist.get_rank(), dist.get_world_size()
+            rank, world_size = self._rank_and_world_size()
             extras.update(rank=rank, world_size=world_size)
             if self.state_dict_gathers_windows:
                 windows = [None] * world_size
@@ -171,7 +171,6 @@ class WindowCheckpoints:
             if micro_step >= self.accumulation_steps:
                 raise ValueError(f"state_dict has micro_step={micro_step!r}; it must be below "
                                  f"accumulation_steps={self.accumulation_steps}")
-        if micro_step:
             self._check_rank(ours)
             window = self._own_window(ours)
             for key in ("bad_items", "found_inf_since_scaler_update"):

@@ -28,7 +28,6 @@ def supports_fused_handoff(optimizer: torch.optim.Optimizer) -> bool:
             and all(group.get("fused", False) for group in optimizer.param_groups))
 
 
-
 def _grads(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
