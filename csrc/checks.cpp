@@ -208,7 +208,8 @@ std::optional<at::Device> call_device(c10::ArrayRef<at::Tensor> acc,
 }
 
 // The tensor seed of stochastic rounding: one int64 on the call's device.
-void check_seed(const std::optional<at::Tensor>& seed_tensor, const at::Device& device) {
+// Read by the kernels, so it must not overlap what they write.
+void check_seed(const std::optional<at::Tensor>& seed_tensor, const at::Device& device, std::vector<Span>& spans) {
   if (!seed_tensor.has_value()) {
     return;
   }
@@ -217,6 +218,7 @@ void check_seed(const std::optional<at::Tensor>& seed_tensor, const at::Device& 
                         seed.device() == device,
                     "seed must be a 1-element torch.int64 tensor on ", device, ", got shape ",
                     shape_str(seed.sizes()), ", dtype ", dtype_name(seed.scalar_type()), " on ", seed.device());
+  add_span(spans, seed, Name{"seed", SIZE_MAX}, /*written=*/false);
 }
 
 }  // namespace
@@ -234,7 +236,7 @@ void check_accumulate_args(
   }
   const at::Device device = *call;
   std::vector<Span> spans;
-  spans.reserve(2 * acc.size() + 3);
+  spans.reserve(2 * acc.size() + 4);
   for (size_t i = 0; i < acc.size(); ++i) {
     check_element(acc[i], Name{"acc", i}, device, /*written=*/true, spans);
     check_element(grads[i], Name{"grads", i}, device, /*written=*/false, spans);
@@ -243,7 +245,7 @@ void check_accumulate_args(
   check_state(scale_tensor, "scale", device, /*written=*/false, spans);
   check_state(found_inf, "found_inf", device, /*written=*/true, spans);
   check_state(norm_sq, "norm_sq", device, /*written=*/true, spans);
-  check_seed(seed_tensor, device);
+  check_seed(seed_tensor, device, spans);
   check_no_overlap(std::move(spans));
 }
 
@@ -263,7 +265,7 @@ void check_finalize_args(
   const at::Device device = *call;
   const bool in_place = out.empty();
   std::vector<Span> spans;
-  spans.reserve(2 * acc.size() + 3);
+  spans.reserve(2 * acc.size() + 4);
   for (size_t i = 0; i < acc.size(); ++i) {
     check_element(acc[i], Name{"acc", i}, device, /*written=*/in_place, spans);
     if (!in_place) {
@@ -274,7 +276,7 @@ void check_finalize_args(
   check_state(inv_scale_tensor, "inv_scale", device, /*written=*/false, spans);
   check_state(found_inf, "found_inf", device, /*written=*/false, spans);
   check_state(norm_sq, "norm_sq", device, /*written=*/false, spans);
-  check_seed(seed_tensor, device);
+  check_seed(seed_tensor, device, spans);
   check_no_overlap(std::move(spans));
 }
 

@@ -170,6 +170,8 @@ def check_accumulate_args(
     _check_state(norm_sq, "norm_sq", device, written=True, spans=spans)
     if seed_tensor is not None:
         check_seed_tensor(seed_tensor, device)
+        if spans is not None:
+            spans += _span(seed_tensor, "seed", False)
     if spans is not None:
         _check_no_overlap(spans)
 
@@ -227,6 +229,8 @@ def check_finalize_args(
     _check_state(norm_sq, "norm_sq", device, written=False, spans=spans)
     if seed_tensor is not None:
         check_seed_tensor(seed_tensor, device)
+        if spans is not None:
+            spans += _span(seed_tensor, "seed", False)
     if spans is not None:
         _check_no_overlap(spans)
 

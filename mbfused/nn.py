@@ -195,13 +195,22 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, scale = inputs
-        ctx.scale = scale.detach().reshape(()) if isinstance(scale, Tensor) else scale
+        if isinstance(scale, Tensor):
+            # Saved, not kept: a scale changed in place before the backward (one tensor
+            # refilled per micro-batch, the losses summed before one backward) then
+            # raises, as it would for ``x * scale``, instead of scaling every micro-batch
+            # by the last value.
+            ctx.save_for_backward(scale)
+            ctx.scale = None
+        else:
+            ctx.scale = scale
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        scale = ctx.scale
-        if not isinstance(scale, Tensor):
-            return grad * scale, None
+        if ctx.scale is not None:
+            return grad * ctx.scale, None
+        (scale,) = ctx.saved_tensors
+        scale = scale.detach().reshape(())
         # The product in fp32 (fp64 for fp64), rounded once to the gradient's dtype: what
         # torch does with a Python-number scale. (grad * scale would round a device scale
         # to bf16/fp16 first.)

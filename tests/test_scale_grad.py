@@ -91,3 +91,16 @@ def test_compiles_with_a_tensor_scale_without_recompiling():
 def test_bad_arguments(x, scale, error, message):
     with pytest.raises(error, match=message):
         mbfused.scale_grad(x, scale)
+
+
+def test_a_tensor_scale_changed_before_the_backward_raises():
+    # One scale tensor refilled per micro-batch, the losses summed before one backward:
+    # each micro-batch must keep its own scale, or the error x * scale would give.
+    weight = torch.ones(3, requires_grad=True)
+    scale = torch.zeros(1)
+    total = 0
+    for value in (0.25, 0.75):
+        scale.fill_(value)
+        total = total + mbfused.scale_grad((weight * value).sum(), scale)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total.backward()

@@ -267,6 +267,21 @@ def test_bad_seed_refused_nothing_written(backend, overrides, error, fragment):
     assert_rejected_unchanged(backend, mbfused.accumulate_, _accumulate_kwargs(**overrides), error, fragment)
 
 
+@pytest.mark.parametrize("backend", every_cpu_tensor_backend())
+@pytest.mark.parametrize("op", ["accumulate_", "finalize_"])
+def test_a_seed_in_the_written_memory_is_refused(backend, op):
+    # The kernels read the seed while they write: a seed inside a buffer they write
+    # would give each backend other bits.
+    acc = [torch.ones(8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)]
+    seed = acc[0].view(torch.int64)[:1]
+    if op == "accumulate_":
+        kwargs = dict(acc=acc, grads=[torch.full((8,), 1e-3)] * 2, stochastic_rounding=True, seed=seed)
+    else:
+        kwargs = dict(acc=[torch.full((8,), 1.001), torch.full((8,), 3.001)],
+                      out=acc, stochastic_rounding=True, seed=seed)
+    assert_rejected_unchanged(backend, getattr(mbfused, op), kwargs, ValueError, "overlaps")
+
+
 def test_extreme_seeds_are_their_64_bit_patterns():
     grads = [torch.randn(100) * 1e-3]
     for as_int, as_tensor in ((2**64 - 1, -1), (2**63, -(2**63)), (-(2**63), -(2**63))):
