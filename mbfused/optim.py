@@ -22,6 +22,7 @@ import weakref
 from collections import OrderedDict
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from mbfused import _amp, dcp_layout, ops
@@ -34,6 +35,8 @@ from mbfused.reduction import WindowReduction
 from mbfused.window import (
     ACCUM_DTYPES,
     MAIN_GRAD,
+    MAX_RANK_OFFSETS,
+    RANK_SEED_STRIDE,
     AccumulationWindow,
     WindowMisuse,
     clear_grads,
@@ -423,6 +426,9 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             # buffers (DDP's and process_group='s reduced ones at the window's end, HSDP's
             # replicated shards) must round them alike, or their parameters drift apart.
             self._window.rounding_seed = self._reduction.first_rank_value(self._window.rounding_seed)
+            if not self._window.sharded:
+                # Each rank's buffers hold its own micro-batches: other bits per rank.
+                self._window.seed_rank_offset = (dist.get_rank() % MAX_RANK_OFFSETS) * RANK_SEED_STRIDE
         self._guard = optimizer.register_step_pre_hook(
             functools.partial(_refuse_direct_step, weakref.ref(self)))
         # Undone when the window closes: by close(), by another wrapper taking the

@@ -10,6 +10,7 @@ train/eval flags, random number generators) is put back afterwards, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import math
@@ -21,6 +22,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
+import torch.optim.optimizer as _torch_optimizer
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -280,6 +283,47 @@ def _default_memory_limit(device: torch.device) -> int:
                      "the available memory of this machine could not be read")
 
 
+def _distributed_world_size() -> int:
+    return dist.get_world_size() if _planning_on_ranks() else 1
+
+
+def _planning_on_ranks() -> bool:
+    """Whether planning runs on every rank of an initialized process group: then the ranks
+    agree on each measurement (the smallest budget, the largest peak), so that all of them
+    choose the same micro-batch and stop measuring together."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_ranks_max(values: list[float], device: torch.device) -> list[float]:
+    """Each value's maximum over the ranks (one all-reduce; identity off process groups)."""
+    if not _planning_on_ranks():
+        return values
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _planned_model(model: torch.nn.Module, wrapper_kwargs: Mapping | None) -> dict:
+    """The planning wrapper's keyword arguments: a DistributedDataParallel or FSDP2 model
+    is given as its ``model=``, as training must (its own synchronisation would race the
+    window's)."""
+    kwargs = dict(wrapper_kwargs or {})
+    if "model" not in kwargs and _is_data_parallel(model):
+        kwargs["model"] = model
+    return kwargs
+
+
+def _is_data_parallel(model: torch.nn.Module) -> bool:
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule)
+
+
 # -- putting the model back -----------------------------------------------------------
 
 
@@ -332,6 +376,25 @@ class _Snapshot:
         torch.random.set_rng_state(self.rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
+
+
+@contextlib.contextmanager
+def _step_hooks_held_back(optimizer: torch.optim.Optimizer | None):
+    """Planning steps the optimizer, but is not training: the step hooks registered on it
+    and on every optimizer (an EMA of the weights, a logger, a step counter) do not run
+    meanwhile, and are all there again afterwards."""
+    hooks = [_torch_optimizer._global_optimizer_pre_hooks, _torch_optimizer._global_optimizer_post_hooks]
+    if optimizer is not None:
+        hooks += [optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks]
+    held = [dict(h) for h in hooks]
+    for h in hooks:
+        h.clear()
+    try:
+        yield
+    finally:
+        for h, mine in zip(hooks, held, strict=True):
+            # Those registered meanwhile (the planning wrapper's own) are removed by now.
+            h.update(mine)
 
 
 def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
@@ -471,7 +534,7 @@ def plan_micro_batches(
     *,
     loss_fn: Callable[[torch.nn.Module, object], Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    world_size: int = 1,
+    world_size: int | None = None,
     device: str | torch.device | None = None,
     memory_limit: int | str | None = None,
     safety_margin: float = DEFAULT_SAFETY_MARGIN,
@@ -513,7 +576,10 @@ def plan_micro_batches(
         optimizer: the optimizer training will use (its state counts in the peak); it
             must not be wrapped by a live MicroBatchOptimizer. Default: ``AdamW`` over the
             model's trainable parameters.
-        world_size: data-parallel ranks; ``global_batch`` must be divisible by it.
+        world_size: data-parallel ranks; ``global_batch`` must be divisible by it. Default:
+            torch.distributed's world size when a process group is initialized, else 1.
+            Give it when not every rank is a data-parallel one (tensor or pipeline
+            parallelism), or to plan here for a run on more ranks.
         device: where to plan; default (and it must be) the model's parameters' device.
         memory_limit: the budget in bytes (or ``"2GiB"``, ``"512MB"``). Default: on CUDA
             the free memory plus what torch's cache holds, on CPU the machine's available
@@ -547,7 +613,7 @@ def plan_micro_batches(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
     global_batch = _positive_int(global_batch, "global_batch")
-    world_size = _positive_int(world_size, "world_size")
+    world_size = _positive_int(_distributed_world_size() if world_size is None else world_size, "world_size")
     if global_batch % world_size:
         raise ValueError(f"global_batch={global_batch} is not divisible by world_size={world_size}: "
                          "every rank must take the same number of samples per step")
@@ -574,18 +640,23 @@ def plan_micro_batches(
             raise ValueError(f"memory_limit: {exc}") from None
     _check_not_wrapped(optimizer, params)
 
+    # Every rank plans for the smallest budget among them.
+    limit = int(-_all_ranks_max([-limit], device)[0])
     usable = int(limit * (1 - safety_margin))
     snapshot = _Snapshot(model, optimizer)
     inner = optimizer if optimizer is not None else torch.optim.AdamW(params)
     wrapper = None
     try:
-        model.train()
-        wrapper = MicroBatchOptimizer(inner, _WINDOW, **dict(wrapper_kwargs or {}))
-        rows = _measure(model, make_batch, loss_fn or _default_loss, wrapper, device, sizes, per_rank,
-                        usable, repeats, warmup, progress)
+        with _step_hooks_held_back(optimizer):
+            try:
+                model.train()
+                wrapper = MicroBatchOptimizer(inner, _WINDOW, **_planned_model(model, wrapper_kwargs))
+                rows = _measure(model, make_batch, loss_fn or _default_loss, wrapper, device, sizes,
+                                per_rank, usable, repeats, warmup, progress)
+            finally:
+                if wrapper is not None:
+                    wrapper.close()
     finally:
-        if wrapper is not None:
-            wrapper.close()
         snapshot.restore()
         if device.type == "cuda":
             gc.collect()
@@ -626,35 +697,58 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
                                      reason=f"micro-batch {stopped_by.micro_batch_size} was {stopped_by.status}"))
             continue
         report(i, len(sizes), f"micro-batch {size}: measuring")
-        out_of_memory = None
-        try:
-            batch = _make_batch(make_batch, size, device)
-            # At least one window first: the first creates the optimizer's state (at its
-            # end, after the activations' peak) and whatever kernels set up lazily.
-            for _ in range(max(warmup, 1)):
-                windows.window(batch)
-            peak = windows.peak_bytes(batch)
-            if peak > usable:
-                row = CandidateRow(size, steps, "over budget", peak_memory_bytes=peak)
-            else:
-                seconds = statistics.median(windows.window(batch) for _ in range(repeats))
-                row = CandidateRow(size, steps, "fits", peak_memory_bytes=peak,
-                                   seconds_per_micro_batch=seconds, samples_per_s=size / seconds)
-        except Exception as exc:
-            if not _is_out_of_memory(exc):
-                raise
-            out_of_memory = type(exc).__name__
-        if out_of_memory is not None:
-            # Released out here: inside the except block the traceback's frames still hold
-            # the failed window's tensors. The window stays half done; planning stops.
+        batch, peak = _measured(size, _peak_of, windows, make_batch, size, device, warmup)
+        # The largest peak of the ranks decides, so that they all stop and choose alike.
+        (peak,) = _all_ranks_max([peak], device)
+        if peak == math.inf:
+            row = CandidateRow(size, steps, "out of memory", reason=f"on {device}")
+        elif peak > usable:
+            row = CandidateRow(size, steps, "over budget", peak_memory_bytes=int(peak))
+        else:
+            _, seconds = _measured(size, _seconds_of, windows, batch, repeats)
+            (seconds,) = _all_ranks_max([seconds], device)
+            row = (CandidateRow(size, steps, "out of memory", peak_memory_bytes=int(peak), reason=f"on {device}")
+                   if seconds == math.inf else
+                   CandidateRow(size, steps, "fits", peak_memory_bytes=int(peak),
+                                seconds_per_micro_batch=seconds, samples_per_s=size / seconds))
+        if row.status != "fits":
             batch = None
             _release_memory(model, device)
-            row = CandidateRow(size, steps, "out of memory", reason=out_of_memory)
         rows.append(row)
         if row.status != "fits":
             stopped_by = row
     report(len(sizes), len(sizes), "done")
     return rows
+
+
+def _peak_of(windows: _Windows, make_batch, size: int, device: torch.device, warmup: int):
+    """The micro-batch of `size` samples and the peak memory of a window of it."""
+    batch = _make_batch(make_batch, size, device)
+    # At least one window first: the first creates the optimizer's state (at its end,
+    # after the activations' peak) and whatever kernels set up lazily.
+    for _ in range(max(warmup, 1)):
+        windows.window(batch)
+    return batch, windows.peak_bytes(batch)
+
+
+def _seconds_of(windows: _Windows, batch, repeats: int):
+    """The median seconds of the first micro-batch of `repeats` windows of `batch`."""
+    return batch, statistics.median(windows.window(batch) for _ in range(repeats))
+
+
+def _measured(size: int, measure: Callable[..., tuple], *args) -> tuple:
+    """``measure(*args)``, or ``(None, inf)`` when the device ran out of memory: the window stays
+    half done, and planning stops there. Any other error is the model's or the batch
+    maker's, raised with the micro-batch size it came at."""
+    try:
+        return measure(*args)
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            return None, math.inf
+        exc.add_note(f"mbfused.plan_micro_batches: raised while measuring micro_batch_size={size}. A model "
+                     "that cannot run every size (a BatchNorm needs 2 samples) is planned with "
+                     "candidates= (the command line's --candidates) leaving those sizes out")
+        raise
 
 
 def plot(plan: MicroBatchPlan, path: str) -> None:

@@ -277,6 +277,25 @@ def _release(handles: list, attached: list[tuple[weakref.ref, int]], on_close: l
     attached.clear()
 
 
+# Stochastic rounding's seeds. Each micro-batch has a slot of 2^32 seeds, from
+# ``rounding_seed`` on (the next slot begins when its step() ends). How many accumulate_
+# calls a micro-batch makes depends on its gradients (buckets first written or added to,
+# gradients still on the parameters at step()), so counting calls would set data-parallel
+# ranks' seeds apart; counting micro-batches keeps them together. In a slot:
+# - accumulate_ call j takes rounding_seed + 1 + seed_rank_offset + j. A data-parallel
+#   rank whose buffers hold its own micro-batches (DDP, process_group=) is offset by
+#   (rank mod 2048) x 2^20: ranks with other data draw other bits, so the errors of the
+#   window's sum over the ranks do not add up alike when the ranks' gradients agree.
+#   Sharded buffers (FSDP2, HSDP) are not offset: HSDP's replicas accumulate identical
+#   reduced shards, which must round alike.
+# - the window end's finalize_ call e takes rounding_seed + 2^31 + e, the same on every
+#   rank: the ranks' reduced buffers are identical, and so must their roundings be.
+SEED_SLOT = 1 << 32
+_WINDOW_END_SEEDS = 1 << 31
+MAX_RANK_OFFSETS = 2048
+RANK_SEED_STRIDE = 1 << 20
+
+
 class WindowMisuse(RuntimeError):
     """A training loop feeds the window in a way that would train silently wrong."""
 
@@ -299,10 +318,8 @@ class AccumulationWindow:
             every micro-batch, and a gradient a layer adds into ``main_grad`` itself is
             refused (it cannot be unscaled).
         rounding_seed: None: buffers round to nearest. An int: every accumulation rounds
-            stochastically, the first call with this seed and each later call with the
-            next one (mod 2^64), so no two calls (micro-batches, buckets, a window end
-            that rounds) share random numbers; ``rounding_seed`` is the seed of the next
-            call.
+            stochastically, with seeds from this one's micro-batch slot (see
+            `SEED_SLOT`); ``rounding_seed`` is the current slot's first seed.
     """
 
     def __init__(self, params: list[Tensor], accumulation_steps: int, *, accum_dtype: torch.dtype,
@@ -311,6 +328,9 @@ class AccumulationWindow:
         self.accumulation_steps = accumulation_steps
         self.accum_dtype = accum_dtype
         self.rounding_seed = rounding_seed
+        self.seed_rank_offset = 0  # see SEED_SLOT
+        self._seed_calls = 0  # accumulate_ calls of this slot
+        self._end_calls = 0  # window-end finalize_ calls of this slot
         self.bucket_bytes = bucket_bytes
         self.device = params[0].device if params else torch.device("cpu")
         self.sharded = any(is_sharded(p) for p in params)  # FSDP2: buffers hold local shards
@@ -582,18 +602,27 @@ class AccumulationWindow:
         once it has (no two calls may share random numbers; a declined call used none)."""
         if self.rounding_seed is None:
             return {}
-        return {"stochastic_rounding": True, "seed": self.rounding_seed}
+        seed = self.rounding_seed + 1 + self.seed_rank_offset + self._seed_calls
+        return {"stochastic_rounding": True, "seed": seed % (1 << 64)}
 
     def _spend_seed(self) -> None:
+        self._seed_calls += 1
+
+    def _next_seed_slot(self) -> None:
+        """A micro-batch's step() ended: the next one draws from a slot of its own."""
         if self.rounding_seed is not None:
-            self.rounding_seed = (self.rounding_seed + 1) % (1 << 64)
+            self.rounding_seed = (self.rounding_seed + SEED_SLOT) % (1 << 64)
+        self._seed_calls = self._end_calls = 0
 
     def rounding_for(self, targets: list[Tensor]) -> dict:
         """finalize_'s rounding arguments for a window end writing `targets`: stochastic
-        (with the next seed) when the buffers are and a target is 16-bit."""
+        when the buffers are and a target is 16-bit, with a seed of the slot's window-end
+        part, the same on every rank."""
         if self.rounding_seed is None or all(t.dtype == torch.float32 for t in targets):
             return {}
-        return self._rounding()
+        seed = (self.rounding_seed + _WINDOW_END_SEEDS + self._end_calls) % (1 << 64)
+        self._end_calls += 1
+        return {"stochastic_rounding": True, "seed": seed}
 
     def accumulate(self, slots: list[Slot], grads: list[Tensor], in_backward: bool = False) -> None:
         """One fused pass per kind (first write of the window, or add) of `grads`, the
@@ -755,6 +784,7 @@ class AccumulationWindow:
             self.last_micro_found_inf = self.micro_found_inf.clone()
             self.micro_found_inf.zero_()
         self._micro_scale = None
+        self._next_seed_slot()
         self.items = self.items + items
         self.micro_step += 1
         return self.micro_step == self.accumulation_steps

@@ -436,3 +436,12 @@ def test_fp16_with_the_accelerators_grad_scaler_matches_accelerate():
     assert fused_norms == pytest.approx(plain_norms, rel=1e-3)
     for p, q in zip(plain, fused, strict=True):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4)
+
+
+def test_stochastic_rounding_is_an_optimizer_option():
+    batches = micro_batches(1, N)
+    options = {"accum_dtype": torch.bfloat16, "rounding": "stochastic"}
+    _, fused, fused_opt, _, _ = run_accelerate(MicroBatchAccelerator, "sgd", batches, optimizer_options=options)
+    wrapper = fused_opt.optimizer
+    assert (wrapper.accum_dtype, wrapper.rounding) == (torch.bfloat16, "stochastic")
+    assert max_difference(fused, make_model()) > 0  # it stepped

@@ -342,3 +342,11 @@ def test_manual_optimization_on_two_gloo_ranks_equals_lightnings_own(tmp_path):
     print(f"manual ddp: difference {difference:.3g}")
     assert difference < 1e-5
     assert _max_relative_difference(TinyModule(batches), fused) > 0.05  # it trained
+
+
+def test_stochastic_rounding_is_passed_to_the_wrapper(tmp_path):
+    module = TinyModule(_micro_batches(WINDOWS * N), "sgd")
+    callback = MicroBatchAccumulation(accum_dtype=torch.bfloat16, rounding="stochastic")
+    trainer = _fit(tmp_path, module, [callback])
+    assert (callback.optimizer.accum_dtype, callback.optimizer.rounding) == (torch.bfloat16, "stochastic")
+    assert trainer.global_step > 0  # windows stepped

@@ -24,6 +24,7 @@ from conftest import DTYPES, every_cpu_tensor_backend
 
 import mbfused
 from mbfused import reference
+from mbfused.window import SEED_SLOT
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -468,6 +469,11 @@ def test_optimizer_resumes_mid_window_bit_exact(mode):
     assert any(not torch.equal(p, q) for p, q in zip(nearest.parameters(), whole.parameters(), strict=True))
 
 
+def _slot_and_call(seed, first):
+    """(micro-batch, call) of a seed drawn from micro-batch slots of 2^32 seeds from `first`."""
+    return divmod((seed - first) % 2**64, SEED_SLOT)
+
+
 def test_optimizer_seed_comes_from_torch_manual_seed_and_advances_per_call():
     seeds = []
     for torch_seed in (3, 3, 4):
@@ -492,8 +498,15 @@ def test_optimizer_seed_comes_from_torch_manual_seed_and_advances_per_call():
     finally:
         mbfused.ops.accumulate_ = original
     assert len(calls) > 4
-    assert calls == [(seeds[0] + i) % 2**64 for i in range(len(calls))]
-    assert opt.state_dict()["mbfused"]["rounding_seed"] == seeds[0] + len(calls)
+    # Each micro-batch's calls take the seeds after its slot's first, in order: no two
+    # calls share random numbers, and however many calls a micro-batch makes, the next
+    # one starts a slot of its own (ranks whose gradients make other calls stay together).
+    places = [_slot_and_call(seed, seeds[0]) for seed in calls]
+    assert len(set(calls)) == len(calls)
+    assert sorted({slot for slot, _ in places}) == [0, 1, 2, 3]
+    for slot in range(4):
+        assert [call for s, call in places if s == slot] == list(range(1, 1 + sum(s == slot for s, _ in places)))
+    assert opt.state_dict()["mbfused"]["rounding_seed"] == (seeds[0] + 4 * SEED_SLOT) % 2**64
 
 
 def test_optimizer_rounds_16_bit_window_gradients_stochastically_with_the_next_seed():
@@ -520,12 +533,14 @@ def test_optimizer_rounds_16_bit_window_gradients_stochastically_with_the_next_s
         _train(model, opt, [x.bfloat16() for x in _micro_batches(4)])
     finally:
         mbfused.ops.accumulate_, mbfused.ops.finalize_ = original_accumulate, original_finalize
-    assert accumulate_seeds == [(first + i) % 2**64 for i in range(len(accumulate_seeds))]
+    assert [slot for slot, _ in map(lambda s: _slot_and_call(s, first), accumulate_seeds)] == [0, 1, 2, 3]
     (kwargs,) = finalize_kwargs
     assert kwargs["out"] is None
     assert kwargs["stochastic_rounding"] is True
-    assert kwargs["seed"] == (first + len(accumulate_seeds)) % 2**64
-    assert opt.state_dict()["mbfused"]["rounding_seed"] == (first + len(accumulate_seeds) + 1) % 2**64
+    # The window end's seed: in the slot after the last micro-batch's, its second half
+    # (the same on every rank, apart from the accumulate_ calls' seeds).
+    assert _slot_and_call(kwargs["seed"], first) == (4, 2**31)
+    assert opt.state_dict()["mbfused"]["rounding_seed"] == (first + 4 * SEED_SLOT) % 2**64
     assert opt.last_grad_norm > 0.01  # the clip was active: the coefficient rounds
 
 
@@ -600,6 +615,68 @@ def test_replicas_round_alike_however_each_rank_seeded_torch(tmp_path, engine):
     assert results[0]["seed"] == results[1]["seed"]
     for p, q in zip(results[0]["params"], results[1]["params"], strict=True):
         assert torch.equal(p, q)
+
+
+class _TwoBranches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16)
+
+    def forward(self, x, use_b=True):
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+def _uneven_calls_worker(rank, path, mode, results):
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model = _TwoBranches().to(torch.bfloat16)
+        ddp = DistributedDataParallel(model)
+        opt = mbfused.MicroBatchOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-3), 3, model=ddp, mode=mode,
+                                          accum_dtype=torch.bfloat16, rounding="stochastic", max_grad_norm=0.01)
+        first = opt.state_dict()["mbfused"]["rounding_seed"]
+        seeds = []
+        original = mbfused.ops.accumulate_
+
+        def recording(*args, **kwargs):
+            seeds.append(kwargs.get("seed"))
+            return original(*args, **kwargs)
+
+        mbfused.ops.accumulate_ = recording
+        try:
+            for i, x in enumerate(_micro_batches(12, seed=rank)):
+                # Rank 0 leaves b out of each window's first micro-batch: its micro-batches
+                # make other accumulate_ calls than rank 1's.
+                ddp(x.bfloat16(), use_b=not (rank == 0 and i % 3 == 0)).float().square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        finally:
+            mbfused.ops.accumulate_ = original
+        results[rank] = {"first": first, "seeds": seeds,
+                         "params": [p.detach().clone() for p in model.parameters()]}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["bucket", "param"])
+def test_ddp_ranks_making_other_calls_stay_identical_and_draw_their_own_bits(tmp_path, mode):
+    """Ranks whose micro-batches make different numbers of accumulate_ calls (a layer unused
+    on one rank) still round the reduced window alike: their parameters stay bit for bit
+    equal. Their own accumulations draw other random bits than the other rank's (their
+    gradients differ; shared bits would make the errors of the ranks' sum add up alike)."""
+    from gloo_ranks import run_ranks
+
+    results = run_ranks(_uneven_calls_worker, 2, tmp_path / "store", mode)
+    for p, q in zip(results[0]["params"], results[1]["params"], strict=True):
+        assert torch.equal(p, q)
+    assert results[0]["first"] == results[1]["first"]
+    assert not set(results[0]["seeds"]) & set(results[1]["seeds"])
 
 
 # -- the rounding benchmark ----------------------------------------------------------------

@@ -41,7 +41,7 @@ from mbfused.window import WindowMisuse
 __all__ = ["MicroBatchAcceleratedOptimizer", "MicroBatchAccelerator"]
 
 # MicroBatchOptimizer arguments a user may choose; the others come from the Accelerator.
-OPTIMIZER_OPTIONS = ("max_grad_norm", "normalize", "accum_dtype", "mode", "bucket_mb")
+OPTIMIZER_OPTIONS = ("max_grad_norm", "normalize", "accum_dtype", "rounding", "mode", "bucket_mb")
 
 
 class MicroBatchAcceleratedOptimizer(AcceleratedOptimizer):

@@ -74,7 +74,7 @@ class MicroBatchAccumulation(pl.Callback):
         accumulation_steps: micro-batches per window. Automatic optimization: None (the
             Trainer's ``accumulate_grad_batches``), or equal to it. Manual optimization:
             required (the step of the ``training_step``'s own accumulation).
-        accum_dtype, mode, bucket_mb: passed to :class:`mbfused.MicroBatchOptimizer`.
+        accum_dtype, rounding, mode, bucket_mb: passed to :class:`mbfused.MicroBatchOptimizer`.
         log_grad_norm: the name under which each window's gradient norm (before clipping,
             the wrapper's ``last_grad_norm``) is logged with ``LightningModule.log``; None:
             not logged.
@@ -85,7 +85,8 @@ class MicroBatchAccumulation(pl.Callback):
     """
 
     def __init__(self, accumulation_steps: int | None = None, *, accum_dtype: torch.dtype = torch.float32,
-                 mode: str = "bucket", bucket_mb: float = 32, log_grad_norm: str | None = "grad_norm") -> None:
+                 rounding: str = "nearest", mode: str = "bucket", bucket_mb: float = 32,
+                 log_grad_norm: str | None = "grad_norm") -> None:
         if accumulation_steps is not None and (isinstance(accumulation_steps, bool)
                                                or not isinstance(accumulation_steps, numbers.Integral)
                                                or accumulation_steps < 1):
@@ -93,7 +94,8 @@ class MicroBatchAccumulation(pl.Callback):
         if log_grad_norm is not None and not isinstance(log_grad_norm, str):
             raise TypeError(f"log_grad_norm must be a metric name or None, got {type(log_grad_norm).__name__}")
         self.accumulation_steps = accumulation_steps
-        self.optimizer_kwargs = {"accum_dtype": accum_dtype, "mode": mode, "bucket_mb": bucket_mb}
+        self.optimizer_kwargs = {"accum_dtype": accum_dtype, "rounding": rounding, "mode": mode,
+                                 "bucket_mb": bucket_mb}
         self.log_grad_norm = log_grad_norm
         self.optimizer: MicroBatchOptimizer | None = None
         self._max_grad_norm: float | None = None  # the Trainer's, restored after every window
