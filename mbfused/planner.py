@@ -248,6 +248,10 @@ def _device_of(params: list[Tensor], device) -> torch.device:
     if found.type == "cpu" and not cpu_allocation_peak_available():
         raise RuntimeError("planning on CPU counts allocations with torch's legacy autograd "
                            "profiler, which this torch does not have")
+    if found.type == "cpu" and torch.autograd._profiler_enabled():
+        raise RuntimeError("planning on CPU counts allocations with torch's autograd profiler, which "
+                           "is already recording here (a torch.profiler.profile() around the call?): "
+                           "plan outside the profiler")
     return found
 
 
@@ -468,12 +472,14 @@ class _Windows:
 
     def resident_bytes(self, batch) -> int:
         """What stays allocated through a window: parameters, module buffers, gradients,
-        the accumulation buffers, optimizer state and the batch."""
+        the accumulation buffers, optimizer state and the batch. The batch's tensors count
+        their own bytes: a slice of a dataset held in memory (``tokens[:n]``) is not a copy
+        on the CPU, and the dataset is there whatever the micro-batch size."""
         params = [*self.model.parameters(), *(p for g in self.wrapper.param_groups for p in g["params"])]
         state = [v for s in self.wrapper.optimizer.state.values() for v in s.values()]
-        return storage_bytes([*params, *self.model.buffers(), *(p.grad for p in params),
-                               *(getattr(p, "main_grad", None) for p in params), *state,
-                               *tree_flatten(batch)[0]])
+        batch_bytes = sum(t.numel() * t.element_size() for t in tree_flatten(batch)[0] if isinstance(t, Tensor))
+        return batch_bytes + storage_bytes([*params, *self.model.buffers(), *(p.grad for p in params),
+                                            *(getattr(p, "main_grad", None) for p in params), *state])
 
     def peak_bytes(self, batch) -> int:
         """Peak memory of one window: on CUDA the allocator's peak; on CPU the resident

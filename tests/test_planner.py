@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import mbfused
 from mbfused.planner import (
@@ -349,6 +350,91 @@ def test_a_batch_maker_that_raises_is_chained_and_changes_nothing():
     assert_same(before, model, optimizer)
 
 
+def test_step_hooks_do_not_run_while_planning_and_stay_registered():
+    """An EMA of the weights or a step counter hooked on the optimizer (or on every
+    optimizer) must not see planning's windows: planning is not training."""
+    model = small_model()
+    optimizer = trained_optimizer(model)
+    calls = []
+    own = optimizer.register_step_post_hook(lambda *_: calls.append("own"))
+    every = register_optimizer_step_pre_hook(lambda *_: calls.append("global"))
+    try:
+        plan_micro_batches(model, make_batch, 8, optimizer=optimizer, **quick(candidates=[2, 4]))
+        assert calls == []
+        optimizer.step()
+        assert calls == ["global", "own"]
+    finally:
+        own.remove()
+        every.remove()
+
+
+def test_a_model_failing_at_one_size_names_it_and_the_way_around():
+    model = small_model(norm=True)  # BatchNorm: training needs 2 samples per batch
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as info:
+        plan_micro_batches(model, make_batch, 8, **quick())
+    assert "micro_batch_size=1" in info.value.__notes__[-1] and "candidates=" in info.value.__notes__[-1]
+    plan = plan_micro_batches(model, make_batch, 8, **quick(candidates=[2, 4, 8]))
+    assert plan.micro_batch_size == 8
+
+
+def test_a_slice_of_a_dataset_in_memory_counts_its_own_bytes():
+    """make_batch = lambda n: tokens[:n] (no copy on the CPU): the dataset behind the slice
+    is there whatever the micro-batch size, and is not the micro-batch's memory."""
+    dataset = torch.randn(400_000, 16)  # 25.6 MB
+    targets = torch.randn(400_000, 4)
+    plan = plan_micro_batches(small_model(), lambda n: (dataset[:n], targets[:n]), 8,
+                              **quick(memory_limit="8MB"))
+    assert plan.micro_batch_size == 8
+    assert plan.chosen.peak_memory_bytes < 2 * MiB
+
+
+def test_planning_inside_a_profiler_is_refused_clearly():
+    with torch.profiler.profile(), pytest.raises(RuntimeError, match="plan outside the profiler"):
+        plan_micro_batches(small_model(), make_batch, 8, **quick())
+
+
+def _ranks_plan_worker(rank, path, results):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        alone = plan_micro_batches(small_model(), make_batch, 16, world_size=1, **quick())
+        peaks = {r.micro_batch_size: r.peak_memory_bytes for r in alone.rows}
+        # Rank 1's budget fits micro-batches of 2 only (on its own it would take 8).
+        limit = "1GiB" if rank == 0 else int((peaks[2] + peaks[4]) / 2 / (1 - DEFAULT_SAFETY_MARGIN))
+        plan = plan_micro_batches(small_model(), make_batch, 16, **quick(memory_limit=limit))
+        model = torch.nn.parallel.DistributedDataParallel(small_model())
+        before = [p.detach().clone() for p in model.parameters()]
+        ddp_plan = plan_micro_batches(model, make_batch, 16, **quick(candidates=[2, 4]))
+        results[rank] = {"plan": plan.as_dict(), "ddp_steps": ddp_plan.accumulation_steps,
+                         "ddp_unchanged": all(torch.equal(p, q) for p, q in zip(before, model.parameters()))}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_plan_for_the_process_group_and_agree(tmp_path):
+    """Under torch.distributed the world size is the process group's, every rank plans for
+    the smallest budget among them and stops where any rank stops (or a rank would train
+    other micro-batches, and one measuring alone would wait in a collective); a DDP
+    model is planned as training runs it, the window taking over its synchronisation."""
+    from gloo_ranks import run_ranks
+
+    results = run_ranks(_ranks_plan_worker, 2, tmp_path / "store")
+    plans = [results[rank]["plan"] for rank in (0, 1)]
+    assert plans[0]["world_size"] == plans[1]["world_size"] == 2
+    assert plans[0]["memory_limit"] == plans[1]["memory_limit"] < 2**30
+    assert plans[0]["micro_batch_size"] == plans[1]["micro_batch_size"] == 2
+    assert [r["status"] for r in plans[0]["rows"]] == [r["status"] for r in plans[1]["rows"]]
+    assert [r["peak_memory_bytes"] for r in plans[0]["rows"]] == [r["peak_memory_bytes"] for r in plans[1]["rows"]]
+    for rank in (0, 1):
+        assert results[rank]["ddp_steps"] == 2  # 4 x 2 steps x 2 ranks
+        assert results[rank]["ddp_unchanged"]
+
+
 def test_a_batch_maker_that_ignores_its_size_is_refused():
     model = small_model()
     with pytest.raises(ValueError, match=r"make_batch\(1\) returned \[4, 16\], \[4, 4\]: no tensor has 1 "):
@@ -411,6 +497,21 @@ def test_apply_to_sets_transformers_training_arguments(tmp_path):
     assert other_world.per_device_train_batch_size == 8  # unchanged
     with pytest.raises(TypeError, match="has no gradient_accumulation_steps"):
         plan.apply_to(types.SimpleNamespace(per_device_train_batch_size=8))
+
+
+def test_a_batch_size_set_after_the_trainer_was_built_is_refused(tmp_path):
+    """Trainer reads the batch size when it is built: apply_to(trainer.args) afterwards
+    would change the accumulation steps but not the loader's batches."""
+    pytest.importorskip("transformers")
+    from test_integration_transformers import Regressor, arguments, regression_data
+
+    from mbfused.integrations.transformers import MicroBatchTrainer
+
+    plan = plan_micro_batches(small_model(), make_batch, 16, **quick(candidates=[8]))
+    trainer = MicroBatchTrainer(model=Regressor(), args=arguments(tmp_path), train_dataset=regression_data())
+    plan.apply_to(trainer.args)
+    with pytest.raises(ValueError, match=r"changed after the Trainer was built \(plan\.apply_to"):
+        trainer.train()
 
 
 @pytest.mark.gpu

@@ -185,6 +185,18 @@ class MicroBatchTrainer(transformers.Trainer):
                             "torch.optim.AdamW); MicroBatchTrainer wraps it with the TrainingArguments' "
                             "gradient_accumulation_steps and max_grad_norm")
 
+    def train(self, *args, **kwargs):
+        # Trainer reads the batch size once, when it is built: one set on its arguments
+        # afterwards (a plan's apply_to(trainer.args), say) would change the accumulation
+        # steps but not the loader's batches, and with them the global batch.
+        if not self.args.auto_find_batch_size and self._train_batch_size != self.args.train_batch_size:
+            raise ValueError(
+                f"args.per_device_train_batch_size is {self.args.per_device_train_batch_size}, but this "
+                f"Trainer was built with {self._train_batch_size} and loads batches of that size: it was "
+                "changed after the Trainer was built (plan.apply_to(trainer.args)?), which would "
+                "change the global batch. Set it on the TrainingArguments before building the Trainer")
+        return super().train(*args, **kwargs)
+
     @property
     def micro_batch_optimizer(self) -> MicroBatchOptimizer | None:
         """The :class:`~mbfused.MicroBatchOptimizer` of the running training (None before)."""
