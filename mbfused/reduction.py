@@ -9,6 +9,12 @@ is left, then sums the window's flags (which parameters got a gradient, inf/nan,
 item count) in one more all-reduce. Buffers that got no gradient on this rank take part
 as zeros.
 
+The buckets are summed over a process group of the window's own, of the same ranks as
+the one it was given: the window's collectives start while a backward runs and may end
+at ``step()``, so on a shared group they would pair with whatever else ran on it in
+between on some rank (a metric's all-reduce, another wrapper's buckets completed in
+another order there): silently wrong sums, or an abort.
+
 Buffers that hold shards (FSDP2) are reduced already: only the flags and the squared
 norm are summed, over the group of each dimension of the parameters' device mesh in
 turn (an HSDP mesh: its replicate groups, then its shard groups), which sums them over
@@ -17,6 +23,7 @@ the whole mesh.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,6 +32,23 @@ import torch.distributed as dist
 from mbfused.window import AccumulationWindow, Slot
 
 __all__ = ["WindowReduction"]
+
+
+def _own_copy(group, device: torch.device):
+    """A new process group of `group`'s ranks, with its timeout. Only those ranks take part
+    in making it, in the order they make their windows."""
+    try:
+        timeout = group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):
+        timeout = None  # the backend's default
+    return dist.new_group(dist.get_process_group_ranks(group), timeout=timeout, use_local_synchronization=True,
+                          group_desc="mbfused_window")
+
+
+def _destroy(group) -> None:
+    if dist.is_initialized():
+        with contextlib.suppress(ValueError, RuntimeError):  # gone with the default group already
+            dist.destroy_process_group(group)
 
 
 class WindowReduction:
@@ -40,6 +64,9 @@ class WindowReduction:
         self.group = groups[0]
         self.world_size = math.prod(dist.get_world_size(g) for g in groups)
         self.reduce_buffers = reduce_buffers
+        if reduce_buffers:
+            self.group = _own_copy(groups[0], window.device)
+            window.on_close.append(lambda group=self.group: _destroy(group))
         self._works: list = []
         self._completed: set[int] = set()  # buckets accumulated in the last micro-batch
         self._next = 0  # the next bucket to launch

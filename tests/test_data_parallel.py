@@ -289,3 +289,94 @@ def test_windows_of_different_lengths_on_the_ranks_are_refused_on_every_rank(tmp
         message, sync = results[rank]
         assert f"accumulation_steps differs between the data-parallel ranks ([{N}, {N + 1}]" in message
         assert sync, "the model's own synchronisation is back"
+
+
+class _Branches(torch.nn.Module):
+    """Two layers applied in an order the data chooses, and a gate some data skip."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
+        self.gate = torch.nn.Parameter(torch.ones(16))
+
+    def forward(self, x, a_first, gated):
+        for layer in ((self.a, self.b) if a_first else (self.b, self.a)):
+            x = x + torch.tanh(layer(x))
+        return x * self.gate if gated else x
+
+
+def _interleaving_worker(rank, path, case, results):
+    """The window's collectives start in a backward and may end at step(); a metric's
+    all-reduce in between, or another wrapper's buckets completed in another order on the
+    other rank, must not pair with them."""
+    import contextlib
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        gen = torch.Generator().manual_seed(rank)
+        batches = [torch.randn(4, 16, generator=gen) for _ in range(2 * N)]
+        # "metric": rank 1 leaves the gate out of each window's last micro-batch (its bucket
+        # waits for step()), and every rank all-reduces a metric before step().
+        # "two wrappers": each rank runs the layers in its own order.
+        a_first = rank == 0 if case == "two wrappers" else True
+
+        def gated(k):
+            return not (case == "metric" and rank == 1 and k % N == N - 1)
+
+        def metric(out):
+            value = out.detach().square().mean(0)
+            dist.all_reduce(value)
+            return value
+
+        plain = DistributedDataParallel(_Branches(), find_unused_parameters=True)
+        plain_opts = [torch.optim.SGD([plain.module.a.weight, plain.module.gate], lr=0.2),
+                      torch.optim.SGD([plain.module.b.weight], lr=0.2)]
+        plain_metrics = []
+        for k, x in enumerate(batches):
+            with plain.no_sync() if k % N < N - 1 else contextlib.nullcontext():
+                out = plain(x, a_first, gated(k))
+                (out.square().mean() / N).backward()
+            plain_metrics.append(metric(out))
+            if k % N == N - 1:
+                for o in plain_opts:
+                    o.step()
+                    o.zero_grad()
+
+        ddp = DistributedDataParallel(_Branches(), find_unused_parameters=True)
+        module = ddp.module
+        wrappers = [MicroBatchOptimizer(torch.optim.SGD([module.a.weight, module.gate], lr=0.2), N, model=ddp,
+                                        bucket_mb=0.0005),
+                    MicroBatchOptimizer(torch.optim.SGD([module.b.weight], lr=0.2), N, model=ddp, bucket_mb=0.0005)]
+        metrics = []
+        for k, x in enumerate(batches):
+            out = ddp(x, a_first, gated(k))
+            out.square().mean().backward()
+            metrics.append(metric(out))
+            for w in wrappers:
+                w.step()
+            for w in wrappers:
+                w.zero_grad()
+        results[rank] = {
+            "param_difference": max(float((p - q).abs().max()) for p, q in zip(module.parameters(),
+                                                                                plain.module.parameters(),
+                                                                                strict=True)),
+            "metric_difference": float((torch.stack(metrics) - torch.stack(plain_metrics)).abs().max()),
+            "params": [p.detach().clone() for p in module.parameters()]}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["metric", "two wrappers"])
+def test_collectives_of_the_user_and_of_other_wrappers_do_not_pair_with_the_windows(tmp_path, case):
+    results = run_ranks(_interleaving_worker, 2, tmp_path / "store", case)
+    for rank in (0, 1):
+        assert results[rank]["metric_difference"] == 0.0
+        assert results[rank]["param_difference"] < 1e-6
+    for p, q in zip(results[0]["params"], results[1]["params"], strict=True):
+        assert torch.equal(p, q)
