@@ -350,3 +350,86 @@ def test_stochastic_rounding_is_passed_to_the_wrapper(tmp_path):
     trainer = _fit(tmp_path, module, [callback])
     assert (callback.optimizer.accum_dtype, callback.optimizer.rounding) == (torch.bfloat16, "stochastic")
     assert trainer.global_step > 0  # windows stepped
+
+
+_MODEL_PARALLEL_SCRIPT = '''
+import datetime, sys
+import torch, lightning.pytorch as pl
+from lightning.pytorch.strategies import ModelParallelStrategy
+from mbfused.integrations.lightning import MicroBatchAccumulation
+
+fused, layout, out = sys.argv[1] == "fused", sys.argv[2], sys.argv[3]
+
+
+class Module(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+        # "net": the one sharded module holds every parameter, the LightningModule is not sharded
+        self.head = torch.nn.Identity() if layout == "net" else torch.nn.Linear(1, 1)
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+        if layout != "net":
+            fully_shard(self.head, mesh=mesh)
+        if layout == "root":
+            fully_shard(self, mesh=mesh)
+
+    def training_step(self, batch, index):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.head(self.net(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+data = [(x, x.sum(0, keepdim=True)) for x in torch.randn(16, 8, generator=torch.Generator().manual_seed(1))]
+trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=1, accumulate_grad_batches=2, logger=False,
+                     strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                                    timeout=datetime.timedelta(seconds=60)),
+                     enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                     callbacks=[MicroBatchAccumulation()] if fused else [])
+module = Module()
+try:
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+except ValueError as error:
+    print("refused:", error)
+    raise SystemExit(3)
+params = [p.full_tensor().detach() for p in module.parameters()]
+if trainer.global_rank == 0:
+    torch.save(params, out)
+'''
+
+
+def _model_parallel_fit(tmp_path, kind, layout):
+    script = tmp_path / "model_parallel.py"
+    script.write_text(_MODEL_PARALLEL_SCRIPT)
+    out = tmp_path / f"{kind}-{layout}.pt"
+    proc = subprocess.run([sys.executable, str(script), kind, layout, str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+@pytest.mark.parametrize("layout", ["root", "net"])
+def test_model_parallel_strategy_equals_lightnings_own(tmp_path, layout):
+    """ModelParallelStrategy (FSDP2 in configure_model) on 2 gloo ranks: the window takes over
+    the LightningModule when it is sharded itself, else the one sharded module inside it."""
+    proc, plain = _model_parallel_fit(tmp_path, "plain", layout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, fused = _model_parallel_fit(tmp_path, "fused", layout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    start = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    for p, q in zip(torch.load(plain), torch.load(fused), strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (p - q).abs().max()
+    assert not torch.allclose(torch.load(fused)[0], start[0].weight)  # it trained
+
+
+def test_model_parallel_strategy_with_several_sharded_roots_is_refused(tmp_path):
+    proc, _ = _model_parallel_fit(tmp_path, "fused", "roots")
+    assert proc.returncode != 0
+    assert "fully_shard to 2 separate modules" in proc.stdout + proc.stderr, proc.stdout[-2000:]

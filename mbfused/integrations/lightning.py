@@ -66,6 +66,30 @@ def _refuse_value_clipping(algorithm, source: str) -> None:
             "micro-batch's gradient has no window equivalent). Use gradient_clip_algorithm='norm'")
 
 
+def _synchronised_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose gradient synchronisation the window takes over: the strategy's
+    model itself (DDP's, or the LightningModule), or under ModelParallelStrategy the one
+    outermost ``fully_shard`` module inside it when the LightningModule is not sharded
+    itself."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return model
+    if isinstance(model, FSDPModule):
+        return model
+    roots, seen = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule) and not any(name.startswith(f"{root}.") for root in seen):
+            roots.append(module)
+            seen.add(name)
+    if len(roots) > 1:
+        raise ValueError(
+            f"{type(model).__name__}: configure_model applied fully_shard to {len(roots)} separate modules "
+            "and not to the LightningModule: the window takes over one FSDP2 root. End configure_model "
+            "with fully_shard(self)")
+    return roots[0] if roots else model
+
+
 class MicroBatchAccumulation(pl.Callback):
     """Turns Lightning's gradient accumulation into a :class:`mbfused.MicroBatchOptimizer`
     window: pass it in ``Trainer(callbacks=[...])``.
@@ -135,7 +159,8 @@ class MicroBatchAccumulation(pl.Callback):
         # Lightning's DistributedDataParallel module (or the module itself, unused): the
         # wrapper takes over its gradient synchronisation, one reduction per window.
         self.optimizer = MicroBatchOptimizer(inner, steps, max_grad_norm=self._max_grad_norm, normalize="sum",
-                                             model=trainer.strategy.model, **self.optimizer_kwargs)
+                                             model=_synchronised_model(trainer.strategy.model),
+                                             **self.optimizer_kwargs)
         self.optimizer.register_step_post_hook(self._on_wrapper_step)
         # Lightning's checkpoints call state_dict() on every rank and save the first's.
         self.optimizer.state_dict_gathers_windows = True
