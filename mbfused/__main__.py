@@ -110,6 +110,20 @@ def _bench(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
+    report = ("--model" if args.model else "--end-to-end" if args.end_to_end
+              else "--data-parallel" if args.data_parallel else None)
+    refused = ([f"--plot (it draws the op benchmark's or --rounding's figures, not {report}'s)"]
+               if args.plot and report else [])
+    if args.json and args.model:
+        refused.append("--json (--model prints modeled costs only)")
+    if args.window is not None and report is None:
+        refused.append("--window (it sets the window of --model, --end-to-end and --data-parallel; the op "
+                       "benchmark's window case is N=8)")
+    if refused:
+        print(f"not taken here: {'; '.join(refused)}", file=sys.stderr)
+        return 2
+    if args.window is None:
+        args.window = 8
     if args.end_to_end:
         return _end_to_end(args)
     if args.rounding:
@@ -206,6 +220,14 @@ def _plan(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        print(f"--device {args.device}: {exc}", file=sys.stderr)
+        return 2
+    if device.type not in ("cpu", "cuda"):
+        print(f"--device {args.device}: planning measures memory on cpu or cuda", file=sys.stderr)
+        return 2
     if args.seq_len < 1:
         print(f"--seq-len must be positive, got {args.seq_len}", file=sys.stderr)
         return 2
@@ -218,12 +240,18 @@ def _plan(args: argparse.Namespace) -> int:
         plan = planner.plan_micro_batches(
             model, make_batch, args.global_batch, loss_fn=loss_fn, world_size=args.world_size,
             memory_limit=args.memory_limit, safety_margin=args.safety_margin, repeats=args.repeats,
-            warmup=args.warmup, progress=_ProgressBar("plan"))
+            warmup=args.warmup, candidates=args.candidates, progress=_ProgressBar("plan"))
     except planner.MemoryBudgetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(_format_rows(exc.rows), file=sys.stderr)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"error": str(exc), "rows": [dataclasses.asdict(r) for r in exc.rows]}, f, indent=2)
+            print(f"wrote {args.json}", file=sys.stderr)
         return 2
-    except ValueError as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:
+        if getattr(exc, "__notes__", None):
+            raise  # the model's or the batch maker's own error: its traceback says where
         print(f"error: {exc}", file=sys.stderr)
         return 2
     parameters = sum(p.numel() for p in model.parameters())
@@ -257,6 +285,16 @@ def _format_rows(rows) -> str:
                      f"{': ' + r.reason if r.reason else ''}" for r in rows)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {value}")
+    return value
+
+
 def _prog() -> str:
     """How the user called us: `python -m mbfused` runs __main__.py, the installed script
     is `mbfused`."""
@@ -281,27 +319,28 @@ def main(argv: list[str] | None = None) -> int:
                        help="tensor lists to run (default: all)")
     bench.add_argument("--ops", nargs="+", choices=list(benchmarks.CASES),
                        help="operations to run (default: all)")
-    bench.add_argument("--repeats", type=int, help="timed calls per path")
+    bench.add_argument("--repeats", type=_positive_int, help="timed calls per path")
     bench.add_argument("--no-compile", dest="compile", action="store_false",
                        help="leave out the torch.compile paths (minutes of compiling on the "
                             "many-small list)")
     bench.add_argument("--model", action="store_true",
                        help="print the modeled GPU cost of a window (ops, launches, bytes) instead")
-    bench.add_argument("--window", type=int, default=8,
-                       help="micro-batches per window for --model, --end-to-end and --data-parallel")
+    bench.add_argument("--window", type=_positive_int, default=None,
+                       help="micro-batches per window for --model, --end-to-end and --data-parallel "
+                            "(default 8)")
     bench.add_argument("--end-to-end", action="store_true",
                        help="whole training windows of a Llama model (needs transformers): the "
                             "pure-PyTorch loop against MicroBatchOptimizer")
     bench.add_argument("--data-parallel", action="store_true",
                        help="windows of a small transformer on --world gloo ranks (CPU): DDP's own "
                             "synchronisation against MicroBatchOptimizer(model=ddp)")
-    bench.add_argument("--world", type=int, default=None,
+    bench.add_argument("--world", type=_positive_int, default=None,
                        help="ranks: gloo processes for --data-parallel (default 2), GPUs in the "
                             "data-parallel table of --model (default 8)")
     bench.add_argument("--e2e-model", choices=("1b", "tiny"), default="1b",
                        help="Llama shape for --end-to-end (1b: TinyLlama-1.1B)")
-    bench.add_argument("--e2e-batch", type=int, default=2, help="sequences per micro-batch")
-    bench.add_argument("--e2e-seq-len", type=int, default=1024, help="tokens per sequence")
+    bench.add_argument("--e2e-batch", type=_positive_int, default=2, help="sequences per micro-batch")
+    bench.add_argument("--e2e-seq-len", type=_positive_int, default=1024, help="tokens per sequence")
     bench.add_argument("--rounding", action="store_true",
                        help="fp32 vs bf16 round-to-nearest vs bf16 stochastic-rounding buffers: memory, "
                             "speed, window gradient error against fp64, loss curves (CPU); with --device "
@@ -339,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                            "fragmentation, batches larger than the measured one)")
     plan.add_argument("--world-size", type=int, default=1,
                       help="data-parallel ranks sharing the global batch (default 1)")
+    plan.add_argument("--candidates", type=_positive_int, nargs="+", metavar="N",
+                      help="micro-batch sizes to measure (default: the powers of two up to the samples "
+                           "per rank and that number's divisors); leave out sizes the model cannot run")
     plan.add_argument("--repeats", type=int, default=3, help="timed windows per candidate (default 3)")
     plan.add_argument("--warmup", type=int, default=1,
                       help="untimed windows per candidate first (default 1)")

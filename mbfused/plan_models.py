@@ -53,7 +53,7 @@ def _next_token_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def transformer(seq_len: int):
-    """0.8M parameters: width 128, 2 layers, 4 heads, vocabulary 1024."""
+    """0.7M parameters: width 128, 2 layers, 4 heads, vocabulary 1024."""
     torch.manual_seed(0)
     vocab = 1024
     model = TinyTransformerLM(vocab, width=128, layers=2, heads=4, max_len=max(seq_len, 1))

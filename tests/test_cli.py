@@ -60,3 +60,18 @@ def test_usage_names_the_command_as_it_was_called(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert capsys.readouterr().out.startswith("usage: mbfused ")
+
+
+def test_bench_refuses_flags_it_would_ignore(capsys):
+    from mbfused.__main__ import main
+
+    for argv, message in ((["--model", "--json", "x.json"], "--json (--model prints modeled costs only)"),
+                          (["--model", "--plot", "x.png"], "--plot (it draws the op benchmark's"),
+                          (["--data-parallel", "--plot", "x.png"], "not --data-parallel's"),
+                          (["--window", "4"], "--window (it sets the window of --model")):
+        assert main(["bench", *argv]) == 2
+        assert message in capsys.readouterr().err
+    for flag in ("--repeats", "--window", "--world"):
+        with pytest.raises(SystemExit):
+            main(["bench", flag, "0"])
+        assert "expected a positive int, got 0" in capsys.readouterr().err

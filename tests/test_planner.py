@@ -618,3 +618,18 @@ def test_out_of_memory_is_told_in_every_wording(error, is_oom):
     from mbfused import planner
 
     assert planner._is_out_of_memory(error) is is_oom
+
+
+def test_cli_plan_takes_candidates_and_names_bad_devices(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert plan_main("--global-batch", "8", "--seq-len", "8", "--memory-limit", "1GiB", "--repeats", "1",
+                     "--candidates", "2", "8", "--json", str(out)) == 0
+    assert [r["micro_batch_size"] for r in json.loads(out.read_text())["rows"]] == [2, 8]
+    capsys.readouterr()
+    for device, message in (("foo", "--device foo: Expected one of"), ("meta", "planning measures memory on cpu or cuda")):
+        assert plan_main("--device", device) == 2
+        assert message in capsys.readouterr().err
+    too_small = tmp_path / "too_small.json"
+    assert plan_main("--global-batch", "4", "--seq-len", "8", "--memory-limit", "1KB", "--json", str(too_small)) == 2
+    data = json.loads(too_small.read_text())
+    assert "too small" in data["error"] and data["rows"][0]["status"] == "over budget"
