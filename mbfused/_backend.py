@@ -9,14 +9,13 @@ with the reason when it cannot run.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.metadata
 import importlib.util
 import logging
 import os
 import re
-from collections.abc import Iterator
+import warnings
 from contextvars import ContextVar
 
 import torch
@@ -64,6 +63,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _triton_imported_before_interpreting() -> bool:
+    """Whether triton decorated its library functions (``tl.cdiv``, ``tl.sum``, ...) before
+    TRITON_INTERPRET=1 was set: the interpreter then fails inside every kernel that calls
+    one, with an error that does not say why."""
+    import sys
+
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None or not hasattr(standard, "cdiv"):
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return not isinstance(standard.cdiv, InterpretedFunction)
+
+
 def _major_minor(distribution: str) -> tuple[int, int] | None:
     try:
         version = importlib.metadata.version(distribution)
@@ -76,6 +89,10 @@ def _major_minor(distribution: str) -> tuple[int, int] | None:
 @functools.cache
 def _interpreter_error() -> str | None:
     """Why the installed Triton's interpreter cannot run the kernels, or None."""
+    if _triton_imported_before_interpreting():
+        return ("TRITON_INTERPRET=1 was set after triton was imported (importing torch or mbfused "
+                "imports it), so triton's own functions were made for the GPU: set it before "
+                "importing torch")
     # NumPy 2.4 refuses int() of a 1-element array, which the interpreter of Triton
     # before 3.7 calls for every index (triton-lang/triton#9171): every kernel would
     # raise deep inside the interpreter instead.
@@ -151,14 +168,31 @@ def backend_for(device: torch.device) -> str:
     return name
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
+def use_backend(name: str) -> _BackendChoice:
     """Runs the ops in the ``with`` block on backend `name` (auto|cuda|triton|cpu|torch).
 
-    Overrides ``MBFUSED_BACKEND``; nests, and is local to the thread / async task.
+    Overrides ``MBFUSED_BACKEND``; nests, and is local to the thread / async task. Called
+    without ``with`` it chooses nothing, and warns when dropped.
     """
-    token = _override.set(_check_name(name, "backend"))
-    try:
-        yield
-    finally:
-        _override.reset(token)
+    return _BackendChoice(_check_name(name, "backend"))
+
+
+class _BackendChoice:
+    """What ``use_backend(name)`` returns: the choice, in force inside ``with``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tokens: list = []
+        self._entered = False
+
+    def __enter__(self) -> None:
+        self._entered = True
+        self._tokens.append(_override.set(self.name))
+
+    def __exit__(self, *exc) -> None:
+        _override.reset(self._tokens.pop())
+
+    def __del__(self) -> None:
+        if not self._entered:
+            warnings.warn(f"mbfused.use_backend({self.name!r}) was called but never entered: it chooses "
+                          "the backend only inside `with mbfused.use_backend(...):`", RuntimeWarning, stacklevel=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -178,3 +179,30 @@ def test_interpreter_refused_where_triton_cannot_run_with_numpy(monkeypatch, tri
         assert "numpy<2.4 or triton>=3.7" in reason
     else:
         assert reason is None
+
+
+def test_the_interpreter_turned_on_after_triton_was_imported_is_named():
+    script = ("import os, torch, triton.language, mbfused\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "print(mbfused.available_backends()['triton'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in proc.stdout
+
+
+def test_use_backend_without_with_warns_and_a_bad_name_raises_at_once():
+    with pytest.warns(RuntimeWarning, match=r"use_backend\('torch'\) was called but never entered"):
+        mbfused.use_backend("torch")
+        import gc
+
+        gc.collect()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mbfused.use_backend("gpu")
+    from mbfused._backend import requested_backend
+
+    before = requested_backend()
+    choice = mbfused.use_backend("torch")
+    with choice, choice:  # nests, as before
+        assert backend_for(torch.device("cpu")) == "torch"
+    assert requested_backend() == before
