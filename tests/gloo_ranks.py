@@ -3,6 +3,8 @@ rank reports."""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import time
 
 import torch
@@ -10,6 +12,19 @@ import torch
 # However a collective hangs, a test's ranks are stopped after this long (the slowest
 # multi-rank test takes well under a minute on two busy cores).
 DEADLINE_S = 300.0
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, path, world: int = 2, timeout_s: float = 60.0):
+    """A worker's default process group (gloo, a file store at `path`), for the block."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def run_ranks(worker, world: int, *args, deadline_s: float = DEADLINE_S) -> dict:

@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from gloo_ranks import one_process_window, run_ranks
+from gloo_ranks import gloo_group, one_process_window, run_ranks
 
 from mbfused.optim import MicroBatchOptimizer
 
@@ -311,14 +311,11 @@ def _interleaving_worker(rank, path, case, results):
     all-reduce in between, or another wrapper's buckets completed in another order on the
     other rank, must not pair with them."""
     import contextlib
-    import datetime
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, path):
         gen = torch.Generator().manual_seed(rank)
         batches = [torch.randn(4, 16, generator=gen) for _ in range(2 * N)]
         # "metric": rank 1 leaves the gate out of each window's last micro-batch (its bucket
@@ -368,8 +365,6 @@ def _interleaving_worker(rank, path, case, results):
                                                                                 strict=True)),
             "metric_difference": float((torch.stack(metrics) - torch.stack(plain_metrics)).abs().max()),
             "params": [p.detach().clone() for p in module.parameters()]}
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", ["metric", "two wrappers"])

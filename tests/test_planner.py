@@ -394,13 +394,9 @@ def test_planning_inside_a_profiler_is_refused_clearly():
 
 
 def _ranks_plan_worker(rank, path, results):
-    import datetime
+    from gloo_ranks import gloo_group
 
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, path):
         torch.set_num_threads(1)
         alone = plan_micro_batches(small_model(), make_batch, 16, world_size=1, **quick())
         peaks = {r.micro_batch_size: r.peak_memory_bytes for r in alone.rows}
@@ -412,8 +408,6 @@ def _ranks_plan_worker(rank, path, results):
         ddp_plan = plan_micro_batches(model, make_batch, 16, **quick(candidates=[2, 4]))
         results[rank] = {"plan": plan.as_dict(), "ddp_steps": ddp_plan.accumulation_steps,
                          "ddp_unchanged": all(torch.equal(p, q) for p, q in zip(before, model.parameters()))}
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ranks_plan_for_the_process_group_and_agree(tmp_path):

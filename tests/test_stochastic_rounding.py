@@ -627,14 +627,10 @@ class _TwoBranches(torch.nn.Module):
 
 
 def _uneven_calls_worker(rank, path, mode, results):
-    import datetime
-
-    import torch.distributed as dist
+    from gloo_ranks import gloo_group
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, path):
         torch.manual_seed(0)
         model = _TwoBranches().to(torch.bfloat16)
         ddp = DistributedDataParallel(model)
@@ -660,8 +656,6 @@ def _uneven_calls_worker(rank, path, mode, results):
             mbfused.ops.accumulate_ = original
         results[rank] = {"first": first, "seeds": seeds,
                          "params": [p.detach().clone() for p in model.parameters()]}
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("mode", ["bucket", "param"])
