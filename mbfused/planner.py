@@ -298,11 +298,11 @@ def _planning_on_ranks() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_ranks_max(values: list[float], device: torch.device) -> list[float]:
+def _all_ranks_max(values: list[float]) -> list[float]:
     """Each value's maximum over the ranks (one all-reduce; identity off process groups)."""
     if not _planning_on_ranks():
         return values
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=on)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -647,7 +647,7 @@ def plan_micro_batches(
     _check_not_wrapped(optimizer, params)
 
     # Every rank plans for the smallest budget among them.
-    limit = int(-_all_ranks_max([-limit], device)[0])
+    limit = int(-_all_ranks_max([-limit])[0])
     usable = int(limit * (1 - safety_margin))
     snapshot = _Snapshot(model, optimizer)
     inner = optimizer if optimizer is not None else torch.optim.AdamW(params)
@@ -705,14 +705,14 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
         report(i, len(sizes), f"micro-batch {size}: measuring")
         batch, peak = _measured(size, _peak_of, windows, make_batch, size, device, warmup)
         # The largest peak of the ranks decides, so that they all stop and choose alike.
-        (peak,) = _all_ranks_max([peak], device)
+        (peak,) = _all_ranks_max([peak])
         if peak == math.inf:
             row = CandidateRow(size, steps, "out of memory", reason=f"on {device}")
         elif peak > usable:
             row = CandidateRow(size, steps, "over budget", peak_memory_bytes=int(peak))
         else:
             _, seconds = _measured(size, _seconds_of, windows, batch, repeats)
-            (seconds,) = _all_ranks_max([seconds], device)
+            (seconds,) = _all_ranks_max([seconds])
             row = (CandidateRow(size, steps, "out of memory", peak_memory_bytes=int(peak), reason=f"on {device}")
                    if seconds == math.inf else
                    CandidateRow(size, steps, "fits", peak_memory_bytes=int(peak),

@@ -8,6 +8,7 @@ the interpreter here) must give exactly those bits for the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 
@@ -469,6 +470,23 @@ def test_optimizer_resumes_mid_window_bit_exact(mode):
     assert any(not torch.equal(p, q) for p, q in zip(nearest.parameters(), whole.parameters(), strict=True))
 
 
+@contextlib.contextmanager
+def _accumulate_seeds():
+    """The seeds of the accumulate_ calls made in the block, in order."""
+    seeds = []
+    original = mbfused.ops.accumulate_
+
+    def recording(*args, **kwargs):
+        seeds.append(kwargs.get("seed"))
+        return original(*args, **kwargs)
+
+    mbfused.ops.accumulate_ = recording
+    try:
+        yield seeds
+    finally:
+        mbfused.ops.accumulate_ = original
+
+
 def _slot_and_call(seed, first):
     """(micro-batch, call) of a seed drawn from micro-batch slots of 2^32 seeds from `first`."""
     return divmod((seed - first) % 2**64, SEED_SLOT)
@@ -485,18 +503,8 @@ def test_optimizer_seed_comes_from_torch_manual_seed_and_advances_per_call():
     model = _net()
     # Four parameters in buckets of 314 bytes: three accumulate_ calls per micro-batch.
     opt = _wrapper(model, mode="bucket", bucket_mb=0.0003)
-    calls = []
-    original = mbfused.ops.accumulate_
-
-    def recording(*args, **kwargs):
-        calls.append(kwargs.get("seed"))
-        return original(*args, **kwargs)
-
-    mbfused.ops.accumulate_ = recording
-    try:
+    with _accumulate_seeds() as calls:
         _train(model, opt, _micro_batches(4))
-    finally:
-        mbfused.ops.accumulate_ = original
     assert len(calls) > 4
     # Each micro-batch's calls take the seeds after its slot's first, in order: no two
     # calls share random numbers, and however many calls a micro-batch makes, the next
@@ -637,23 +645,13 @@ def _uneven_calls_worker(rank, path, mode, results):
         opt = mbfused.MicroBatchOptimizer(torch.optim.AdamW(ddp.parameters(), lr=1e-3), 3, model=ddp, mode=mode,
                                           accum_dtype=torch.bfloat16, rounding="stochastic", max_grad_norm=0.01)
         first = opt.state_dict()["mbfused"]["rounding_seed"]
-        seeds = []
-        original = mbfused.ops.accumulate_
-
-        def recording(*args, **kwargs):
-            seeds.append(kwargs.get("seed"))
-            return original(*args, **kwargs)
-
-        mbfused.ops.accumulate_ = recording
-        try:
+        with _accumulate_seeds() as seeds:
             for i, x in enumerate(_micro_batches(12, seed=rank)):
                 # Rank 0 leaves b out of each window's first micro-batch: its micro-batches
                 # make other accumulate_ calls than rank 1's.
                 ddp(x.bfloat16(), use_b=not (rank == 0 and i % 3 == 0)).float().square().mean().backward()
                 opt.step()
                 opt.zero_grad()
-        finally:
-            mbfused.ops.accumulate_ = original
         results[rank] = {"first": first, "seeds": seeds,
                          "params": [p.detach().clone() for p in model.parameters()]}
 
