@@ -703,16 +703,13 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
                                      reason=f"micro-batch {stopped_by.micro_batch_size} was {stopped_by.status}"))
             continue
         report(i, len(sizes), f"micro-batch {size}: measuring")
-        batch, peak = _measured(size, _peak_of, windows, make_batch, size, device, warmup)
-        # The largest peak of the ranks decides, so that they all stop and choose alike.
-        (peak,) = _all_ranks_max([peak])
+        batch, peak = _on_every_rank(size, _peak_of, windows, make_batch, size, device, warmup)
         if peak == math.inf:
             row = CandidateRow(size, steps, "out of memory", reason=f"on {device}")
         elif peak > usable:
             row = CandidateRow(size, steps, "over budget", peak_memory_bytes=int(peak))
         else:
-            _, seconds = _measured(size, _seconds_of, windows, batch, repeats)
-            (seconds,) = _all_ranks_max([seconds])
+            _, seconds = _on_every_rank(size, _seconds_of, windows, batch, repeats)
             row = (CandidateRow(size, steps, "out of memory", peak_memory_bytes=int(peak), reason=f"on {device}")
                    if seconds == math.inf else
                    CandidateRow(size, steps, "fits", peak_memory_bytes=int(peak),
@@ -740,6 +737,23 @@ def _peak_of(windows: _Windows, make_batch, size: int, device: torch.device, war
 def _seconds_of(windows: _Windows, batch, repeats: int):
     """The median seconds of the first micro-batch of `repeats` windows of `batch`."""
     return batch, statistics.median(windows.window(batch) for _ in range(repeats))
+
+
+def _on_every_rank(size: int, measure: Callable[..., tuple], *args) -> tuple:
+    """`_measured(...)`, its figure the largest of the ranks' (so that they all stop and
+    choose alike); an error raised on any rank is raised on all of them."""
+    try:
+        result, figure = _measured(size, measure, *args)
+        error = None
+    except Exception as exc:
+        result, figure, error = None, 0.0, exc
+    figure, failed = _all_ranks_max([figure, float(error is not None)])
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"another rank raised while measuring micro_batch_size={size} (its output "
+                           "says what); planning stopped on every rank")
+    return result, figure
 
 
 def _measured(size: int, measure: Callable[..., tuple], *args) -> tuple:

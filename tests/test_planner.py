@@ -406,7 +406,17 @@ def _ranks_plan_worker(rank, path, results):
         model = torch.nn.parallel.DistributedDataParallel(small_model())
         before = [p.detach().clone() for p in model.parameters()]
         ddp_plan = plan_micro_batches(model, make_batch, 16, **quick(candidates=[2, 4]))
-        results[rank] = {"plan": plan.as_dict(), "ddp_steps": ddp_plan.accumulation_steps,
+        def flaky(n):  # fails on rank 1 only: rank 0 must not wait for it
+            if rank == 1 and n == 4:
+                raise KeyError("no such shard")
+            return make_batch(n)
+
+        try:
+            plan_micro_batches(small_model(), flaky, 16, **quick())
+            error = None
+        except RuntimeError as exc:
+            error = str(exc)
+        results[rank] = {"plan": plan.as_dict(), "ddp_steps": ddp_plan.accumulation_steps, "error": error,
                          "ddp_unchanged": all(torch.equal(p, q) for p, q in zip(before, model.parameters()))}
 
 
@@ -424,6 +434,8 @@ def test_ranks_plan_for_the_process_group_and_agree(tmp_path):
     assert plans[0]["micro_batch_size"] == plans[1]["micro_batch_size"] == 2
     assert [r["status"] for r in plans[0]["rows"]] == [r["status"] for r in plans[1]["rows"]]
     assert [r["peak_memory_bytes"] for r in plans[0]["rows"]] == [r["peak_memory_bytes"] for r in plans[1]["rows"]]
+    assert "another rank raised while measuring micro_batch_size=4" in results[0]["error"]
+    assert "make_batch(4) raised KeyError" in results[1]["error"]
     for rank in (0, 1):
         assert results[rank]["ddp_steps"] == 2  # 4 x 2 steps x 2 ranks
         assert results[rank]["ddp_unchanged"]
