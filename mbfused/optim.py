@@ -440,7 +440,9 @@ class MicroBatchOptimizer(WindowCheckpoints, WrappingOptimizer):
             try:
                 self._reduction.check_same_on_every_rank({
                     "accumulation_steps": accumulation_steps,
-                    "normalize (0: 'mean', 1: 'sum', 2: 'items')": _NORMALIZE.index(normalize)})
+                    "normalize (0: 'mean', 1: 'sum', 2: 'items')": _NORMALIZE.index(normalize),
+                    "the number of parameters": len(params),
+                    "the number of parameter elements": sum(p.numel() for p in params)})
             except ValueError:
                 self.close()  # (the model's synchronisation back as it was)
                 raise

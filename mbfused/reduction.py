@@ -9,11 +9,15 @@ is left, then sums the window's flags (which parameters got a gradient, inf/nan,
 item count) in one more all-reduce. Buffers that got no gradient on this rank take part
 as zeros.
 
-The buckets are summed over a process group of the window's own, of the same ranks as
-the one it was given: the window's collectives start while a backward runs and may end
-at ``step()``, so on a shared group they would pair with whatever else ran on it in
-between on some rank (a metric's all-reduce, another wrapper's buckets completed in
-another order there): silently wrong sums, or an abort.
+The buckets are summed over a process group of the window's own when the group given
+spans every rank (DDP's usual one): the window's collectives start while a backward runs
+and may end at ``step()``, so on a shared group they would pair with whatever else ran
+on it in between on some rank (a metric's all-reduce, another wrapper's buckets
+completed in another order there): silently wrong sums, or an abort. Every rank makes
+it, when it builds its wrapper; wrappers built in another order on another rank are
+refused by `check_same_on_every_rank` (their parameters differ). A group of some ranks
+only is used as it is: making a group among them alone would set the other ranks'
+count of groups apart, and with it the names of all groups made later.
 
 Buffers that hold shards (FSDP2) are reduced already: only the flags and the squared
 norm are summed, over the group of each dimension of the parameters' device mesh in
@@ -35,13 +39,12 @@ __all__ = ["WindowReduction"]
 
 
 def _own_copy(group, device: torch.device):
-    """A new process group of `group`'s ranks, with its timeout. Only those ranks take part
-    in making it, in the order they make their windows."""
+    """A new process group of `group`'s ranks (every rank), with its backend and timeout."""
     try:
         timeout = group._get_backend(device).options._timeout
     except (AttributeError, RuntimeError):
         timeout = None  # the backend's default
-    return dist.new_group(dist.get_process_group_ranks(group), timeout=timeout, use_local_synchronization=True,
+    return dist.new_group(dist.get_process_group_ranks(group), timeout=timeout, backend=dist.get_backend(group),
                           group_desc="mbfused_window")
 
 
@@ -64,7 +67,7 @@ class WindowReduction:
         self.group = groups[0]
         self.world_size = math.prod(dist.get_world_size(g) for g in groups)
         self.reduce_buffers = reduce_buffers
-        if reduce_buffers:
+        if reduce_buffers and dist.get_world_size(groups[0]) == dist.get_world_size():
             self.group = _own_copy(groups[0], window.device)
             window.on_close.append(lambda group=self.group: _destroy(group))
         self._works: list = []
@@ -93,7 +96,8 @@ class WindowReduction:
             for name, values in zip(settings, zip(*(g.tolist() for g in gathered), strict=True), strict=True):
                 if len(set(values)) > 1:
                     raise ValueError(f"{name} differs between the data-parallel ranks ({list(values)} by "
-                                     "rank): every rank must build its MicroBatchOptimizer alike")
+                                     "rank): every rank must build its MicroBatchOptimizer alike, and "
+                                     "several of them in the same order")
 
     def _bucket_completed(self, index: int) -> None:
         self._completed.add(index)

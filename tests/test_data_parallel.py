@@ -375,3 +375,45 @@ def test_collectives_of_the_user_and_of_other_wrappers_do_not_pair_with_the_wind
         assert results[rank]["param_difference"] < 1e-6
     for p, q in zip(results[0]["params"], results[1]["params"], strict=True):
         assert torch.equal(p, q)
+
+
+def _groups_worker(rank, path, case, results):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    with gloo_group(rank, path, world=2 if case == "order" else 3):
+        if case == "order":
+            # Two wrappers over one DDP model, built in another order on rank 1: each rank's
+            # first wrapper's collectives would pair with the other's.
+            ddp = DistributedDataParallel(_Branches())
+            params = {"a": [ddp.module.a.weight, ddp.module.gate], "b": [ddp.module.b.weight]}
+            try:
+                for name in ("a", "b") if rank == 0 else ("b", "a"):
+                    MicroBatchOptimizer(torch.optim.SGD(params[name], lr=0.1), N, model=ddp)
+                results[rank] = "built"
+            except ValueError as error:
+                results[rank] = str(error)
+            return
+        # A window on a group of two of the three ranks, then a group of all three: the
+        # ranks must still agree on the groups' names.
+        pair = dist.new_group([0, 1])
+        if rank < 2:
+            model = torch.nn.Linear(4, 1)
+            opt = MicroBatchOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 2, process_group=pair)
+            for _ in range(2):
+                model(torch.ones(3, 4)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+            opt.close()
+        every = dist.new_group([0, 1, 2])
+        total = torch.ones(1)
+        dist.all_reduce(total, group=every)
+        results[rank] = float(total)
+
+
+def test_wrappers_built_in_another_order_are_refused_and_subgroups_keep_group_names(tmp_path):
+    results = run_ranks(_groups_worker, 2, tmp_path / "order", "order")
+    for rank in (0, 1):
+        assert "the number of parameters differs between the data-parallel ranks" in results[rank]
+        assert "in the same order" in results[rank]
+    assert run_ranks(_groups_worker, 3, tmp_path / "subgroup", "subgroup") == {0: 3.0, 1: 3.0, 2: 3.0}
