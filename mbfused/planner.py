@@ -287,20 +287,16 @@ def _default_memory_limit(device: torch.device) -> int:
                      "the available memory of this machine could not be read")
 
 
-def _distributed_world_size() -> int:
-    return dist.get_world_size() if _planning_on_ranks() else 1
-
-
-def _planning_on_ranks() -> bool:
-    """Whether planning runs on every rank of an initialized process group: then the ranks
-    agree on each measurement (the smallest budget, the largest peak), so that all of them
-    choose the same micro-batch and stop measuring together."""
+def _in_process_group() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_ranks_max(values: list[float]) -> list[float]:
-    """Each value's maximum over the ranks (one all-reduce; identity off process groups)."""
-    if not _planning_on_ranks():
+def _all_ranks_max(values: list[float], together: bool) -> list[float]:
+    """Each value's maximum over the ranks (one all-reduce) when they plan `together` (every
+    rank of the process group, world_size left to the planner): they then agree on each
+    measurement (the smallest budget, the largest peak), so that all of them choose the
+    same micro-batch and stop measuring together. Else this rank's values."""
+    if not together:
         return values
     on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=on)
@@ -583,9 +579,10 @@ def plan_micro_batches(
             must not be wrapped by a live MicroBatchOptimizer. Default: ``AdamW`` over the
             model's trainable parameters.
         world_size: data-parallel ranks; ``global_batch`` must be divisible by it. Default:
-            torch.distributed's world size when a process group is initialized, else 1.
-            Give it when not every rank is a data-parallel one (tensor or pipeline
-            parallelism), or to plan here for a run on more ranks.
+            torch.distributed's world size when a process group is initialized, and then
+            every rank must plan, together (they agree on every measurement); else 1.
+            Given, the rank plans on its own: for a run on more ranks, or where not every
+            rank is a data-parallel one (tensor or pipeline parallelism).
         device: where to plan; default (and it must be) the model's parameters' device.
         memory_limit: the budget in bytes (or ``"2GiB"``, ``"512MB"``). Default: on CUDA
             the free memory plus what torch's cache holds, on CPU the machine's available
@@ -619,7 +616,10 @@ def plan_micro_batches(
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable or None, got {type(loss_fn).__name__}")
     global_batch = _positive_int(global_batch, "global_batch")
-    world_size = _positive_int(_distributed_world_size() if world_size is None else world_size, "world_size")
+    together = world_size is None and _in_process_group()
+    if world_size is None:
+        world_size = dist.get_world_size() if together else 1
+    world_size = _positive_int(world_size, "world_size")
     if global_batch % world_size:
         raise ValueError(f"global_batch={global_batch} is not divisible by world_size={world_size}: "
                          "every rank must take the same number of samples per step")
@@ -647,7 +647,7 @@ def plan_micro_batches(
     _check_not_wrapped(optimizer, params)
 
     # Every rank plans for the smallest budget among them.
-    limit = int(-_all_ranks_max([-limit])[0])
+    limit = int(-_all_ranks_max([-limit], together)[0])
     usable = int(limit * (1 - safety_margin))
     snapshot = _Snapshot(model, optimizer)
     inner = optimizer if optimizer is not None else torch.optim.AdamW(params)
@@ -658,7 +658,7 @@ def plan_micro_batches(
                 model.train()
                 wrapper = MicroBatchOptimizer(inner, _WINDOW, **_planned_model(model, wrapper_kwargs))
                 rows = _measure(model, make_batch, loss_fn or _default_loss, wrapper, device, sizes,
-                                per_rank, usable, repeats, warmup, progress)
+                                per_rank, usable, repeats, warmup, progress, together)
             finally:
                 if wrapper is not None:
                     wrapper.close()
@@ -687,7 +687,7 @@ def plan_micro_batches(
 
 
 def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usable, repeats, warmup,
-             progress) -> list[CandidateRow]:
+             progress, together: bool) -> list[CandidateRow]:
     windows = _Windows(model, loss_fn, wrapper, device)
     report = progress or (lambda done, total, message: None)
     rows: list[CandidateRow] = []
@@ -703,13 +703,13 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
                                      reason=f"micro-batch {stopped_by.micro_batch_size} was {stopped_by.status}"))
             continue
         report(i, len(sizes), f"micro-batch {size}: measuring")
-        batch, peak = _on_every_rank(size, _peak_of, windows, make_batch, size, device, warmup)
+        batch, peak = _on_every_rank(together, size, _peak_of, windows, make_batch, size, device, warmup)
         if peak == math.inf:
             row = CandidateRow(size, steps, "out of memory", reason=f"on {device}")
         elif peak > usable:
             row = CandidateRow(size, steps, "over budget", peak_memory_bytes=int(peak))
         else:
-            _, seconds = _on_every_rank(size, _seconds_of, windows, batch, repeats)
+            _, seconds = _on_every_rank(together, size, _seconds_of, windows, batch, repeats)
             row = (CandidateRow(size, steps, "out of memory", peak_memory_bytes=int(peak), reason=f"on {device}")
                    if seconds == math.inf else
                    CandidateRow(size, steps, "fits", peak_memory_bytes=int(peak),
@@ -739,15 +739,16 @@ def _seconds_of(windows: _Windows, batch, repeats: int):
     return batch, statistics.median(windows.window(batch) for _ in range(repeats))
 
 
-def _on_every_rank(size: int, measure: Callable[..., tuple], *args) -> tuple:
-    """`_measured(...)`, its figure the largest of the ranks' (so that they all stop and
-    choose alike); an error raised on any rank is raised on all of them."""
+def _on_every_rank(together: bool, size: int, measure: Callable[..., tuple], *args) -> tuple:
+    """`_measured(...)`; when the ranks plan `together`, its figure the largest of theirs
+    (so that they all stop and choose alike), and an error raised on any rank is raised on
+    all of them."""
     try:
         result, figure = _measured(size, measure, *args)
         error = None
     except Exception as exc:
         result, figure, error = None, 0.0, exc
-    figure, failed = _all_ranks_max([figure, float(error is not None)])
+    figure, failed = _all_ranks_max([figure, float(error is not None)], together)
     if error is not None:
         raise error
     if failed:

@@ -398,6 +398,8 @@ def _ranks_plan_worker(rank, path, results):
 
     with gloo_group(rank, path):
         torch.set_num_threads(1)
+        if rank == 0:  # a world_size given: this rank plans on its own, the other is not waited for
+            plan_micro_batches(small_model(), make_batch, 16, world_size=1, **quick(candidates=[2]))
         alone = plan_micro_batches(small_model(), make_batch, 16, world_size=1, **quick())
         peaks = {r.micro_batch_size: r.peak_memory_bytes for r in alone.rows}
         # Rank 1's budget fits micro-batches of 2 only (on its own it would take 8).
