@@ -9,6 +9,7 @@ with the reason when it cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -177,13 +178,18 @@ def use_backend(name: str) -> _BackendChoice:
     return _BackendChoice(_check_name(name, "backend"))
 
 
-class _BackendChoice:
-    """What ``use_backend(name)`` returns: the choice, in force inside ``with``."""
+class _BackendChoice(contextlib.ContextDecorator):
+    """What ``use_backend(name)`` returns: the choice, in force inside ``with`` (or in a
+    function it decorates)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._tokens: list = []
         self._entered = False
+
+    def __call__(self, func):
+        self._entered = True  # a decorator: in force whenever the function runs
+        return super().__call__(func)
 
     def __enter__(self) -> None:
         self._entered = True
@@ -193,6 +199,7 @@ class _BackendChoice:
         _override.reset(self._tokens.pop())
 
     def __del__(self) -> None:
-        if not self._entered:
+        # (torch.compile may make one without __init__)
+        if not getattr(self, "_entered", True):
             warnings.warn(f"mbfused.use_backend({self.name!r}) was called but never entered: it chooses "
                           "the backend only inside `with mbfused.use_backend(...):`", RuntimeWarning, stacklevel=2)

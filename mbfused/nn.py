@@ -195,22 +195,17 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         _, scale = inputs
-        if isinstance(scale, Tensor):
-            # Saved, not kept: a scale changed in place before the backward (one tensor
-            # refilled per micro-batch, the losses summed before one backward) then
-            # raises, as it would for ``x * scale``, instead of scaling every micro-batch
-            # by the last value.
-            ctx.save_for_backward(scale)
-            ctx.scale = None
-        else:
-            ctx.scale = scale
+        # A tensor scale's value now, in a copy of one element: one tensor refilled per
+        # micro-batch (the losses summed before one backward) gives each micro-batch its
+        # own scale, not the last one.
+        ctx.scale = scale.detach().clone() if isinstance(scale, Tensor) else scale
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        if ctx.scale is not None:
-            return grad * ctx.scale, None
-        (scale,) = ctx.saved_tensors
-        scale = scale.detach().reshape(())
+        scale = ctx.scale
+        if not isinstance(scale, Tensor):
+            return grad * scale, None
+        scale = scale.reshape(())
         # The product in fp32 (fp64 for fp64), rounded once to the gradient's dtype: what
         # torch does with a Python-number scale. (grad * scale would round a device scale
         # to bf16/fp16 first.)

@@ -206,3 +206,14 @@ def test_use_backend_without_with_warns_and_a_bad_name_raises_at_once():
     with choice, choice:  # nests, as before
         assert backend_for(torch.device("cpu")) == "torch"
     assert requested_backend() == before
+
+
+def test_use_backend_decorates_a_function():
+    from mbfused._backend import requested_backend
+
+    @mbfused.use_backend("torch")
+    def inside():
+        return requested_backend()
+
+    assert inside() == inside() == "torch"
+    assert requested_backend() != "torch" or os.environ.get("MBFUSED_BACKEND") == "torch"
