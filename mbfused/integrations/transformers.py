@@ -189,7 +189,10 @@ class MicroBatchTrainer(transformers.Trainer):
         # Trainer reads the batch size once, when it is built: one set on its arguments
         # afterwards (a plan's apply_to(trainer.args), say) would change the accumulation
         # steps but not the loader's batches, and with them the global batch.
-        if not self.args.auto_find_batch_size and self._train_batch_size != self.args.train_batch_size:
+        # (A hyperparameter search sets the batch size of each trial itself, in train().)
+        searching = getattr(self, "hp_search_backend", None) is not None
+        if (not searching and not self.args.auto_find_batch_size
+                and self._train_batch_size != self.args.train_batch_size):
             raise ValueError(
                 f"args.per_device_train_batch_size is {self.args.per_device_train_batch_size}, but this "
                 f"Trainer was built with {self._train_batch_size} and loads batches of that size: it was "
