@@ -117,6 +117,12 @@ def register_model_sync(adapter: type) -> None:
         _MODEL_SYNCS.append(adapter)
 
 
+def synchronises_itself(model: torch.nn.Module) -> bool:
+    """Whether `model` synchronises its gradients over ranks in a way a MicroBatchOptimizer
+    takes over when given it as ``model=`` (a registered adapter matches it)."""
+    return any(adapter.matches(model) for adapter in _MODEL_SYNCS)
+
+
 def _ddp_of(params: list[Tensor]):
     """A DistributedDataParallel module that holds any of `params`, if one exists."""
     import torch.distributed as dist

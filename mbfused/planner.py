@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from mbfused.memory import CpuAllocationPeak, cpu_allocation_peak_available, storage_bytes
-from mbfused.optim import MicroBatchOptimizer
+from mbfused.optim import MicroBatchOptimizer, synchronises_itself
 from mbfused.window import manager_of
 
 __all__ = [
@@ -309,19 +309,9 @@ def _planned_model(model: torch.nn.Module, wrapper_kwargs: Mapping | None) -> di
     is given as its ``model=``, as training must (its own synchronisation would race the
     window's)."""
     kwargs = dict(wrapper_kwargs or {})
-    if "model" not in kwargs and _is_data_parallel(model):
+    if "model" not in kwargs and synchronises_itself(model):
         kwargs["model"] = model
     return kwargs
-
-
-def _is_data_parallel(model: torch.nn.Module) -> bool:
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return True
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return isinstance(model, FSDPModule)
 
 
 # -- putting the model back -----------------------------------------------------------
@@ -714,11 +704,10 @@ def _measure(model, make_batch, loss_fn, wrapper, device, sizes, per_rank, usabl
                    if seconds == math.inf else
                    CandidateRow(size, steps, "fits", peak_memory_bytes=int(peak),
                                 seconds_per_micro_batch=seconds, samples_per_s=size / seconds))
+        rows.append(row)
         if row.status != "fits":
             batch = None
             _release_memory(model, device)
-        rows.append(row)
-        if row.status != "fits":
             stopped_by = row
     report(len(sizes), len(sizes), "done")
     return rows
